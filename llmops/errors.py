@@ -1,0 +1,50 @@
+"""The exceptions llmops raises on purpose, each carrying its exit code and a hint that says what to do.
+
+The CLI maps them to a one-line message and an exit code in one place (`llmops.cli.app`); library callers
+catch `LlmopsError`.
+"""
+
+from __future__ import annotations
+
+
+class LlmopsError(Exception):
+    """A known failure: `message` says what is wrong, `hint` what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UsageError(LlmopsError):
+    """Bad input from the user: an unknown model, an unreadable file, an impossible flag combination."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config failed validation; `problems` lists every one of them as (dotted.path, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
+        lines += [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class DoesNotFitError(LlmopsError):
+    """The model (or run) does not fit on this hardware; the message gives the numbers."""
+
+    exit_code = 3
+
+
+class RuntimeFailure(LlmopsError):
+    """Something went wrong while running (an engine died, some rows failed)."""
+
+    exit_code = 1

