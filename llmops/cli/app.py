@@ -11,7 +11,6 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from llmops import __version__
@@ -59,14 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0")
     try:
         code = app(args=argv, prog_name="llmops", standalone_mode=False)
-    except click.exceptions.Exit as e:  # typer.Exit; a RuntimeError subclass, so caught before the rest
+    except typer.Exit as e:  # a RuntimeError subclass: caught before the generic handler below
         code = e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("llmops: interrupted", file=sys.stderr)
         code = 130
-    except click.ClickException as e:
-        e.show()
-        code = 2 if e.exit_code in (1, 2) else e.exit_code
+    except typer.TyperException as e:  # Typer's (vendored click) usage errors: bad flag, missing argument
+        e.show()  # type: ignore[attr-defined]
+        code = 2
     except LlmopsError as e:
         if debug:
             traceback.print_exc()

@@ -1,0 +1,24 @@
+"""Hardware descriptions for planner tests: machines this suite never runs on."""
+
+from __future__ import annotations
+
+from llmops.hardware import CPU, GIB, GPU, RAM, Disk, Hardware
+
+_CPU_AVX2 = CPU(model="test CPU", usable_cores=2, isa=("avx2",))
+_BIG_CPU = CPU(model="test server", usable_cores=64, isa=("avx2", "avx512f"))
+
+
+def cpu_only(ram_gib: float = 24, isa: tuple[str, ...] = ("avx2",)) -> Hardware:
+    return Hardware(cpu=CPU("test CPU", 2, isa), ram=RAM(int(ram_gib * GIB), int(ram_gib * 0.95 * GIB)),
+                    disk=Disk("/tmp", 100 * GIB))
+
+
+def gpus(count: int, memory_gib: float, name: str = "NVIDIA Test", cc: str = "9.0") -> Hardware:
+    return Hardware(
+        cpu=_BIG_CPU, ram=RAM(512 * GIB, 500 * GIB), disk=Disk("/tmp", 1000 * GIB),
+        gpus=tuple(GPU(i, name, int(memory_gib * GIB), int(memory_gib * GIB * 0.98), cc) for i in range(count)),
+    )
+
+
+ONE_24GIB_GPU = gpus(1, 24, "NVIDIA GeForce RTX 4090", "8.9")
+EIGHT_80GIB_GPUS = gpus(8, 80, "NVIDIA H100 80GB HBM3", "9.0")

@@ -1,0 +1,98 @@
+"""The CLI surface: fast help, exit codes, JSON output, registry and hardware commands."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.fake_hardware import EIGHT_80GIB_GPUS
+
+HEAVY = ("torch", "vllm", "transformers", "accelerate", "datasets", "peft", "openai")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["serve", "--help"], ["batch", "--help"],
+                                  ["train", "--help"], ["models", "--help"], ["chat", "--help"], ["hw", "--help"],
+                                  ["models", "list"]])
+def test_help_imports_no_heavy_library(args):
+    code = (
+        "import sys\nfrom llmops.cli.app import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\nprint(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+@pytest.mark.unit
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("llmops ")
+
+
+@pytest.mark.unit
+def test_usage_errors_exit_2_with_one_line_message(llmops_home):
+    proc = run_cli("models", "show", "no-such-model")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("llmops: error: unknown model 'no-such-model'")
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("models", "frobnicate")
+    assert proc.returncode == 2 and "No such command" in proc.stderr
+
+
+@pytest.mark.unit
+def test_debug_variable_shows_traceback(llmops_home):
+    proc = run_cli("models", "show", "no-such-model", env={"LLMOPS_DEBUG": "1"})
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+@pytest.mark.unit
+def test_models_list_show_add_rm_json(llmops_home, tmp_path):
+    listed = json.loads(run_cli("models", "list", "--json").stdout)
+    assert {"smollm2-135m", "llama-3.1-8b"} <= {m["name"] for m in listed}
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64,
+                                                    "num_attention_heads": 4, "vocab_size": 1000,
+                                                    "max_position_embeddings": 512}))
+    added = run_cli("models", "add", "tiny", str(folder), "--base", "--json")
+    assert added.returncode == 0, added.stderr
+    shown = json.loads(run_cli("models", "show", "tiny", "--json").stdout)
+    assert shown["status"] == "ready" and shown["context_length"] == 512 and shown["chat"] is False
+    assert shown["params"] > 0 and shown["shape"]["num_kv_heads"] == 4
+    removed = json.loads(run_cli("models", "rm", "tiny", "--json").stdout)
+    assert removed["removed"] == ["registry entry"]
+    assert run_cli("models", "show", "tiny").returncode == 2
+
+
+@pytest.mark.unit
+def test_pull_offline_hub_model_exits_2_with_hint(llmops_home):
+    proc = run_cli("models", "pull", "qwen2.5-0.5b", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert "cannot be reached" in proc.stderr and "hint:" in proc.stderr
+
+
+@pytest.mark.unit
+def test_hw_json_on_this_machine_and_on_fake_hardware(tmp_path):
+    data = json.loads(run_cli("hw", "--json").stdout)
+    assert data["hardware"]["cpu"]["usable_cores"] >= 1
+    assert set(data["plans"]) == {"serve", "batch", "train"}
+    fake = tmp_path / "hw.json"
+    fake.write_text(json.dumps(EIGHT_80GIB_GPUS.to_dict()))
+    data = json.loads(run_cli("hw", "--json", "-m", "llama-3.3-70b", env={"LLMOPS_HARDWARE": str(fake)}).stdout)
+    assert len(data["hardware"]["gpus"]) == 8
+    assert data["plans"]["serve"]["tensor_parallel_size"] == 2
+    assert data["plans"]["batch"]["data_parallel_size"] == 4
+    text = run_cli("hw", "-m", "llama-3.3-70b", env={"LLMOPS_HARDWARE": str(fake)}).stdout
+    assert "NVIDIA H100 80GB HBM3" in text and "tensor_parallel_size" in text
+
+
+@pytest.mark.engine
+def test_models_pull_and_show_default_model(default_model_dir):
+    proc = run_cli("models", "pull", "smollm2-135m", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["path"] == str(default_model_dir)
+    shown = json.loads(run_cli("models", "show", "smollm2-135m", "--json").stdout)
+    assert shown["status"] == "ready" and shown["shape"]["num_layers"] == 30

@@ -1,0 +1,97 @@
+import pytest
+
+from llmops.errors import DoesNotFitError, UsageError
+from llmops.hardware import GIB
+from llmops.plan import estimate_params, model_facts, plan_engine, plan_train
+from llmops.registry import resolve
+from tests.fake_hardware import EIGHT_80GIB_GPUS, ONE_24GIB_GPU, cpu_only, gpus
+
+pytestmark = pytest.mark.unit
+
+
+def facts(name):
+    return model_facts(resolve(name))
+
+
+def test_param_estimate_matches_published_counts():
+    # The registry's counts come from the model cards; the formula must land close without them.
+    for name in ("smollm2-135m", "llama-3.1-8b", "qwen2.5-7b", "llama-3.3-70b"):
+        spec = resolve(name).spec
+        shape = spec.shape.model_copy(update={"intermediate_size": {
+            "smollm2-135m": 1536, "llama-3.1-8b": 14336, "qwen2.5-7b": 18944, "llama-3.3-70b": 28672}[name],
+            "tie_word_embeddings": name == "smollm2-135m"})
+        assert estimate_params(shape) == pytest.approx(spec.params, rel=0.03), name
+
+
+def test_cpu_without_native_bf16_plans_fp32_eager_and_a_sized_kv_cache():
+    plan = plan_engine(facts("smollm2-135m"), cpu_only(24), workload="batch")
+    assert (plan.device, plan.dtype, plan.enforce_eager) == ("cpu", "float32", True)
+    assert plan.tensor_parallel_size == plan.data_parallel_size == 1
+    assert 1 <= plan.cpu_kv_cache_gib <= 8
+    assert plan.max_model_len == 8192  # the whole context fits
+    # 2 (K,V) x 30 layers x 3 KV heads x 64 dims x 4 bytes = 46080 bytes a token
+    assert plan.kv_cache_tokens == plan.cpu_kv_cache_gib * GIB // 46080
+
+
+def test_cpu_with_native_bf16_plans_bf16():
+    plan = plan_engine(facts("smollm2-135m"), cpu_only(24, ("avx2", "avx512f", "avx512_bf16")), workload="serve")
+    assert plan.dtype == "bfloat16"
+
+
+def test_cpu_model_too_big_exits_3_with_numbers():
+    with pytest.raises(DoesNotFitError) as err:
+        plan_engine(facts("llama-3.1-8b"), cpu_only(24), workload="serve")
+    msg = str(err.value)
+    assert err.value.exit_code == 3
+    assert "needs" in msg and "has" in msg and "GiB" in msg
+    assert err.value.hint
+
+
+def test_small_kv_cache_shortens_max_model_len():
+    plan = plan_engine(facts("llama-3.1-8b"), ONE_24GIB_GPU, workload="serve")
+    assert (plan.device, plan.dtype, plan.tensor_parallel_size) == ("cuda", "bfloat16", 1)
+    # 24 GiB x 0.9 - 2 GiB overhead - 15 GiB of bf16 weights leaves ~4.6 GiB: ~37k tokens at 128 KiB each.
+    assert 2048 <= plan.max_model_len < 131072
+    assert plan.max_model_len % 256 == 0
+    assert any("max_model_len" in n for n in plan.notes)
+
+
+def test_70b_on_eight_h100s_picks_smallest_tensor_parallel_and_data_parallel_for_batch():
+    serve = plan_engine(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, workload="serve")
+    assert serve.tensor_parallel_size == 2  # 131 GiB of bf16 weights need two 80 GiB cards
+    assert serve.data_parallel_size == 1
+    batch = plan_engine(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, workload="batch")
+    assert (batch.tensor_parallel_size, batch.data_parallel_size) == (2, 4)
+    small = plan_engine(facts("llama-3.1-8b"), EIGHT_80GIB_GPUS, workload="batch")
+    assert (small.tensor_parallel_size, small.data_parallel_size) == (1, 8)
+
+
+def test_70b_on_one_24gib_gpu_does_not_fit():
+    with pytest.raises(DoesNotFitError, match=r"needs about .* GiB per GPU"):
+        plan_engine(facts("llama-3.3-70b"), ONE_24GIB_GPU, workload="serve")
+
+
+def test_old_gpu_gets_fp16_and_explicit_values_are_checked():
+    assert plan_engine(facts("qwen2.5-0.5b"), gpus(1, 16, "Tesla T4", "7.5"), workload="serve").dtype == "float16"
+    with pytest.raises(DoesNotFitError, match="needs 4 GPUs"):
+        plan_engine(facts("qwen2.5-7b"), ONE_24GIB_GPU, workload="serve", tensor_parallel_size=4)
+    with pytest.raises(UsageError, match="longer than"):
+        plan_engine(facts("smollm2-135m"), cpu_only(), workload="serve", max_model_len=100000)
+    with pytest.raises(DoesNotFitError, match="no NVIDIA GPU"):
+        plan_engine(facts("smollm2-135m"), cpu_only(), workload="serve", device="cuda")
+
+
+def test_train_plans():
+    cpu = plan_train(facts("smollm2-135m"), cpu_only(24), micro_batch_size=4, seq_len=256)
+    assert (cpu.device, cpu.num_processes, cpu.precision, cpu.method) == ("cpu", 1, "fp32", "full")
+    one = plan_train(facts("llama-3.1-8b"), ONE_24GIB_GPU, micro_batch_size=1, seq_len=2048,
+                     gradient_checkpointing=True)
+    assert one.method in ("lora", "qlora") and one.precision == "bf16"
+    assert "full fine-tuning needs" in one.notes[0]
+    eight = plan_train(facts("llama-3.1-8b"), EIGHT_80GIB_GPUS, method="full", micro_batch_size=1,
+                       seq_len=2048, gradient_checkpointing=True)
+    assert (eight.num_processes, eight.strategy) == (8, "fsdp")  # 16 B/param x 8B = 120 GiB: must shard
+    with pytest.raises(DoesNotFitError):
+        plan_train(facts("llama-3.1-8b"), ONE_24GIB_GPU, method="full")
+    with pytest.raises(UsageError, match="qlora needs a CUDA GPU"):
+        plan_train(facts("smollm2-135m"), cpu_only(), method="qlora")
