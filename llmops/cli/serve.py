@@ -1,8 +1,69 @@
-"""Placeholder until the serve workload lands."""
+"""`llmops serve`: an OpenAI-compatible vLLM server for one model, planned from the hardware here."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Optional
 
 import typer
 
+from llmops.cli import _output as out
+from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
+from llmops.serve.config import ServeConfig
 
-def serve_command() -> None:
-    """Not built yet."""
-    raise typer.Exit(1)
+_FIELDS = ServeConfig.model_fields
+
+
+def serve_command(
+    ctx: typer.Context,
+    model_arg: Annotated[Optional[str], typer.Argument(
+        metavar="MODEL", show_default=False, help=_FIELDS["model"].description)] = None,
+    model: ModelOpt = None,
+    host: Annotated[Optional[str], typer.Option(help=_FIELDS["host"].description + r" \[default: 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], typer.Option(help=_FIELDS["port"].description + r" \[default: 8000]")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLMOPS_API_KEY", show_envvar=True, help=_FIELDS["api_key"].description)] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Serve MODEL with vLLM's OpenAI-compatible server until Ctrl+C or SIGTERM.
+
+    Flags after `--` go to vLLM unchanged: `llmops serve smollm2-135m -- --enable-prefix-caching`.
+    """
+    from llmops.config import load_config
+    from llmops.errors import UsageError
+    from llmops.serve.server import plan_server, ready_text, run_server
+
+    extra = list(ctx.args)
+    if model_arg is not None and model_arg.startswith("-"):  # `llmops serve -- --flag`: no MODEL given
+        extra.insert(0, model_arg)
+        model_arg = None
+    if model_arg and model and model_arg != model:
+        raise UsageError(f"two models given: {model_arg!r} and --model {model!r}", "give one of them")
+    flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key}
+    cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
+    if extra:
+        cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
+
+    if dry_run:
+        plan = plan_server(cfg, download=False)
+        if json:
+            out.print_json(plan.to_dict())
+            return
+        engine = plan.engine.to_dict()
+        notes = engine.pop("notes", ())
+        out.key_values(f"serve plan for {plan.served_model_name}", [
+            ("model path", plan.model_path), ("url", plan.url + "/v1"),
+            ("api key", "required" if plan.api_key else "none"),
+            *engine.items(), *(("why", n) for n in notes)])
+        env = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else shlex.quote(v)}" for k, v in plan.env.items())
+        out.result((env + " " if env else "") + shlex.join(plan.command))
+        return
+
+    with out.stderr.status("resolving the model") as status:
+        plan = plan_server(cfg, progress=lambda msg: (out.log(msg), status.update(msg)))
+    code = run_server(plan, cfg, log=out.log, waiting=out.stderr.status,
+                      on_ready=lambda p: out.result(ready_text(p)))
+    raise typer.Exit(code)

@@ -1,0 +1,33 @@
+"""The `llmops serve` config: one pydantic model, loaded from defaults < YAML < `--set` < flags."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from llmops.config import StrictModel
+from llmops.vllm_engine import EngineConfig
+
+
+class ServeConfig(StrictModel):
+    """An OpenAI-compatible vLLM server for one model."""
+
+    model: Optional[str] = None
+    """Registry alias, local model folder or Hugging Face id; default: the offline default model."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 listens on every interface."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port to listen on."""
+    api_key: Optional[str] = None
+    """When set, requests must send `Authorization: Bearer KEY` (else 401). Also read from LLMOPS_API_KEY."""
+    served_model_name: Optional[str] = None
+    """The model name clients ask for; default: the registry alias (or the folder name)."""
+    engine: EngineConfig = EngineConfig()
+    """How vLLM runs; every "auto" is planned from the hardware and the model."""
+    vllm_args: list[str] = []
+    """Extra `vllm serve` flags, passed through unchanged (the CLI takes them after `--`)."""
+    startup_timeout_s: float = Field(default=1800, gt=0)
+    """Give up if /health does not answer within this many seconds (large models load slowly)."""
+    shutdown_timeout_s: float = Field(default=15, gt=0)
+    """After SIGTERM, wait this long for vLLM to stop before killing its processes."""

@@ -1,0 +1,353 @@
+"""`llmops serve`: plan the engine from the hardware, launch vLLM's OpenAI server, and own its lifecycle.
+
+1. `plan_server` resolves the model, plans the engine and builds the exact command and environment.
+2. `run_server` checks the port, starts vLLM in its own process group, tees its output to the terminal
+   and a log file, waits for `/health`, reports the URL, and on SIGINT/SIGTERM stops the whole group
+   (SIGTERM, then SIGKILL after `shutdown_timeout_s`) so no `VLLM::` process outlives it.
+
+No Typer here; the CLI (`llmops.cli.serve`) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from llmops.errors import RuntimeFailure, UsageError
+from llmops.plan import EnginePlan
+from llmops.serve.config import ServeConfig
+
+ENTRY_MODULE = "llmops.serve.vllm_entry"
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Everything `run_server` starts, fully resolved; `--dry-run` prints it."""
+
+    served_model_name: str
+    model_path: str
+    """The local folder (or, in a dry run for a model not downloaded yet, its Hugging Face id)."""
+    engine: EnginePlan
+    command: list[str]
+    env: dict[str, str]
+    """Variables set for vLLM on top of the inherited environment."""
+    host: str
+    port: int
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (the OpenAI API lives under /v1)."""
+        return f"http://{_connect_host(self.host)}:{self.port}"
+
+    def to_dict(self) -> dict:
+        env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in self.env.items()}
+        return {"served_model_name": self.served_model_name, "model_path": self.model_path,
+                "url": self.url + "/v1", "api_key": self.api_key is not None, "plan": self.engine.to_dict(),
+                "command": self.command, "env": env}
+
+
+def plan_server(config: ServeConfig, *, download: bool = True,
+                progress: Callable[[str], None] = lambda msg: None) -> ServerPlan:
+    """Resolve the model, plan the engine for this hardware and build the vLLM command.
+
+    With `download=False` (dry runs) nothing is fetched: a model that is not here yet is planned from its
+    registry entry and named by its Hugging Face id in the command.
+    """
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import ensure_local, resolve
+    from llmops.vllm_engine import as_cli_flags, engine_args, engine_env, plan_for
+
+    resolved = resolve(config.model)
+    facts = model_facts(resolved)
+    engine = plan_for(config.engine, facts, detect(), "serve")
+    if download:
+        path = str(ensure_local(resolved, progress))
+    else:
+        local = resolved.local_path()
+        path = str(local) if local is not None else (resolved.hf_id or resolved.spec.source)
+    name = config.served_model_name or resolved.name
+    command = [sys.executable, "-m", ENTRY_MODULE, "serve", path, "--served-model-name", name,
+               "--host", config.host, "--port", str(config.port),
+               *as_cli_flags(engine_args(engine, path)), *config.vllm_args]
+    env = engine_env(engine)
+    if config.api_key:
+        # Through the environment rather than --api-key, so the key does not show in `ps`.
+        env["VLLM_API_KEY"] = config.api_key
+    return ServerPlan(name, path, engine, command, env, config.host, config.port, config.api_key)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise `UsageError` (exit 2) if something already listens on host:port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Uvicorn binds with SO_REUSEADDR too, so a port held only by TIME_WAIT connections counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on {host} is already in use",
+                                 "stop whatever listens there, or pick another port with --port") from None
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}",
+                             "check --host (an address of this machine, or 0.0.0.0)") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def health_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether `URL/health` answers 200 (it needs no API key)."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def default_log_path(name: str) -> Path:
+    from llmops.paths import logs_dir
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return logs_dir() / f"serve-{name.replace('/', '--')}-{stamp}.log"
+
+
+class _Output:
+    """Copies the child's output, line by line, to a log file and to our stderr; keeps the last lines."""
+
+    def __init__(self, stream, log_path: Path):
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._stream = stream
+        self._log = open(log_path, "a", encoding="utf-8", errors="replace")
+        self._thread = threading.Thread(target=self._copy, name="vllm-output", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            self.tail.append(line.rstrip("\n"))
+            self._log.write(line)
+            self._log.flush()
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        self._thread.join(timeout=5)
+        self._log.close()
+
+
+def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None = None,
+               on_ready: Callable[[ServerPlan], None] = lambda plan: None,
+               log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+               waiting: Callable[[str], object] | None = None) -> int:
+    """Run vLLM until it exits or we get SIGINT/SIGTERM; returns vLLM's exit code.
+
+    `waiting(message)` returns a context manager shown while the server starts (the CLI's spinner).
+    Raises `RuntimeFailure` with the end of vLLM's log and a hint if vLLM dies before it is ready.
+    """
+    check_port_free(plan.host, plan.port)
+    log_path = log_path or default_log_path(plan.served_model_name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"llmops serve: logs in {log_path}")
+    log("llmops serve: " + shlex.join(plan.command))
+
+    stop = _StopSignals()
+    proc = subprocess.Popen(plan.command, env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.env},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: we signal all of vLLM at once
+    output = _Output(proc.stdout, log_path)
+    try:
+        with stop:
+            started = time.monotonic()
+            with (waiting or _no_spinner)(f"starting vLLM for {plan.served_model_name} on {plan.url}"):
+                ready = _wait_until_ready(proc, plan.url, stop, config.startup_timeout_s)
+            if ready:
+                log(f"llmops serve: ready in {time.monotonic() - started:.0f} s")
+                on_ready(plan)
+                while proc.poll() is None and not stop.requested:
+                    stop.event.wait(0.5)
+            elif proc.poll() is None and not stop.requested:
+                log(f"llmops serve: /health did not answer within {config.startup_timeout_s:.0f} s; stopping")
+                _stop_group(proc, config.shutdown_timeout_s, stop)
+                raise RuntimeFailure(f"vLLM did not become ready within {config.startup_timeout_s:.0f} s "
+                                     f"(log: {log_path})", "raise startup_timeout_s (--set startup_timeout_s=...)")
+            if stop.requested and proc.poll() is None:
+                log("llmops serve: shutting down")
+                _stop_group(proc, config.shutdown_timeout_s, stop)
+            code = proc.wait()
+    finally:
+        if proc.poll() is None:  # an unexpected error of ours: never leave vLLM behind
+            _stop_group(proc, config.shutdown_timeout_s, stop)
+        _kill_stragglers(proc.pid)
+        output.close()
+    if not ready and not stop.requested:
+        failure = RuntimeFailure(
+            f"vLLM exited with code {code} before it was ready; the end of its log ({log_path}):\n"
+            + "\n".join("    " + line for line in output.tail), failure_hint(output.tail))
+        failure.exit_code = _exit_code(code) or 1
+        raise failure
+    return _exit_code(code)
+
+
+def _wait_until_ready(proc: subprocess.Popen, url: str, stop: "_StopSignals", timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not stop.requested and time.monotonic() < deadline:
+        if health_ok(url):
+            return True
+        stop.event.wait(0.5)
+    return False
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float, stop: "_StopSignals") -> None:
+    """SIGTERM to vLLM's process group; SIGKILL if it has not exited after `timeout` (or on a 2nd signal)."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    first = stop.count
+    while proc.poll() is None and time.monotonic() < deadline and stop.count <= max(first, 1):
+        time.sleep(0.1)
+    if proc.poll() is None:
+        print("llmops serve: vLLM did not stop in time; killing it", file=sys.stderr)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_stragglers(pgid: int, grace: float = 5.0) -> None:
+    """After the server process has gone, give its children a moment to exit, then SIGKILL the rest."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _signal_group(pgid, 0):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a process group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # only zombies left, or the ids were reused: nothing of ours to signal
+        return False
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
+
+
+def _connect_host(host: str) -> str:
+    """Where a client on this machine connects for a server listening on `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# Common ways vLLM fails to start, recognised in the end of its log, and what to do about each.
+_HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("out of memory", "outofmemory", "cannot allocate memory", "insufficient memory", "larger than the available kv",
+      "kv cache is needed", "to increase `gpu_memory_utilization`", "no available memory for the cache"),
+     "out of memory: lower the max model length (--set engine.max_model_len=4096), use more tensor parallelism "
+     "(--set engine.tensor_parallel_size=N), a smaller KV cache on the CPU (--set engine.cpu_kv_cache_gib=N), "
+     "or a smaller model"),
+    (("are not supported for now", "not supported for now", "unrecognized configuration class",
+      "model architectures", "has no vllm implementation", "does not recognize this architecture"),
+     "unknown architecture: this vLLM version cannot run this model; upgrade vLLM or pick a supported model"),
+    (("repository not found", "does not appear to have a file named config.json", "no such file or directory",
+      "is not a local folder and is not a valid model identifier", "401 client error", "gated repo"),
+     "model not found: check the name or path (`llmops models list`), and HF_TOKEN for gated models"),
+    (("unrecognized arguments", "invalid choice", "error: argument"),
+     "vLLM rejected a flag: check the flags after `--` against `python -m llmops.serve.vllm_entry serve --help`"),
+)
+
+
+def failure_hint(lines) -> str:
+    text = "\n".join(lines).lower()
+    for needles, hint in _HINTS:
+        if any(n in text for n in needles):
+            return hint
+    return "read the log above; rerun with --dry-run to see the exact command"
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM set `event` (counted) instead of raising, so shutdown is orderly."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.event.set()
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+class _no_spinner:
+    def __init__(self, message: str):
+        print(message, file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def ready_text(plan: ServerPlan) -> str:
+    """What to show once the server answers: the URL, the model name, and examples to paste."""
+    base = plan.url + "/v1"
+    auth_header = ' -H "Authorization: Bearer $LLMOPS_API_KEY"' if plan.api_key else ""
+    key = 'os.environ["LLMOPS_API_KEY"]' if plan.api_key else '"none"'
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % plan.served_model_name)
+    return "\n".join([
+        f"Serving {plan.served_model_name} at {base}" + ("  (API key required)" if plan.api_key else ""),
+        "",
+        "  curl:",
+        f"    curl {base}/chat/completions -H 'Content-Type: application/json'{auth_header} \\",
+        f"      -d '{body}'",
+        "  Python:",
+        "    import os; from openai import OpenAI",
+        f"    client = OpenAI(base_url=\"{base}\", api_key={key})",
+        f"    print(client.chat.completions.create(model=\"{plan.served_model_name}\", "
+        "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
+        "  Chat:",
+        f"    llmops chat --url {plan.url}" + (" --api-key \"$LLMOPS_API_KEY\"" if plan.api_key else ""),
+        "",
+        "Press Ctrl+C to stop.",
+    ])
