@@ -47,4 +47,5 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
                                                                 ("hint", plan["hint"])])
             continue
         notes = plan.pop("notes", ())
-        out.key_values(f"{name} plan for {resolved.name}", [*plan.items(), *(("why", n) for n in notes)])
+        shown = [(k, v) for k, v in plan.items() if v is not None and k != "model"]
+        out.key_values(f"{name} plan for {resolved.name}", [*shown, *(("why", n) for n in notes)])
