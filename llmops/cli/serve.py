@@ -14,13 +14,21 @@ from llmops.serve.config import ServeConfig
 _FIELDS = ServeConfig.model_fields
 
 
+def _default(name: str) -> str:
+    return rf" \[default: {_FIELDS[name].default}]"  # escaped: rich would take [default: ...] as markup
+
+
+def _log(message: str) -> None:
+    out.stderr.print(message, markup=False, soft_wrap=True)  # paths and commands unbroken when piped
+
+
 def serve_command(
     ctx: typer.Context,
     model_arg: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", show_default=False, help=_FIELDS["model"].description)] = None,
     model: ModelOpt = None,
-    host: Annotated[Optional[str], typer.Option(help=_FIELDS["host"].description + r" \[default: 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help=_FIELDS["port"].description + r" \[default: 8000]")] = None,
+    host: Annotated[Optional[str], typer.Option(help=_FIELDS["host"].description + _default("host"))] = None,
+    port: Annotated[Optional[int], typer.Option(help=_FIELDS["port"].description + _default("port"))] = None,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="LLMOPS_API_KEY", show_envvar=True, help=_FIELDS["api_key"].description)] = None,
     config: ConfigOpt = None,
@@ -63,7 +71,7 @@ def serve_command(
         return
 
     with out.stderr.status("resolving the model") as status:
-        plan = plan_server(cfg, progress=lambda msg: (out.log(msg), status.update(msg)))
-    code = run_server(plan, cfg, log=out.log, waiting=out.stderr.status,
+        plan = plan_server(cfg, progress=lambda msg: (_log(msg), status.update(msg)))
+    code = run_server(plan, cfg, log=_log, waiting=out.stderr.status,
                       on_ready=lambda p: out.result(ready_text(p)))
     raise typer.Exit(code)

@@ -219,8 +219,9 @@ def _wait_until_ready(proc: subprocess.Popen, url: str, stop: "_StopSignals", ti
 
 
 def _stop_group(proc: subprocess.Popen, timeout: float, stop: "_StopSignals") -> None:
-    """SIGTERM to vLLM's process group; SIGKILL if it has not exited after `timeout` (or on a 2nd signal)."""
-    _signal_group(proc.pid, signal.SIGTERM)
+    """SIGTERM to vLLM's API server, which stops its engine processes in order; SIGKILL to the whole process
+    group if it has not exited after `timeout` (or on a second Ctrl+C)."""
+    proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     first = stop.count
     while proc.poll() is None and time.monotonic() < deadline and stop.count <= max(first, 1):
