@@ -1,10 +1,107 @@
-"""Placeholder until the train workload lands."""
+"""`llmops train RECIPE`: fine-tune with accelerate from a validated recipe; `llmops train validate RECIPE`
+checks a recipe without loading anything; `llmops train recipes` lists the shipped ones."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Not built yet.")
+from llmops.cli import _output as out
+from llmops.cli._options import DryRunOpt, JsonOpt, OutputOpt, SetOpt
+
+
+class _RunByDefault(TyperGroup):
+    """`llmops train RECIPE ...` means `llmops train run RECIPE ...`; `validate` and `recipes` stay commands."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
+                  help="Fine-tune a model from a recipe: `llmops train RECIPE.yaml` (or a shipped recipe's name).")
+
+RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", show_default=False,
+                                          help="Recipe YAML file, or the name of a shipped recipe (`llmops train "
+                                               "recipes`).")]
+
+
+def _log(message: str) -> None:
+    out.stderr.print(message, markup=False, soft_wrap=True)
+
+
+@app.command("run")
+def run_command(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output: OutputOpt = None,
+    resume: Annotated[str, typer.Option(
+        help="auto: continue from the latest checkpoint in the run folder; never: start over; "
+             "or a checkpoint folder.")] = "auto",
+    dry_run: DryRunOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Train as RECIPE says (the default command: `llmops train RECIPE`), then register the result."""
+    from llmops.train.launch import plan_recipe, run
+    from llmops.train.recipe import load_recipe
+
+    run_plan = plan_recipe(load_recipe(recipe, set_), output=output)
+    if dry_run:
+        if json:
+            out.print_json(run_plan.to_dict())
+            return
+        plan = dict(run_plan.plan)
+        notes = plan.pop("notes", ())
+        r = run_plan.recipe
+        out.key_values(f"train plan for {r.name}", [
+            ("base model", f"{run_plan.base_model} ({r.model})"), ("run folder", run_plan.run_dir),
+            *plan.items(), ("micro-batch x accumulation x processes",
+                            f"{r.train.micro_batch_size} x {r.train.gradient_accumulation_steps} x "
+                            f"{run_plan.total_processes}"),
+            *(("why", n) for n in notes)])
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run_plan.env.items())
+        out.result((env + " " if env else "") + shlex.join(run_plan.command) if run_plan.command
+                   else "(one process: trains inside llmops, no accelerate launch)")
+        return
+    summary = run(run_plan, resume=resume, log=_log)
+    if json:
+        out.print_json(summary)
+        return
+    out.key_values(f"trained {run_plan.recipe.name}", summary.items())
 
 
 @app.command("validate")
-def validate() -> None:
-    raise typer.Exit(1)
+def validate_command(recipe: RecipeArg, set_: SetOpt = None, json: JsonOpt = False) -> None:
+    """Check RECIPE (schema, data files and their columns) without loading a model or downloading anything."""
+    from llmops.train.recipe import load_recipe
+
+    config = load_recipe(recipe, set_)
+    if json:
+        out.print_json(config.model_dump(mode="json"))
+        return
+    out.result(f"{recipe}: ok ({config.method} fine-tune of {config.model}, registered as {config.name!r})")
+
+
+@app.command("recipes")
+def recipes_command(json: JsonOpt = False) -> None:
+    """List the recipes shipped with llmops."""
+    from llmops.train.recipe import shipped_recipes
+
+    found = shipped_recipes()
+    if json:
+        out.print_json({name: str(path) for name, path in found.items()})
+        return
+    out.table("Recipes", ["name", "command"], [(name, _command_line(path)) for name, path in found.items()])
+
+
+def _command_line(path: Path) -> str:
+    """The command from the recipe's header comment."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "llmops train" in line:
+            return line.lstrip("# ").strip()
+    return ""

@@ -1,0 +1,60 @@
+"""Turn a finished run into a model that serve and batch load by name.
+
+`RUN/final/` holds what the loop saved: the whole model, or a LoRA adapter. Export writes `RUN/model/`: the
+adapter merged into the base weights (or `RUN/adapter/` alone when `export.merge_lora` is false), with the
+tokenizer and its chat template and the resolved recipe, then registers it under the recipe's `name`.
+Folders are written under a temporary name and renamed, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from llmops.errors import RuntimeFailure
+
+
+def export(run, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Write the final model folder for `run` (a `RunPlan`) and register it; returns where it went."""
+    from llmops.config import dump_config
+    from llmops.registry import add_model
+    from transformers import AutoTokenizer
+
+    recipe, final = run.recipe, run.run_dir / "final"
+    if not (final / "config.json").exists() and not (final / "adapter_config.json").exists():
+        raise RuntimeFailure(f"training left no weights in {final}", "see the training log")
+    adapter_only = recipe.method != "full" and not recipe.export.merge_lora
+    target = run.run_dir / ("adapter" if adapter_only else "model")
+    tmp = run.run_dir / f".tmp-{target.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if recipe.method == "full" or adapter_only:
+        shutil.copytree(final, tmp)
+    else:
+        log("merging the LoRA adapter into the base model")
+        merge_lora(recipe.model, final, tmp)
+    AutoTokenizer.from_pretrained(recipe.model).save_pretrained(tmp)  # tokenizer and chat template
+    dump_config(recipe, tmp / "llmops-recipe.yaml")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    registered = None
+    if recipe.export.add_to_registry and not adapter_only:
+        add_model(recipe.name, str(target), chat=True, replace=True,
+                  description=f"fine-tuned from {run.base_model} by llmops train",
+                  trained_from=f"{run.base_model} ({recipe.method}, recipe {run.run_dir / 'recipe.yaml'})")
+        registered = recipe.name
+        log(f"registered {recipe.name!r}: `llmops serve {recipe.name}`, `llmops batch ... --model {recipe.name}`")
+    return {"model_dir": str(target), "registered": registered, "run_dir": str(run.run_dir)}
+
+
+def merge_lora(base_path: str, adapter: Path, out: Path) -> None:
+    """Load the base in its saved dtype, apply the adapter, fold it into the weights, save a plain model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)

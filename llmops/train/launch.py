@@ -1,0 +1,211 @@
+"""From a validated recipe to a running job: plan (hardware + model), resolve every `auto`, write the run
+folder (resolved recipe, accelerate config), then train in-process (one process) or with `accelerate launch`
+(several processes or machines), and export the result.
+
+Multi-node: run the same command on every machine with `distributed.machine_rank` set to that machine's rank
+(0 on the one at `distributed.main_process_ip`); they map to accelerate's `num_machines`, `machine_rank`,
+`main_process_ip` and `main_process_port`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmops.errors import RuntimeFailure, UsageError
+from llmops.train.recipe import Recipe
+
+RUN_FILES = ("recipe.yaml", "accelerate_config.yaml", "plan.json")
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, resolved: shown by `--dry-run`, then executed by `run`."""
+
+    recipe: Recipe
+    """The recipe with no `auto` left; `model` is the local folder of the base model (or its id if it is
+    not downloaded yet)."""
+    base_model: str
+    """The `model` value as written in the recipe (recorded as `trained_from`)."""
+    run_dir: Path
+    plan: dict
+    """The hardware planner's `TrainPlan` (processes, precision, method, strategy, memory, notes)."""
+    accelerate_config: dict
+    command: list[str]
+    """The exact launch command (empty when the run trains in this process)."""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_processes(self) -> int:
+        return self.accelerate_config["num_processes"]
+
+    def to_dict(self) -> dict:
+        return {"name": self.recipe.name, "base_model": self.base_model, "run_dir": str(self.run_dir),
+                "plan": self.plan, "accelerate_config": self.accelerate_config,
+                "command": shlex.join(self.command) if self.command else "(in this process)", "env": self.env,
+                "recipe": self.recipe.model_dump(mode="json")}
+
+
+def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
+    """Resolve every `auto` in `recipe` from the hardware and the model (nothing is downloaded)."""
+    from llmops.hardware import detect
+    from llmops.paths import llmops_home
+    from llmops.plan import model_facts, plan_train
+    from llmops.registry import resolve
+
+    hw = hw or detect()
+    resolved = resolve(recipe.model)
+    facts = model_facts(resolved)
+    dist = recipe.distributed
+    tp = plan_train(facts, hw, method=recipe.method, precision=recipe.precision,
+                    num_processes=dist.num_processes, strategy=dist.strategy,
+                    micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
+                    gradient_checkpointing=recipe.train.gradient_checkpointing)
+    total = tp.num_processes * dist.num_machines
+    accumulation = _accumulation(recipe, total)
+    if recipe.logging.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("logging.tensorboard is on but the tensorboard package is not installed",
+                             "pip install tensorboard, or --set logging.tensorboard=false") from None
+    run_dir = Path(output or recipe.output_dir or llmops_home() / "runs" / recipe.name).expanduser().resolve()
+    local = resolved.local_path()
+    final = recipe.model_copy(update={
+        "model": str(local) if local else (resolved.hf_id or recipe.model),
+        "method": tp.method, "precision": tp.precision, "output_dir": str(run_dir),
+        "train": recipe.train.model_copy(update={"gradient_accumulation_steps": accumulation,
+                                                 "global_batch_size": None}),
+        "distributed": dist.model_copy(update={"num_processes": tp.num_processes, "strategy": tp.strategy}),
+    })
+    config = accelerate_config(final, tp.device, total)
+    command, env = [], {}
+    if total > 1:
+        command = ["accelerate", "launch", "--config_file", str(run_dir / "accelerate_config.yaml"),
+                   "-m", "llmops.train.loop", str(run_dir / "recipe.yaml")]
+        if tp.device == "cpu":
+            # accelerate's MULTI_CPU type ran one process here; MULTI_GPU with ACCELERATE_USE_CPU=1 runs
+            # every rank on the CPU with gloo (measured). Split the cores between the processes.
+            env = {"ACCELERATE_USE_CPU": "1",
+                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, hw.cpu.usable_cores // total))}
+    return RunPlan(final, recipe.model, run_dir, tp.to_dict(), config, command, env)
+
+
+def _accumulation(recipe: Recipe, processes: int) -> int:
+    t = recipe.train
+    if t.global_batch_size is None:
+        return t.gradient_accumulation_steps or 1
+    per_step = t.micro_batch_size * processes
+    if t.global_batch_size % per_step:
+        raise UsageError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
+                         f"{t.micro_batch_size} x {processes} process(es) = {per_step}",
+                         f"use a multiple of {per_step}, or set train.gradient_accumulation_steps instead")
+    return t.global_batch_size // per_step
+
+
+def accelerate_config(recipe: Recipe, device: str, total_processes: int) -> dict:
+    """The `accelerate launch --config_file` contents for this run."""
+    dist = recipe.distributed
+    strategy = dist.strategy
+    config: dict = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "NO" if total_processes == 1 else
+        {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}.get(strategy, "MULTI_GPU"),
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[recipe.precision],
+        "num_processes": total_processes,
+        "num_machines": dist.num_machines,
+        "machine_rank": dist.machine_rank,
+        "main_process_port": dist.main_process_port,
+        "use_cpu": device == "cpu",
+    }
+    if dist.main_process_ip:
+        config["main_process_ip"] = dist.main_process_ip
+    if strategy == "fsdp":
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",  # checkpoints; the final save gathers a full copy
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": recipe.train.gradient_checkpointing,
+        }
+    elif strategy == "deepspeed":
+        config["deepspeed_config"] = {
+            "zero_stage": 3,
+            "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
+            "gradient_clipping": recipe.train.max_grad_norm or 0.0,
+            "zero3_init_flag": True,
+            "zero3_save_16bit_model": True,
+        }
+    return config
+
+
+def write_run_dir(run: RunPlan) -> None:
+    from llmops.config import dump_config
+    import yaml
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(run.recipe, run.run_dir / "recipe.yaml")
+    (run.run_dir / "accelerate_config.yaml").write_text(yaml.safe_dump(run.accelerate_config, sort_keys=False))
+    (run.run_dir / "plan.json").write_text(json.dumps(run.plan, indent=2))
+
+
+def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda m: None) -> dict:
+    """Train (in this process or with `accelerate launch`), then export and register the model."""
+    from llmops.train.export import export
+
+    if resume not in ("auto", "never") and not (Path(resume) / "progress.json").exists():
+        raise UsageError(f"--resume {resume}: not a checkpoint folder (no progress.json)",
+                         f"checkpoints are under {run.run_dir / 'checkpoints'}")
+    if resume == "never" and (run.run_dir / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(run.run_dir / "checkpoints")  # a fresh run: old checkpoints would mix with the new
+    write_run_dir(run)
+    if not Path(run.recipe.model).exists():
+        _download_base(run)
+    summary: dict = {}
+    if not run.command:
+        from llmops.train.loop import train
+
+        summary = train(run.recipe, run.run_dir, resume=resume)
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:]]
+        if resume != "auto":
+            command.append(resume)
+        log(f"launching {run.total_processes} processes: {shlex.join(run.command)}")
+        proc = subprocess.run(command, env={**os.environ, **run.env})
+        if proc.returncode != 0:
+            raise RuntimeFailure(f"training failed (accelerate launch exited with {proc.returncode})",
+                                 f"see the log above; rerun the same command to resume from the last checkpoint "
+                                 f"in {run.run_dir / 'checkpoints'}")
+        summary = last_metrics(run.run_dir)
+    if run.recipe.distributed.machine_rank != 0:
+        return {**summary, "run_dir": str(run.run_dir)}  # the main machine exports
+    return {**summary, **export(run, log=log)}
+
+
+def _download_base(run: RunPlan) -> None:
+    from llmops.registry import ensure_local, resolve
+
+    path = ensure_local(resolve(run.base_model))
+    run.recipe = run.recipe.model_copy(update={"model": str(path)})
+    write_run_dir(run)
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """Steps, last loss and process count, read back from the metrics file of a launched run."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not steps:
+        return {}
+    return {"steps": steps[-1]["step"], "loss": steps[-1]["loss"], "num_processes": steps[-1]["num_processes"],
+            "eval_loss": evals[-1]["eval_loss"] if evals else None}
