@@ -47,6 +47,7 @@ class ChatSession:
         extra = {k: v for k, v in (("temperature", self.temperature), ("max_tokens", self.max_tokens))
                  if v is not None}
         pieces: list[str] = []
+        stream = None
         try:
             stream = self.client.chat.completions.create(  # type: ignore[attr-defined]
                 model=self.model, messages=self.messages, stream=True, **extra)
@@ -56,6 +57,8 @@ class ChatSession:
                     pieces.append(delta)
                     yield delta
         finally:
+            if stream is not None:
+                stream.close()  # an interrupted answer: the server stops generating it
             if pieces:  # an interrupted answer still counts as said
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
             else:
@@ -102,8 +105,9 @@ def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str],
         if text in ("/?", "/help"):
             write(HELP + "\n")
             continue
+        answer = session.ask(text)
         try:
-            for piece in session.ask(text):
+            for piece in answer:
                 write(piece)
         except KeyboardInterrupt:
             if not interactive:
@@ -115,6 +119,8 @@ def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str],
             raise RuntimeFailure("lost the connection to the server") from None
         except openai.APIStatusError as e:
             raise RuntimeFailure(f"the server answered {e.status_code}: {e.message}") from None
+        finally:
+            answer.close()
         write("\n\n" if interactive else "\n")
 
 
