@@ -1,8 +1,146 @@
-"""Placeholder until the batch workload lands."""
+"""`llmops batch`: offline generation over a prompt file or Parquet/Arrow shards, resumable (llmops.batch)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from llmops.batch.config import InputConfig, SamplingConfig
+from llmops.cli import _output as out
+from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
 
-def batch_command() -> None:
-    """Not built yet."""
-    raise typer.Exit(1)
+
+def _doc(model, name: str) -> str:
+    """Help text from the config schema's attribute docstring, so flag and YAML key say the same thing."""
+    return model.model_fields[name].description or ""
+
+
+def batch_command(
+    input: Annotated[str, typer.Argument(
+        help="A .jsonl (prompt/messages lines or OpenAI Batch requests), .parquet or .arrow file, a folder "
+             "of such shards, or a quoted glob like 'data/*.parquet'.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Output folder: Parquet shards, manifest, config; rerun to resume.",
+        show_default=False)],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help=_doc(SamplingConfig, "max_tokens"))] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_doc(SamplingConfig, "temperature"))] = None,
+    top_p: Annotated[Optional[float], typer.Option(help=_doc(SamplingConfig, "top_p"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_doc(SamplingConfig, "seed"))] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help=_doc(SamplingConfig, "stop") + " Repeatable.")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "prompt_column"))] = None,
+    messages_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "messages_column"))] = None,
+    id_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "id_column"))] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Discard results in OUTPUT of another job (other model, sampling or input).")] = False,
+    show: Annotated[int, typer.Option(help="After the summary, print the first N prompt -> completion pairs.",
+                                      min=0)] = 0,
+    json: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Generate completions for every row of INPUT with vLLM, as fast as the hardware allows.
+
+    Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
+    stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
+    some failed (see the `error` column), 2 for bad usage or unreadable input.
+    """
+    from llmops.batch import BatchConfig, dry_run as plan_text, plan_batch, run_batch
+    from llmops.config import load_config
+
+    flags = {"model": model, "sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
+             "sampling.top_p": top_p, "sampling.seed": seed, "sampling.stop": stop or None,
+             "input.prompt_column": prompt_column, "input.messages_column": messages_column,
+             "input.id_column": id_column}
+    cfg = load_config(BatchConfig, yaml_path=config, sets=set_, flags=flags,
+                      source=str(config) if config else "batch config")
+    if dry_run:
+        _print_plan(plan_text(plan_batch(cfg, input, output, overwrite=overwrite)), json)
+        return
+    summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar())
+    if json:
+        out.print_json(summary.to_dict())
+    else:
+        out.key_values("Batch summary", [
+            ("rows", f"{summary.rows_ok} ok, {summary.rows_failed} failed, {summary.rows_total} total"
+                     + (f" ({summary.rows_skipped} done by an earlier run)" if summary.rows_skipped else "")),
+            ("tokens", f"{summary.prompt_tokens} prompt, {summary.completion_tokens} output"),
+            ("wall time", f"{summary.wall_s:.1f} s (engine start {summary.engine_start_s:.1f} s, "
+                          f"generation {summary.generation_s:.1f} s)"),
+            ("output tokens/s", f"{summary.output_tokens_per_s:.1f}"),
+            ("results", f"{summary.output_dir}/results/*.parquet"),
+            *(("OpenAI results", f) for f in summary.files),
+        ])
+    if show:
+        from llmops.batch.outputs import OutputDir
+
+        for ex in OutputDir(output).examples(show):
+            out.result(f"\n[{ex['id']}] {ex['prompt'].strip()}\n  -> "
+                       + (ex["completion"].strip() if ex["error"] is None else f"ERROR: {ex['error']}"))
+    if summary.rows_failed:
+        where = ", ".join(f"row {f['row']} ({f['id']}): {f['error']}" for f in summary.failed[:3])
+        out.log(f"llmops: {summary.rows_failed} of {summary.rows_total} rows failed; their `error` column in "
+                f"{summary.output_dir}/results says why (first: {where})")
+        raise typer.Exit(1)
+
+
+def _print_plan(plan: dict, json: bool) -> None:
+    if json:
+        out.print_json(plan)
+        return
+    inp = plan["input"]
+    engine_plan = plan["plan"]
+    notes = engine_plan.pop("notes", ())
+    out.key_values("Batch plan", [
+        ("model", f"{plan['model']} ({plan['model_path'] or 'not downloaded yet'})"),
+        ("input", f"{inp['format']}, {inp['rows']} rows in {len(inp['files'])} file(s)"),
+        ("output", f"{plan['output_dir']}: {plan['units']} shards, {plan['units_done']} already done"),
+        *((f"engine.{k}", v) for k, v in engine_plan.items()),
+        *(("why", n) for n in notes),
+    ])
+    for engine in plan["engines"]:
+        out.result(f"engine {engine['rank']}: " + (engine.get("command") or engine["call"]))
+
+
+class _Bar:
+    """Progress on stderr: a rich bar on a terminal, a log line every 30 s otherwise."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.total = self.done = self.tokens = 0
+        self.started = self.last_log = time.monotonic()
+
+    def phase(self, text: str) -> None:
+        out.log(f"llmops batch: {text}")
+        self.started = time.monotonic()
+
+    def start(self, total_rows: int, done_rows: int) -> None:
+        self.total, self.done = total_rows, done_rows
+        if done_rows:
+            out.log(f"llmops batch: resuming, {done_rows} of {total_rows} rows already done")
+        if out.stderr.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("rows"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=out.stderr)
+            self.task = self.bar.add_task("batch", total=total_rows, completed=done_rows, speed="")
+            self.bar.start()
+
+    def advance(self, rows: int, completion_tokens: int) -> None:
+        self.done += rows
+        self.tokens += completion_tokens
+        now = time.monotonic()
+        speed = f"{self.tokens / max(now - self.started, 1e-9):.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, advance=rows, speed=speed)
+        elif now - self.last_log >= 30:
+            self.last_log = now
+            out.log(f"llmops batch: {self.done}/{self.total} rows, {speed}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,101 @@
+"""`BatchConfig`: everything that decides what `llmops batch` produces, and how sampling maps to vLLM.
+
+The model, the sampling defaults, the input options and `chunk_rows` make up the job's identity: resuming an
+output folder with any of them changed is refused (see `outputs.py`). The engine section only decides how
+fast the same results come, so a job may resume on other hardware.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from llmops.config import StrictModel
+from llmops.registry import DEFAULT_MODEL
+from llmops.vllm_engine import EngineConfig
+
+
+class SamplingConfig(StrictModel):
+    """Defaults for every row; OpenAI Batch rows may override them in their `body`."""
+
+    max_tokens: int = Field(default=256, ge=1)
+    """Most tokens generated per row."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """0 is greedy: reproducible, so a resumed job gives the same text as an uninterrupted one."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: sample from the smallest token set whose probability reaches top_p."""
+    seed: Optional[int] = None
+    """Seed for every row's sampler; with it, sampled (temperature > 0) results are reproducible too."""
+    stop: list[str] = Field(default_factory=list)
+    """Strings that end a completion (not included in the text)."""
+
+
+class InputConfig(StrictModel):
+    """How rows are read from the input."""
+
+    format: Literal["auto", "jsonl", "openai", "parquet", "arrow"] = "auto"
+    """auto detects it from the file extension and the first line or the file's magic bytes."""
+    prompt_column: Optional[str] = None
+    """Parquet/Arrow: the column holding prompt text; auto picks `prompt` or `text`."""
+    messages_column: Optional[str] = None
+    """Parquet/Arrow: the column holding chat messages (list of {role, content}); auto picks `messages`."""
+    id_column: Optional[str] = None
+    """Parquet/Arrow: the column used as each row's id; auto picks `id`, else the row number is the id."""
+
+
+class BatchConfig(StrictModel):
+    """One `llmops batch` job (YAML file, `--set`, flags)."""
+
+    model: str = DEFAULT_MODEL
+    """Registry alias, local model folder or Hugging Face id."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    chunk_rows: int = Field(default=500, ge=1)
+    """Rows per output shard. A shard is the unit of work that is committed, resumed and spread over
+    data-parallel engines: smaller loses less work when a job dies, larger makes fewer files."""
+
+
+# OpenAI Batch `body` fields that map onto SamplingParams, and those accepted but without effect here.
+_BODY_SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+                         "presence_penalty", "frequency_penalty", "n"}
+_BODY_IGNORED_FIELDS = {"model", "messages", "prompt", "user", "stream", "metadata", "store"}
+
+
+def sampling_params(base: SamplingConfig, body: dict[str, Any] | None = None):
+    """vLLM `SamplingParams` from the job's defaults and a row's overrides; raises ValueError for bad rows."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    values: dict[str, Any] = base.model_dump()
+    for key, value in (body or {}).items():
+        if key in _BODY_IGNORED_FIELDS:
+            if key == "stream" and value:
+                raise ValueError("stream: true is not supported in a batch")
+            continue
+        if key not in _BODY_SAMPLING_FIELDS:
+            raise ValueError(f"unsupported body field `{key}`")
+        if key == "n":
+            if value != 1:
+                raise ValueError("only n = 1 is supported")
+            continue
+        if key == "max_completion_tokens":
+            key = "max_tokens"
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        if value is not None:
+            values[key] = value
+    for key in ("max_tokens", "seed"):
+        if values.get(key) is not None and (isinstance(values[key], bool) or not isinstance(values[key], int)):
+            raise ValueError(f"{key} must be an integer, got {values[key]!r}")
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if key in values and (isinstance(values[key], bool) or not isinstance(values[key], (int, float))):
+            raise ValueError(f"{key} must be a number, got {values[key]!r}")
+    if not isinstance(values["stop"], list) or not all(isinstance(s, str) for s in values["stop"]):
+        raise ValueError(f"stop must be a string or a list of strings, got {values['stop']!r}")
+    try:
+        # FINAL_ONLY: the engine reports a request once, when it is finished (what LLM.generate does too).
+        return SamplingParams(**values, output_kind=RequestOutputKind.FINAL_ONLY)
+    except Exception as e:  # vLLM raises its own validation error type; every one of them fails this row
+        raise ValueError(str(e)) from None

@@ -1,0 +1,245 @@
+"""Fast tests of `llmops batch` that start no engine: format detection, units, commits and resume
+bookkeeping, config validation, the data-parallel plan and `--dry-run`."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmops.batch import BatchConfig
+from llmops.batch.config import InputConfig
+from llmops.batch.inputs import count_rows, iter_units, open_input, unit_keys
+from llmops.batch.outputs import OutputDir, job_differences
+from llmops.batch.runner import units_for_rank
+from llmops.config import load_config
+from llmops.errors import ConfigError, UsageError
+from tests.conftest import run_cli
+from tests.fake_hardware import EIGHT_80GIB_GPUS
+
+pytestmark = pytest.mark.unit
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def units(path, chunk_rows=2, config=InputConfig()):
+    spec = open_input(str(path), config)
+    counts = count_rows(spec)
+    return spec, list(iter_units(spec, counts, chunk_rows, set(unit_keys(counts, chunk_rows))))
+
+
+# --- detection ----------------------------------------------------------------------------------------
+
+
+def test_detects_prompt_and_messages_jsonl_and_reads_bad_lines_as_failed_rows(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "Hello", "id": "a", "lang": "en"},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+        "{not json",
+        "",
+        {"prompt": "   "},
+        {"text": "no prompt field"},
+    ])
+    spec, got = units(path)
+    assert spec.format == "jsonl"
+    rows = [r for u in got for r in u.rows]
+    assert [u.key for u in got] == ["00000-000000", "00000-000001", "00000-000002"]  # the blank line is skipped
+    assert [r.index for r in rows] == [0, 1, 2, 3, 4]
+    assert (rows[0].id, rows[0].prompt, rows[0].error) == ("a", "Hello", None)
+    assert rows[1].messages == [{"role": "user", "content": "Hi"}]
+    assert "line 3: not valid JSON" in rows[2].error
+    assert rows[3].error == "empty prompt"
+    assert "no `prompt` or `messages`" in rows[4].error
+    assert json.loads(got[0].kept.column("metadata")[0].as_py()) == {"lang": "en"}
+
+
+def test_detects_openai_batch_requests_and_validates_each_line(tmp_path):
+    ok = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+          "body": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}}
+    path = write_jsonl(tmp_path / "batch.jsonl", [
+        ok,
+        {**ok, "custom_id": "r2", "url": "/v1/embeddings"},
+        {**ok, "custom_id": "r3", "method": "GET"},
+        {"custom_id": "r4", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Once"}},
+    ])
+    spec, got = units(path, chunk_rows=10)
+    rows = got[0].rows
+    assert spec.format == "openai"
+    assert [r.id for r in rows] == ["r1", "r2", "r3", "r4"]
+    assert rows[0].body["max_tokens"] == 5 and rows[0].error is None
+    assert "url must be one of" in rows[1].error
+    assert "method must be POST" in rows[2].error
+    assert (rows[3].prompt, rows[3].error) == ("Once", None)
+    assert got[0].kept.column_names == ["url", "body"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("just some text\n", "cannot detect the format"),
+    ('{"question": "x"}\n', "cannot detect the input format"),
+])
+def test_undetectable_input_is_a_usage_error(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message) as err:
+        open_input(str(path), InputConfig())
+    assert err.value.exit_code == 2 and err.value.hint
+
+
+def test_missing_input_and_mixed_folder_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="input not found"):
+        open_input(str(tmp_path / "nope.jsonl"), InputConfig())
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
+    pq.write_table(pa.table({"prompt": ["y"]}), tmp_path / "b.parquet")
+    with pytest.raises(UsageError, match="mixes input formats"):
+        open_input(str(tmp_path), InputConfig())
+
+
+def test_parquet_shards_are_streamed_in_units_across_batches_and_files(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(2):
+        table = pa.table({"id": [f"f{i}-{j}" for j in range(5)], "text": [f"prompt {i}-{j}" for j in range(5)],
+                          "score": list(range(5))})
+        pq.write_table(table, folder / f"part-{i}.parquet", row_group_size=2)  # units cross row groups
+    spec, got = units(folder, chunk_rows=3)
+    assert (spec.format, spec.prompt_column, spec.id_column) == ("parquet", "text", "id")
+    assert [u.key for u in got] == ["00000-000000", "00000-000001", "00001-000000", "00001-000001"]
+    assert [len(u.rows) for u in got] == [3, 2, 3, 2]
+    assert [r.index for u in got for r in u.rows] == list(range(10))
+    assert got[2].rows[0].id == "f1-0" and got[2].kept.column("score").to_pylist() == [0, 1, 2]
+    # Reading only some units parses only those.
+    counts = count_rows(spec)
+    assert [u.key for u in iter_units(spec, counts, 3, {"00001-000001"})] == ["00001-000001"]
+    assert units(str(folder / "*.parquet"), chunk_rows=3)[0].files == spec.files  # a glob finds the same
+
+
+def test_arrow_file_and_stream_with_a_messages_column(tmp_path):
+    table = pa.table({"messages": [[{"role": "user", "content": "Hi"}], []], "n": [1, 2]})
+    for name, opener in (("file.arrow", pa.ipc.new_file), ("stream.arrows", pa.ipc.new_stream)):
+        with opener(tmp_path / name, table.schema) as writer:
+            writer.write_table(table)
+        spec, got = units(tmp_path / name)
+        assert (spec.format, spec.messages_column) == ("arrow", "messages")
+        assert got[0].rows[0].messages == [{"role": "user", "content": "Hi"}]
+        assert "non-empty list" in got[0].rows[1].error
+
+
+def test_column_options_are_checked(tmp_path):
+    pq.write_table(pa.table({"q": ["a"], "error": ["x"]}), tmp_path / "clash.parquet")
+    pq.write_table(pa.table({"q": ["a"]}), tmp_path / "plain.parquet")
+    with pytest.raises(UsageError, match="no `prompt`, `text` or `messages` column"):
+        open_input(str(tmp_path / "plain.parquet"), InputConfig())
+    assert open_input(str(tmp_path / "plain.parquet"), InputConfig(prompt_column="q")).prompt_column == "q"
+    with pytest.raises(UsageError, match="Choose one"):
+        open_input(str(tmp_path / "plain.parquet"), InputConfig(prompt_column="q", messages_column="q"))
+    with pytest.raises(UsageError, match="has no column nope"):
+        open_input(str(tmp_path / "plain.parquet"), InputConfig(prompt_column="q", id_column="nope"))
+    with pytest.raises(UsageError, match="named like result columns: error"):
+        open_input(str(tmp_path / "clash.parquet"), InputConfig(prompt_column="q"))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    with pytest.raises(UsageError, match="apply to Parquet/Arrow"):
+        open_input(str(tmp_path / "p.jsonl"), InputConfig(prompt_column="q"))
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(BatchConfig, sets=["sampling.temprature=0.5", "chunk_rows=0", "sampling.top_p=2"])
+    text = str(err.value)
+    assert "did you mean `sampling.temperature`" in text
+    assert "chunk_rows" in text and "sampling.top_p" in text and "3 problems" in text
+
+
+# --- outputs and resume bookkeeping -------------------------------------------------------------------
+
+JOB = {"model": "m", "sampling": {"temperature": 0.0}, "input": {"files": [["a", 1]]}, "chunk_rows": 2}
+
+
+def test_commit_is_atomic_and_resume_trusts_shards_over_the_manifest(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    keys = ["00000-000000", "00000-000001", "00000-000002"]
+    assert out.prepare(JOB, keys, overwrite=False) == {}
+    stats = {"rows": 2, "ok": 1, "failed": 1, "prompt_tokens": 10, "completion_tokens": 5}
+    out.commit(keys[0], pa.table({"row": [0, 1], "id": ["a", "b"], "error": [None, "bad"]}), stats)
+    out.commit(keys[1], pa.table({"row": [2, 3], "id": ["c", "d"], "error": [None, None]}), stats)
+    # A kill after the rename but before the manifest update, and a half-written shard:
+    (out.results / "part-00000-000002.parquet.tmp").write_bytes(b"PAR1 half")
+    assert json.loads((out.path / "manifest.json").read_text())["units"] == {}
+    done = out.prepare(JOB, keys, overwrite=False)
+    assert set(done) == set(keys[:2]) and done[keys[0]] == stats
+    assert not list(out.results.glob("*.tmp"))
+    manifest = json.loads((out.path / "manifest.json").read_text())
+    assert manifest["units_done"] == 2 and manifest["totals"]["rows"] == 4
+    assert out.failed_rows(5) == [{"row": 1, "id": "b", "error": "bad"}]
+
+
+def test_another_job_in_the_output_folder_is_refused_unless_overwrite(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    out.prepare(JOB, ["00000-000000"], overwrite=False)
+    out.commit("00000-000000", pa.table({"row": [0]}), {"rows": 1})
+    other = {**JOB, "sampling": {"temperature": 0.7}}
+    assert job_differences(JOB, other) == ["sampling.temperature: 0.0 -> 0.7"]
+    with pytest.raises(UsageError, match=r"different job \(sampling.temperature: 0.0 -> 0.7\)") as err:
+        out.prepare(other, ["00000-000000"], overwrite=False)
+    assert "--overwrite" in err.value.hint
+    assert out.prepare(other, ["00000-000000"], overwrite=True) == {}  # old shards are gone
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds no llmops batch results"):
+        OutputDir(foreign).check(JOB, overwrite=False)
+
+
+def test_data_parallel_ranks_split_pending_units_exactly():
+    pending = [f"00000-{i:06d}" for i in range(11)]
+    shares = [units_for_rank(pending, rank, 4) for rank in range(4)]
+    assert set().union(*shares) == set(pending)
+    assert sum(len(s) for s in shares) == len(pending)
+    assert [len(s) for s in shares] == [3, 3, 3, 2]
+
+
+# --- CLI: plan and dry run (no engine) ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def eight_gpus(tmp_path):
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(EIGHT_80GIB_GPUS.to_dict()))
+    return {"LLMOPS_HARDWARE": str(path)}
+
+
+@pytest.mark.parametrize("model, engines, gpus", [("llama-3.1-8b", 8, "7"), ("llama-3.3-70b", 4, "6,7")])
+def test_dry_run_on_eight_gpus_plans_one_engine_per_gpu_group(tmp_path, eight_gpus, model, engines, gpus):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(5)])
+    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--model", model, "--dry-run", "--json",
+                   env=eight_gpus)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["plan"]["data_parallel_size"] == engines and plan["input"]["rows"] == 5
+    assert len(plan["engines"]) == engines
+    last = plan["engines"][-1]
+    assert last["env"]["CUDA_VISIBLE_DEVICES"] == gpus
+    assert f"CUDA_VISIBLE_DEVICES={gpus}" in last["command"] and "-m llmops.batch.worker" in last["command"]
+    assert f"--rank {engines - 1} --world {engines}" in last["command"]
+    assert last["llm_args"]["tensor_parallel_size"] == len(gpus.split(","))
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    human = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--model", model, "--dry-run",
+                    env=eight_gpus)
+    assert human.returncode == 0 and f"engine {engines - 1}: " in human.stdout
+
+
+def test_cli_usage_errors_exit_2_before_any_engine_starts(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}])
+    out = OutputDir(tmp_path / "out")
+    out.prepare({"model": "other"}, [], overwrite=False)
+    proc = run_cli("batch", str(prompts), "-o", str(out.path), "--temperature", "0.5")
+    assert proc.returncode == 2 and "different job" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("batch", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o2"))
+    assert proc.returncode == 2 and "input not found" in proc.stderr
+    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "o3"), "--set", "sampling.max_tokens=0")
+    assert proc.returncode == 2 and "sampling.max_tokens" in proc.stderr
