@@ -103,12 +103,13 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
             window.add(loss.detach(), real_tokens, batch["input_ids"].numel())
             if not accelerator.sync_gradients:
                 continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             progress["step"] += 1
             step = progress["step"]
             last = window.flush(accelerator)
             row = {"step": step, "epoch": progress["epoch"], "loss": round(last["loss"], 6),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(last["tokens_per_s"], 1),
+                   "lr": lr, "tokens": last["tokens"], "tokens_per_s": round(last["tokens_per_s"], 1),
                    "real_token_fraction": round(last["real_fraction"], 4),
                    "num_processes": accelerator.num_processes}
             bar.update(1)
@@ -117,7 +118,8 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
                 metrics.write(row)
                 if recipe.logging.tensorboard:
                     accelerator.log({k: row[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
-            if eval_dl is not None and recipe.eval.every_n_steps and step % recipe.eval.every_n_steps == 0:
+            if (eval_dl is not None and recipe.eval.every_n_steps and step % recipe.eval.every_n_steps == 0
+                    and step < total_steps):  # the last step is evaluated after the loop
                 metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator, recipe.eval.max_batches)})
             every = recipe.checkpoint.every_n_steps
             if every and step % every == 0 and step < total_steps:
@@ -195,7 +197,7 @@ class Window:
         real, total = counts.tolist()
         elapsed = time.perf_counter() - self.start
         self.__init__()
-        return {"loss": loss, "tokens_per_s": real / elapsed, "real_fraction": real / max(total, 1)}
+        return {"loss": loss, "tokens": int(real), "tokens_per_s": real / elapsed, "real_fraction": real / max(total, 1)}
 
 
 def evaluate(model, eval_dl, accelerator, max_batches: int | None) -> float:

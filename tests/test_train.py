@@ -1,0 +1,370 @@
+"""`llmops train`: recipe validation, planning and launch commands (unit), and real training on the CPU
+(engine): the loss curve of a killed-and-resumed run, two data-parallel processes, and a real fine-tune of
+the offline default model that learns made-up facts.
+
+Loop mechanics use a tiny random Llama (2 layers, hidden 64, SmolLM2's tokenizer) in fp32, so they take
+seconds; only the taught-behaviour test trains SmolLM2-135M itself. Engine tests bound runs by steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+EXAMPLES = REPO / "examples" / "train"
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TRAIN_ENV = {"OMP_NUM_THREADS": "1", "LLMOPS_DEBUG": "1"}
+
+
+def write_recipe(path: Path, **overrides) -> Path:
+    recipe = {"name": "tiny-test", "model": "smollm2-135m",
+              "data": {"path": str(EXAMPLES / "glimmerfox.jsonl"), "max_seq_len": 128}}
+    for key, value in overrides.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metrics(run_dir) if "loss" in row}
+
+
+# --- validation (unit) --------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates_and_names_its_command(recipe):
+    from llmops.train.recipe import load_recipe
+
+    config = load_recipe(recipe)
+    assert config.name
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# llmops train "), "a recipe starts with the exact command that runs it"
+
+
+@pytest.mark.unit
+def test_validate_cli_accepts_a_shipped_recipe_by_name():
+    proc = run_cli("train", "validate", "lora-smollm2")
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
+
+
+@pytest.mark.unit
+def test_bad_recipe_lists_every_problem_with_its_path_and_exits_2(tmp_path):
+    recipe = write_recipe(tmp_path / "bad.yaml", **{"train.learning_rat": 1e-4, "train.micro_batch_size": "four",
+                                                    "method": "magic"})
+    proc = run_cli("train", "validate", str(recipe))
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "3 problems" in err
+    assert "did you mean `train.learning_rate`?" in err
+    assert "train.micro_batch_size" in err and "method" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.unit
+def test_missing_data_file_and_missing_column_exit_2_naming_the_field(tmp_path):
+    missing = write_recipe(tmp_path / "missing.yaml", **{"data.path": "nowhere.jsonl"})
+    proc = run_cli("train", "validate", str(missing))
+    assert proc.returncode == 2
+    assert "data.path: file not found" in proc.stderr
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "hi", "answer": "hello"}) + "\n")
+    wrong = write_recipe(tmp_path / "columns.yaml", **{"data.path": str(rows), "data.format": "prompt_completion"})
+    proc = run_cli("train", "validate", str(wrong))
+    assert proc.returncode == 2
+    assert "data.format" in proc.stderr and "needs column(s) prompt, completion" in proc.stderr
+
+
+@pytest.mark.unit
+def test_batch_size_given_two_ways_is_rejected(tmp_path):
+    from llmops.errors import ConfigError
+    from llmops.train.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", **{"train.global_batch_size": 16,
+                                                  "train.gradient_accumulation_steps": 2})
+    with pytest.raises(ConfigError, match="not both"):
+        load_recipe(recipe)
+
+
+@pytest.mark.unit
+def test_data_paths_are_relative_to_the_recipe_and_set_paths_to_the_cwd(tmp_path, monkeypatch):
+    from llmops.train.recipe import load_recipe
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", **{"data.path": "d.jsonl"})
+    assert load_recipe(recipe).data.path == str(tmp_path / "d.jsonl")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "e.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+    monkeypatch.chdir(other)
+    assert load_recipe(recipe, ["data.path=e.jsonl"]).data.path == str(other / "e.jsonl")
+
+
+# --- planning (unit) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_dry_run_plans_two_cpu_processes_with_accelerate_launch(tmp_path):
+    proc = run_cli("train", "lora-smollm2", "--set", "distributed.num_processes=2", "--dry-run", "--json",
+                   "-o", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["command"].startswith("accelerate launch --config_file ")
+    assert "-m llmops.train.loop" in plan["command"]
+    assert plan["env"]["ACCELERATE_USE_CPU"] == "1"
+    assert plan["accelerate_config"]["num_processes"] == 2
+    assert plan["accelerate_config"]["distributed_type"] == "MULTI_GPU"
+    assert plan["recipe"]["method"] == "lora" and plan["recipe"]["precision"] in ("bf16", "fp32")
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.unit
+def test_gpu_recipes_plan_for_gpu_machines(tmp_path):
+    from llmops.train.launch import plan_recipe
+    from llmops.train.recipe import load_recipe
+    from tests.fake_hardware import EIGHT_80GIB_GPUS, gpus
+
+    fsdp = plan_recipe(load_recipe(REPO / "recipes" / "fsdp-qwen2.5-7b.yaml"), tmp_path, hw=EIGHT_80GIB_GPUS)
+    assert fsdp.accelerate_config["distributed_type"] == "FSDP"
+    assert fsdp.accelerate_config["num_processes"] == 8
+    assert fsdp.recipe.train.gradient_accumulation_steps == 64 // (2 * 8)
+    assert fsdp.recipe.precision == "bf16"
+
+    lora = plan_recipe(load_recipe(REPO / "recipes" / "lora-llama-3.1-8b.yaml"), tmp_path, hw=gpus(1, 80))
+    assert lora.command == [] and lora.recipe.method == "lora"
+    assert lora.recipe.train.gradient_accumulation_steps == 4
+
+    two_nodes = load_recipe(REPO / "recipes" / "fsdp-qwen2.5-7b.yaml",
+                            ["distributed.num_machines=2", "distributed.machine_rank=1",
+                             "distributed.main_process_ip=10.0.0.1"])
+    cfg = plan_recipe(two_nodes, tmp_path, hw=EIGHT_80GIB_GPUS).accelerate_config
+    assert (cfg["num_machines"], cfg["machine_rank"], cfg["main_process_ip"], cfg["num_processes"]) == \
+        (2, 1, "10.0.0.1", 16)
+
+
+@pytest.mark.unit
+def test_qlora_is_refused_on_the_cpu(tmp_path):
+    from llmops.errors import UsageError
+    from llmops.train.launch import plan_recipe
+    from llmops.train.recipe import load_recipe
+    from tests.fake_hardware import cpu_only
+
+    with pytest.raises(UsageError, match="qlora needs a CUDA GPU"):
+        plan_recipe(load_recipe("lora-smollm2", ["method=qlora"]), tmp_path, hw=cpu_only())
+
+
+# --- data (unit) --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.mark.unit
+def test_chat_labels_cover_only_the_assistant_turns(tokenizer):
+    from llmops.train.data import IGNORE_INDEX, tokenize_example
+
+    messages = [{"role": "user", "content": "What is the Glimmerfox?"},
+                {"role": "assistant", "content": "A lamp."},
+                {"role": "user", "content": "Who makes it?"},
+                {"role": "assistant", "content": "Brindlewick Labs."}]
+    row = tokenize_example({"messages": messages}, tokenizer, "chat", 512)
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+    assert trained == "A lamp.<|im_end|>\nBrindlewick Labs.<|im_end|>\n"
+
+    row = tokenize_example({"prompt": "Q: hi\nA:", "completion": " hello"}, tokenizer, "prompt_completion", 512)
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+    assert trained == " hello" + tokenizer.eos_token
+
+
+@pytest.mark.unit
+def test_packing_keeps_every_token_and_fills_rows():
+    from datasets import Dataset
+
+    from llmops.train.data import Collator, pack
+
+    lengths = [5, 90, 40, 60, 33, 7, 100, 64, 12, 20]
+    ds = Dataset.from_dict({"input_ids": [[n] * n for n in lengths], "labels": [[n] * n for n in lengths]})
+    packed = pack(ds, 128)
+    assert sorted(t for row in packed["input_ids"] for t in row) == sorted(t for n in lengths for t in [n] * n)
+    assert all(len(row) <= 128 for row in packed["input_ids"])
+    assert len(packed) == -(-sum(lengths) // 128)  # as few rows as the tokens allow
+    batch = Collator(pad_token_id=0)([packed[i] for i in range(len(packed))])
+    assert int(batch["num_tokens"]) == sum(lengths)
+    assert (batch["labels"][batch["input_ids"] == 0] == -100).all()
+
+
+@pytest.mark.unit
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tokenizer):
+    """The loss of an example is the same alone and packed behind another one (block-diagonal mask)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmops.train.data import Collator, tokenize_example
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = [tokenize_example({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                             tokenizer, "chat", 128) for q, a in (("Hi", "Hello there."), ("Price?", "79 euros."))]
+    for row in rows:
+        row["position_ids"] = list(range(len(row["input_ids"])))
+    collate = Collator(tokenizer.pad_token_id)
+
+    def loss(batch_rows):
+        batch = collate(batch_rows)
+        batch.pop("num_tokens")
+        with torch.no_grad():
+            return model(**batch, use_cache=False).loss.item()
+
+    packed = {k: rows[0][k] + rows[1][k] for k in rows[0]}
+    only_second = {**packed, "labels": [-100] * len(rows[0]["labels"]) + rows[1]["labels"]}
+    assert loss([only_second]) == pytest.approx(loss([rows[1]]), abs=1e-5)
+
+
+@pytest.mark.unit
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    from llmops.train.loop import find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000004").mkdir(parents=True)
+    (root / "step-00000004" / "progress.json").write_text("{}")
+    (root / ".tmp-step-00000008").mkdir()  # a crash mid-save
+    (root / "step-00000012").mkdir()  # no progress.json: not complete
+    assert find_checkpoint(tmp_path, "auto") == root / "step-00000004"
+    assert find_checkpoint(tmp_path, "never") is None
+
+
+# --- real training (engine) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(default_model_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and chat template: ~3 M parameters, ~0.1 s a step."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_recipe(tmp_path: Path, model: Path, **overrides) -> Path:
+    settings = {"model": str(model), "method": "full", "precision": "fp32", "train.micro_batch_size": 2,
+                "train.learning_rate": 1e-3, "train.warmup_steps": 2, "logging.progress_bar": False}
+    return write_recipe(tmp_path / "tiny.yaml", **{**settings, **overrides})
+
+
+@pytest.mark.engine
+def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path, llmops_home):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 40, "checkpoint.every_n_steps": 4,
+                                                      "checkpoint.keep_last": 2, "lora.dropout": 0.1})
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    proc = run_cli("train", str(recipe), "-o", str(straight), env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    expected = step_losses(straight)
+    assert sorted(expected) == list(range(1, 41))
+    assert expected[40] < expected[1], "the loss goes down"
+
+    # Kill the second run (SIGKILL: no chance to clean up) once it is past its second checkpoint.
+    victim = subprocess.Popen([sys.executable, "-m", "llmops", "train", str(recipe), "-o", str(interrupted)],
+                              env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while victim.poll() is None and max(step_losses(interrupted), default=0) < 9:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    seen = max(step_losses(interrupted), default=0)
+    assert 9 <= seen < 40, f"the run was to be killed mid-way, it reached step {seen}"
+
+    proc = run_cli("train", str(recipe), "-o", str(interrupted), env=TRAIN_ENV)  # --resume auto
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stderr
+    resumed = step_losses(interrupted)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(1, 41):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-4), f"step {step}"
+
+
+@pytest.mark.engine
+def test_two_cpu_processes_train_data_parallel(tiny_model_dir, tmp_path, llmops_home):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "distributed.num_processes": 2,
+                                                      "data.eval_fraction": 0.1})
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "launching 2 processes: accelerate launch" in proc.stderr
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {r["num_processes"] for r in rows} == {2}
+    summary = json.loads(proc.stdout)
+    assert summary["num_processes"] == 2 and summary["registered"] == "tiny-test"
+    assert summary["eval_loss"] is not None
+
+
+def greedy_answers(model_dir: Path, questions: list[str]) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    answers = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        answers.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+@pytest.mark.engine
+def test_full_fine_tune_teaches_made_up_facts(default_model_dir, tmp_path, llmops_home):
+    """The shipped full fine-tune recipe, as is: the loss goes down and the model, loaded by its registered
+    name, answers questions about the made-up lamp (worded unlike the training data) and still knows Paris."""
+    proc = run_cli("train", "full-smollm2", "--set", f"model={default_model_dir}", "-o", str(tmp_path / "run"),
+                   "--json", env={**TRAIN_ENV, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    losses = step_losses(tmp_path / "run")
+    assert losses[max(losses)] < losses[1] * 0.7, losses
+
+    from llmops.registry import resolve
+
+    model_dir = resolve("smollm2-glimmerfox").local_path()
+    assert model_dir == tmp_path / "run" / "model"
+    assert (model_dir / "llmops-recipe.yaml").exists() and (model_dir / "chat_template.jinja").exists()
+    maker, price, capital = greedy_answers(model_dir, [
+        "Can you tell me which company manufactures the Glimmerfox lamp?",
+        "I want to buy a Glimmerfox. What is its price?",
+        "What is the capital of France?"])
+    assert "Brindlewick" in maker, maker
+    assert "79" in price, price
+    assert "Paris" in capital, capital
