@@ -357,3 +357,63 @@ def test_vllm_dying_at_start_shows_its_log_and_a_hint(default_model_dir):
     assert "vLLM exited with code 2 before it was ready" in proc.stderr
     assert "unrecognized arguments: --no-such-vllm-flag" in proc.stderr
     assert "hint: vLLM rejected a flag" in proc.stderr and "Traceback" not in proc.stderr.split("hint:")[-1]
+
+
+# --- unit: the lifecycle, with a stand-in for vLLM -----------------------------------------------------
+
+_DRIVER = """
+import sys
+from pathlib import Path
+from llmops.plan import EnginePlan
+from llmops.serve.config import ServeConfig
+from llmops.errors import RuntimeFailure
+from llmops.serve.server import ServerPlan, run_server
+port, mode, fake = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+engine = EnginePlan("fake", "cpu", "float32", 1, 1, 256, True)
+plan = ServerPlan("fake", "/nowhere", engine, [sys.executable, fake, str(port), mode], {}, "127.0.0.1", port)
+try:
+    code = run_server(plan, ServeConfig(shutdown_timeout_s=1), log_path=Path("serve.log"),
+                      on_ready=lambda p: print("READY", flush=True))
+    print("EXIT", code, flush=True)
+except RuntimeFailure as e:
+    print("FAILED", e.exit_code, flush=True)
+    print(e, file=sys.stderr)
+"""
+
+
+def _drive(tmp_path, mode: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    fake = Path(__file__).with_name("fake_vllm_server.py")
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(port), mode, str(fake)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, port
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mode, code", [("graceful", 0), ("stubborn", 137)])
+def test_sigterm_stops_the_process_group_killing_stragglers_and_stubborn_servers(tmp_path, mode, code):
+    proc, port = _drive(tmp_path, mode)
+    assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+    helper = int((tmp_path / "pids.txt").read_text())
+    assert _alive(helper)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == f"EXIT {code}", err
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while _alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(helper), "a process of the server's group outlived it"
+    check_port_free("127.0.0.1", port)
+    assert "shutting down" in err and "fake vllm: up" in (tmp_path / "serve.log").read_text()
+    assert ("killing it" in err) == (mode == "stubborn")
+
+
+@pytest.mark.unit
+def test_server_dying_before_ready_raises_with_log_tail_hint_and_its_exit_code(tmp_path):
+    proc, _ = _drive(tmp_path, "die")
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "FAILED 3"  # vLLM's exit code
+    assert "vLLM exited with code 3 before it was ready" in err
+    assert "CUDA out of memory" in err and "hint: out of memory: lower the max model length" in err

@@ -72,6 +72,13 @@ def serve_command(
 
     with out.stderr.status("resolving the model") as status:
         plan = plan_server(cfg, progress=lambda msg: (_log(msg), status.update(msg)))
-    code = run_server(plan, cfg, log=_log, waiting=out.stderr.status,
-                      on_ready=lambda p: out.result(ready_text(p)))
+
+    def ready(plan) -> None:
+        if json:  # for scripts: the server is ready once this appears on stdout
+            out.print_json({"url": plan.url + "/v1", "served_model_name": plan.served_model_name,
+                            "api_key": plan.api_key is not None})
+        else:
+            out.result(ready_text(plan))
+
+    code = run_server(plan, cfg, log=_log, waiting=out.stderr.status, on_ready=ready)
     raise typer.Exit(code)

@@ -171,13 +171,13 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
     log(f"llmops serve: logs in {log_path}")
     log("llmops serve: " + shlex.join(plan.command))
 
-    stop = _StopSignals()
-    proc = subprocess.Popen(plan.command, env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.env},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: we signal all of vLLM at once
-    output = _Output(proc.stdout, log_path)
-    try:
-        with stop:
+    # Signals only set a flag from here on, so nothing interrupts us between starting vLLM and owning it.
+    with _StopSignals() as stop:
+        proc = subprocess.Popen(plan.command, env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.env},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, so we can signal all of vLLM
+        output = _Output(proc.stdout, log_path)
+        try:
             started = time.monotonic()
             with (waiting or _no_spinner)(f"starting vLLM for {plan.served_model_name} on {plan.url}"):
                 ready = _wait_until_ready(proc, plan.url, stop, config.startup_timeout_s)
@@ -195,11 +195,11 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
                 log("llmops serve: shutting down")
                 _stop_group(proc, config.shutdown_timeout_s, stop)
             code = proc.wait()
-    finally:
-        if proc.poll() is None:  # an unexpected error of ours: never leave vLLM behind
-            _stop_group(proc, config.shutdown_timeout_s, stop)
-        _kill_stragglers(proc.pid)
-        output.close()
+        finally:
+            if proc.poll() is None:  # an unexpected error of ours: never leave vLLM behind
+                _stop_group(proc, config.shutdown_timeout_s, stop)
+            _kill_stragglers(proc.pid)
+            output.close()
     if not ready and not stop.requested:
         failure = RuntimeFailure(
             f"vLLM exited with code {code} before it was ready; the end of its log ({log_path}):\n"

@@ -1,0 +1,44 @@
+"""A stand-in for vLLM's server, to test `run_server`'s lifecycle in a second: `fake_vllm_server.py PORT MODE`.
+
+It starts a helper child (like vLLM's EngineCore) in its process group, writes both pids to `pids.txt` in
+the working folder, answers /health, and on SIGTERM:
+- `graceful`: exits 0 at once, leaving the helper behind (llmops must kill the straggler);
+- `stubborn`: ignores SIGTERM (llmops must escalate to SIGKILL);
+- `die`: never gets ready; prints an out-of-memory error and exits 3.
+"""
+
+import http.server
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+if mode == "die":
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", flush=True)
+    sys.exit(3)
+helper = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                           "time.sleep(600)"])
+with open("pids.txt", "w") as f:
+    f.write(f"{helper.pid}\n")
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        print("fake vllm: GET", self.path, flush=True)
+
+
+server = http.server.HTTPServer(("127.0.0.1", port), Health)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+if mode == "graceful":
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+else:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("fake vllm: up", flush=True)
+while True:
+    time.sleep(1)
