@@ -195,11 +195,11 @@ def test_another_job_in_the_output_folder_is_refused_unless_overwrite(tmp_path):
         OutputDir(foreign).check(JOB, overwrite=False)
 
 
-def test_data_parallel_ranks_split_pending_units_exactly():
-    pending = [f"00000-{i:06d}" for i in range(11)]
-    shares = [units_for_rank(pending, rank, 4) for rank in range(4)]
-    assert set().union(*shares) == set(pending)
-    assert sum(len(s) for s in shares) == len(pending)
+def test_data_parallel_ranks_split_units_exactly():
+    keys = [f"00000-{i:06d}" for i in range(11)]
+    shares = [units_for_rank(keys, rank, 4) for rank in range(4)]
+    assert set().union(*shares) == set(keys)
+    assert sum(len(s) for s in shares) == len(keys)
     assert [len(s) for s in shares] == [3, 3, 3, 2]
 
 

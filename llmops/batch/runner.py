@@ -6,7 +6,7 @@ between chunks, and each unit is committed the moment its last row finishes. At 
 2 x max_num_seqs requests are queued, so memory stays flat however large the input is.
 
 With several GPU groups (`EnginePlan.data_parallel_size` > 1) the job runs one worker process per group
-(`llmops.batch.worker`), each taking every n-th pending unit; the shards they commit are the same as a
+(`llmops.batch.worker`), each taking every n-th unit; the shards they commit are the same as a
 single engine's, so resume works the same way.
 """
 
@@ -349,9 +349,12 @@ def worker_command(job: BatchJob, rank: int) -> list[str]:
             "--world", str(job.plan.data_parallel_size)]
 
 
-def units_for_rank(pending: list[str], rank: int, world: int) -> set[str]:
-    """Every world-th pending unit, so each engine gets an even share in input order."""
-    return {key for i, key in enumerate(pending) if i % world == rank}
+def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
+    """Every world-th unit of the whole job, from `rank`: an even share in input order.
+
+    Taken over all units, not the pending ones, so the split does not depend on when each worker looks:
+    a worker that starts late cannot see a different split than one that has already committed."""
+    return {key for i, key in enumerate(units) if i % world == rank}
 
 
 def run_workers(job: BatchJob, done: dict[str, dict], progress: Progress) -> None:

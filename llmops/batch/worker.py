@@ -1,8 +1,8 @@
 """One data-parallel engine of a batch job: `python -m llmops.batch.worker OUTPUT_DIR --rank R --world N`.
 
 Started by `run_workers` with CUDA_VISIBLE_DEVICES set to its GPU group. It reads the job from the output
-folder (config.yaml and manifest.json, written by the coordinator), takes every N-th pending unit starting
-at R, and commits shards exactly as a single engine does.
+folder (config.yaml and manifest.json, written by the coordinator), takes every N-th unit starting at R
+that is not committed yet, and commits shards exactly as a single engine does.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_worker(output_dir: str | Path, rank: int, world: int, llm=None) -> int:
     counts = count_rows(spec)
     keys = unit_keys(counts, config.chunk_rows)
     done = out.committed(keys)
-    mine = units_for_rank([k for k in keys if k not in done], rank, world)
+    mine = units_for_rank(keys, rank, world) - set(done)
     if not mine:
         return 0
     llm = llm or start_llm(manifest["engine"]["args"], manifest["engine"]["env"])

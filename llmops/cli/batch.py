@@ -38,8 +38,8 @@ def batch_command(
     id_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "id_column"))] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Discard results in OUTPUT of another job (other model, sampling or input).")] = False,
-    show: Annotated[int, typer.Option(help="After the summary, print the first N prompt -> completion pairs.",
-                                      min=0)] = 0,
+    show: Annotated[int, typer.Option(help="After the summary, print the first N prompt -> completion pairs "
+                                           "(with --json: an `examples` list).", min=0)] = 0,
     json: JsonOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
@@ -50,6 +50,7 @@ def batch_command(
     some failed (see the `error` column), 2 for bad usage or unreadable input.
     """
     from llmops.batch import BatchConfig, dry_run as plan_text, plan_batch, run_batch
+    from llmops.batch.outputs import OutputDir
     from llmops.config import load_config
 
     flags = {"model": model, "sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
@@ -62,8 +63,9 @@ def batch_command(
         _print_plan(plan_text(plan_batch(cfg, input, output, overwrite=overwrite)), json)
         return
     summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar())
+    examples = OutputDir(output).examples(show) if show else []
     if json:
-        out.print_json(summary.to_dict())
+        out.print_json({**summary.to_dict(), **({"examples": examples} if show else {})})
     else:
         out.key_values("Batch summary", [
             ("rows", f"{summary.rows_ok} ok, {summary.rows_failed} failed, {summary.rows_total} total"
@@ -75,10 +77,7 @@ def batch_command(
             ("results", f"{summary.output_dir}/results/*.parquet"),
             *(("OpenAI results", f) for f in summary.files),
         ])
-    if show:
-        from llmops.batch.outputs import OutputDir
-
-        for ex in OutputDir(output).examples(show):
+        for ex in examples:
             out.result(f"\n[{ex['id']}] {ex['prompt'].strip()}\n  -> "
                        + (ex["completion"].strip() if ex["error"] is None else f"ERROR: {ex['error']}"))
     if summary.rows_failed:

@@ -1,0 +1,201 @@
+"""`llmops batch` on real vLLM with the offline default model (CPU). One engine is shared by the in-process
+tests; the CLI tests (a normal run, a kill -9 and resume) start their own, as a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmops.batch import BatchConfig, load_engine, plan_batch, run_batch
+from llmops.batch.worker import run_worker
+from llmops.config import load_config
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.engine
+
+SMALL_ENGINE = ["engine.cpu_kv_cache_gib=1"]  # the auto plan reserves up to 8 GiB
+PARIS_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def config(*sets: str) -> BatchConfig:
+    return load_config(BatchConfig, sets=[*SMALL_ENGINE, "sampling.max_tokens=16", *sets])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_results(out_dir):
+    return pq.read_table(out_dir / "results").sort_by("row")
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_dir, tmp_path_factory):
+    probe = write_jsonl(tmp_path_factory.mktemp("probe") / "p.jsonl", [{"prompt": "x"}])
+    job = plan_batch(config(), str(probe), tmp_path_factory.mktemp("probe-out"))
+    engine = load_engine(job.plan, default_model_dir)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def test_jsonl_prompts_and_chats_with_bad_rows(llm, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": "paris", "messages": PARIS_CHAT},
+        {"prompt": "The capital of France is", "topic": "geo"},
+        {"prompt": ""},
+        "{broken",
+        {"prompt": "word " * 9000},  # longer than the model's 8192-token context
+    ])
+    summary = run_batch(config(), str(path), tmp_path / "out", llm=llm)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (5, 2, 3)
+    assert summary.completion_tokens > 0 and summary.prompt_tokens > 0
+    table = read_results(tmp_path / "out")
+    assert table.column_names == ["row", "id", "prompt", "messages", "metadata", "generated_text",
+                                  "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+    assert table.schema.field("completion_tokens").type == pa.int32()
+    rows = table.to_pylist()
+    assert rows[0]["id"] == "paris" and "Paris" in rows[0]["generated_text"]
+    assert rows[0]["finish_reason"] in ("stop", "length") and rows[0]["error"] is None
+    assert json.loads(rows[1]["metadata"]) == {"topic": "geo"} and rows[1]["generated_text"]
+    assert rows[2]["error"] == "empty prompt"
+    assert "line 4: not valid JSON" in rows[3]["error"]
+    assert "maximum context length" in rows[4]["error"] and rows[4]["generated_text"] is None
+    assert [f["row"] for f in summary.failed] == [2, 3, 4]
+    resolved = load_config(BatchConfig, yaml_path=tmp_path / "out" / "config.yaml")
+    assert resolved.engine.dtype in ("float32", "bfloat16") and resolved.sampling.max_tokens == 16
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_openai_batch_requests_with_per_row_overrides(llm, tmp_path):
+    chat = {"method": "POST", "url": "/v1/chat/completions", "body": {"model": "x", "messages": PARIS_CHAT}}
+    path = write_jsonl(tmp_path / "batch.jsonl", [
+        {**chat, "custom_id": "r1", "body": {**chat["body"], "max_tokens": 32}},
+        {"custom_id": "r2", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "One, two, three, four,", "max_tokens": 3}},
+        {**chat, "custom_id": "r3", "body": {**chat["body"], "temperature": -1}},
+        {**chat, "custom_id": "r4", "body": {**chat["body"], "logprobs": True}},
+        {**chat, "custom_id": "r5", "url": "/v1/embeddings"},
+    ])
+    summary = run_batch(config(), str(path), tmp_path / "out", llm=llm)
+    assert (summary.rows_ok, summary.rows_failed) == (2, 3)
+    ok = [json.loads(line) for line in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in ok] == ["r1", "r2"]
+    assert [r["custom_id"] for r in errors] == ["r3", "r4", "r5"]
+    body = ok[0]["response"]["body"]
+    assert ok[0]["response"]["status_code"] == 200 and ok[0]["error"] is None
+    assert body["object"] == "chat.completion" and "Paris" in body["choices"][0]["message"]["content"]
+    completion = ok[1]["response"]["body"]
+    assert completion["object"] == "text_completion" and completion["usage"]["completion_tokens"] == 3
+    assert completion["choices"][0]["finish_reason"] == "length"  # the row's max_tokens beat the job's 16
+    messages = [e["response"]["body"]["error"]["message"] for e in errors]
+    assert "temperature must be non-negative" in messages[0]
+    assert "unsupported body field `logprobs`" in messages[1]
+    assert "url must be one of" in messages[2]
+    assert {e["response"]["status_code"] for e in errors} == {400}
+
+
+def test_parquet_shards_keep_columns_resume_exactly_and_split_over_workers(llm, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"qid": [f"q{i}{j}" for j in range(5)], "score": [j * 1.5 for j in range(5)],
+                                 "text": [f"Give me a word that rhymes with {w}." for w in
+                                          ("cat", "dog", "sun", "tree", "blue")]}), folder / f"{i}.parquet")
+    cfg = config("chunk_rows=2", "input.id_column=qid")
+    out = tmp_path / "out"
+    first = run_batch(cfg, str(folder), out, llm=llm)
+    assert (first.rows_total, first.rows_ok) == (10, 10)
+    table = read_results(out)
+    assert table.column_names[:5] == ["row", "id", "qid", "score", "text"]
+    assert table.schema.field("score").type == pa.float64()
+    assert table.column("row").to_pylist() == list(range(10))
+    assert table.column("id").to_pylist() == [f"q{i}{j}" for i in range(2) for j in range(5)]
+    shards = sorted(out.glob("results/*.parquet"))
+    assert len(shards) == 6  # 3 units of at most 2 rows per file
+
+    # Lose two shards that the manifest lists as done: the shards are the truth, so the rerun redoes
+    # exactly those and leaves the rest alone.
+    kept = {s: s.stat().st_mtime_ns for s in shards[1:5]}
+    for s in (shards[0], shards[5]):
+        s.unlink()
+    resumed = run_batch(cfg, str(folder), out, llm=llm)
+    assert (resumed.rows_skipped, resumed.rows_ok) == (7, 10)  # 2 + 1 rows were lost
+    assert all(s.stat().st_mtime_ns == t for s, t in kept.items())
+    again = read_results(out)
+    assert again.column("row").to_pylist() == list(range(10))
+    assert again.column("generated_text") == table.column("generated_text")  # greedy: the same text
+
+    # Two data-parallel workers share the pending units: together they do each exactly once.
+    for s in out.glob("results/*.parquet"):
+        s.unlink()
+    assert run_worker(out, 0, 2, llm=llm) == 3 and run_worker(out, 1, 2, llm=llm) == 3
+    final = run_batch(cfg, str(folder), out, llm=llm)
+    assert (final.rows_skipped, final.rows_ok, final.generation_s) == (10, 10, 0.0)
+    assert read_results(out).column("row").to_pylist() == list(range(10))
+
+
+def test_arrow_messages_column(llm, tmp_path):
+    table = pa.table({"messages": [PARIS_CHAT, [{"role": "user", "content": "Say hello."}]], "lang": ["en", "en"]})
+    with pa.ipc.new_file(tmp_path / "chats.arrow", table.schema) as writer:
+        writer.write_table(table)
+    summary = run_batch(config(), str(tmp_path / "chats.arrow"), tmp_path / "out", llm=llm)
+    rows = read_results(tmp_path / "out").to_pylist()
+    assert summary.rows_ok == 2 and "Paris" in rows[0]["generated_text"]
+    assert rows[0]["messages"] == PARIS_CHAT and rows[1]["lang"] == "en" and rows[1]["id"] == "1"
+
+
+# --- the command, end to end --------------------------------------------------------------------------
+
+
+def test_cli_json_summary_show_and_exit_1_for_a_failed_row(tmp_path, default_model_dir):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "fr", "messages": PARIS_CHAT}, {"id": "empty", "prompt": " "},
+                                              {"prompt": "Name a color."}])
+    proc = run_cli("batch", str(path), "-o", str(tmp_path / "out"), "--json", "--show", "2", "--max-tokens", "16",
+                   *(a for s in SMALL_ENGINE for a in ("--set", s)))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)  # vLLM's logs stay off stdout
+    assert (summary["rows_ok"], summary["rows_failed"]) == (2, 1)
+    assert summary["output_tokens_per_s"] > 0 and summary["completion_tokens"] > 0
+    assert summary["examples"][0]["id"] == "fr" and "Paris" in summary["examples"][0]["completion"]
+    assert summary["examples"][1]["error"] == "empty prompt"
+    assert "1 of 3 rows failed" in proc.stderr and "row 1 (empty): empty prompt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, default_model_dir):
+    rows = 600
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a sentence about the number {i}."}
+                                              for i in range(rows)])
+    out = tmp_path / "out"
+    args = ["batch", str(path), "-o", str(out), "--max-tokens", "24", "--set", "chunk_rows=20",
+            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+    proc = subprocess.Popen([sys.executable, "-m", "llmops", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("results/*.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, engine included, as a power cut would
+        proc.wait()
+    before = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
+    assert 0 < len(before) < rows // 20, "the kill must land mid-job"
+
+    done = run_cli(*args, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["rows_ok"] == rows and summary["rows_skipped"] == 20 * len(before)
+    table = read_results(out)
+    assert table.column("row").to_pylist() == list(range(rows))  # none lost, none twice
+    assert table.column("error").null_count == rows and table.column("generated_text").null_count == 0
+    after = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
+    assert all(after[name] == t for name, t in before.items())  # committed work was not redone
+    assert not list(out.glob("results/*.tmp"))
