@@ -417,3 +417,11 @@ def test_server_dying_before_ready_raises_with_log_tail_hint_and_its_exit_code(t
     assert out.strip() == "FAILED 3"  # vLLM's exit code
     assert "vLLM exited with code 3 before it was ready" in err
     assert "CUDA out of memory" in err and "hint: out of memory: lower the max model length" in err
+
+
+@pytest.mark.unit
+def test_shipped_example_config_plans():
+    example = Path(__file__).resolve().parent.parent / "examples" / "serve" / "serve.yaml"
+    assert example.read_text().startswith("# llmops serve -c examples/serve/serve.yaml")
+    data = dry_run_json("-c", str(example))
+    assert data["plan"]["max_model_len"] == 4096 and data["command"][-1] == "--enable-prefix-caching"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TextIO
 
 from llmops.errors import RuntimeFailure, UsageError
+from llmops.registry import DEFAULT_MODEL
 from llmops.serve.server import LOG_TAIL_LINES, failure_hint, free_port, health_ok
 
 HELP = "/clear forgets the conversation, /exit (or Ctrl+D) quits, /? shows this."
@@ -159,7 +160,7 @@ def background_server(model: str | None, sets: list[str], *, waiting=None,
         proc = subprocess.Popen(command, env={**os.environ, "LLMOPS_API_KEY": key}, stdin=subprocess.DEVNULL,
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            with (waiting or contextlib.nullcontext)(f"starting llmops serve {model or ''} on {url}"):
+            with (waiting or contextlib.nullcontext)(f"starting llmops serve {model or DEFAULT_MODEL} on {url}"):
                 deadline = time.monotonic() + timeout_s
                 while proc.poll() is None and not health_ok(url) and time.monotonic() < deadline:
                     time.sleep(0.5)

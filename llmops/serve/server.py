@@ -343,7 +343,7 @@ def ready_text(plan: ServerPlan) -> str:
         f"    curl {base}/chat/completions -H 'Content-Type: application/json'{auth_header} \\",
         f"      -d '{body}'",
         "  Python:",
-        "    import os; from openai import OpenAI",
+        "    " + ("import os; " if plan.api_key else "") + "from openai import OpenAI",
         f"    client = OpenAI(base_url=\"{base}\", api_key={key})",
         f"    print(client.chat.completions.create(model=\"{plan.served_model_name}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
