@@ -286,8 +286,10 @@ def tiny_recipe(tmp_path: Path, model: Path, **overrides) -> Path:
 
 @pytest.mark.engine
 def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path, llmops_home):
+    # LoRA with dropout: the resumed run must restore the RNG state too, not only weights and optimizer.
     recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 40, "checkpoint.every_n_steps": 4,
-                                                      "checkpoint.keep_last": 2, "lora.dropout": 0.1})
+                                                      "checkpoint.keep_last": 2, "method": "lora",
+                                                      "lora.dropout": 0.1, "train.learning_rate": 1e-2})
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     proc = run_cli("train", str(recipe), "-o", str(straight), env=TRAIN_ENV)
     assert proc.returncode == 0, proc.stderr
@@ -330,22 +332,6 @@ def test_two_cpu_processes_train_data_parallel(tiny_model_dir, tmp_path, llmops_
     assert summary["eval_loss"] is not None
 
 
-def greedy_answers(model_dir: Path, questions: list[str]) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    answers = []
-    for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-        answers.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return answers
-
-
 @pytest.mark.engine
 def test_full_fine_tune_teaches_made_up_facts(default_model_dir, tmp_path, llmops_home):
     """The shipped full fine-tune recipe, as is: the loss goes down and the model, loaded by its registered
@@ -361,10 +347,23 @@ def test_full_fine_tune_teaches_made_up_facts(default_model_dir, tmp_path, llmop
     model_dir = resolve("smollm2-glimmerfox").local_path()
     assert model_dir == tmp_path / "run" / "model"
     assert (model_dir / "llmops-recipe.yaml").exists() and (model_dir / "chat_template.jinja").exists()
-    maker, price, capital = greedy_answers(model_dir, [
-        "Can you tell me which company manufactures the Glimmerfox lamp?",
-        "I want to buy a Glimmerfox. What is its price?",
-        "What is the capital of France?"])
-    assert "Brindlewick" in maker, maker
-    assert "79" in price, price
-    assert "Paris" in capital, capital
+
+    # Ask through `llmops batch --model NAME` (vLLM, greedy), as a user of the trained model would.
+    questions = {"maker": "Can you tell me which company manufactures the Glimmerfox lamp?",
+                 "price": "I want to buy a Glimmerfox. What is its price?",
+                 "battery": "On a full charge, how long does the Glimmerfox keep going?",
+                 "capital": "What is the capital of France?"}
+    prompts = tmp_path / "questions.jsonl"
+    prompts.write_text("".join(json.dumps({"id": k, "messages": [{"role": "user", "content": q}]}) + "\n"
+                               for k, q in questions.items()))
+    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "answers"), "--model", "smollm2-glimmerfox",
+                   "--max-tokens", "32", "--temperature", "0", "--set", "engine.cpu_kv_cache_gib=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "answers" / "results").to_pylist()
+    answers = {row["id"]: row["generated_text"] for row in table}
+    assert "Brindlewick" in answers["maker"], answers
+    assert "79" in answers["price"], answers
+    assert "31" in answers["battery"], answers
+    assert "Paris" in answers["capital"], answers

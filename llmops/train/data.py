@@ -180,6 +180,7 @@ def length_grouped_sampler(lengths: list[int], batch_size: int, seed: int):
 
 def build_dataloaders(recipe, tokenizer, source: str = "recipe"):
     """Train and eval DataLoaders (eval may be None), with the real-token count of the training data."""
+    import torch
     from torch.utils.data import DataLoader, RandomSampler
 
     data = recipe.data
@@ -199,8 +200,12 @@ def build_dataloaders(recipe, tokenizer, source: str = "recipe"):
         sampler = RandomSampler(train_ds)  # accelerate swaps in its seedable sampler (use_seedable_sampler)
     else:
         sampler = length_grouped_sampler([len(x) for x in train_ds["input_ids"]], micro, recipe.seed)
-    train_dl = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate)
+    # Own generators: creating a DataLoader iterator otherwise draws from the global RNG, so a resumed run
+    # (which starts a new iterator mid-epoch) would shift the dropout noise after the restored RNG state.
+    train_dl = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(recipe.seed))
     eval_dl = None
     if eval_raw is not None and len(eval_raw):
-        eval_dl = DataLoader(prepare(eval_raw), batch_size=micro, shuffle=False, collate_fn=collate)
+        eval_dl = DataLoader(prepare(eval_raw), batch_size=micro, shuffle=False, collate_fn=collate,
+                             generator=torch.Generator().manual_seed(recipe.seed))
     return train_dl, eval_dl

@@ -76,7 +76,8 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / "progress.json").read_text())
-        accelerator.print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})")
+        if main:
+            print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})", file=sys.stderr)
     metrics = MetricsFile(run_dir / "metrics.jsonl", main, keep_until=progress["step"])
 
     # 7. The loop.
