@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/llmops models pull smollm2-135m
-	$(VENV)/bin/llmops batch examples/prompts.jsonl -o out/demo --max-tokens 64
+	$(VENV)/bin/llmops batch examples/prompts.jsonl -o out/demo --max-tokens 64 --show 5
 
 test: setup
 	$(PY) -m pytest -v

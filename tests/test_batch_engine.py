@@ -199,3 +199,21 @@ def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, defau
     after = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
     assert all(after[name] == t for name, t in before.items())  # committed work was not redone
     assert not list(out.glob("results/*.tmp"))
+
+
+def test_data_parallel_workers_run_as_processes_and_split_the_job(tmp_path, default_model_dir, monkeypatch, capfd):
+    # No GPUs here: plan two engines on the CPU to run the real coordinator and worker processes.
+    import dataclasses
+
+    import llmops.vllm_engine
+
+    plan_for = llmops.vllm_engine.plan_for
+    monkeypatch.setattr(llmops.vllm_engine, "plan_for",
+                        lambda *a, **k: dataclasses.replace(plan_for(*a, **k), data_parallel_size=2))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Name the number {i}."} for i in range(12)])
+    summary = run_batch(config("chunk_rows=3", "sampling.max_tokens=8"), str(path), tmp_path / "out")
+    assert (summary.engines, summary.rows_ok, summary.rows_failed) == (2, 12, 0)
+    assert read_results(tmp_path / "out").column("row").to_pylist() == list(range(12))
+    err = capfd.readouterr().err
+    assert "worker 0: committed 2 units" in err and "worker 1: committed 2 units" in err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"

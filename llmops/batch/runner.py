@@ -159,6 +159,7 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
     engine_start = generation = 0.0
     if pending:
         if job.plan.data_parallel_size > 1 and llm is None:
+            progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
             t0 = time.monotonic()
             run_workers(job, done, progress)
             generation = time.monotonic() - t0
