@@ -10,7 +10,7 @@ import typer
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="Registry alias, local model folder or Hugging Face id "
-                                       "[default: smollm2-135m, the offline default model]."),
+                                       "(default: smollm2-135m, the offline default model)."),
 ]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where results are written.")]
 ConfigOpt = Annotated[

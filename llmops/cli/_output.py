@@ -15,7 +15,7 @@ stderr = Console(stderr=True, highlight=False)
 
 
 def log(message: str) -> None:
-    stderr.print(message, markup=False)
+    stderr.print(message, markup=False, soft_wrap=True)
 
 
 def result(message: str) -> None:
