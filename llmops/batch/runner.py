@@ -155,11 +155,11 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
 
     pending = [k for k in job.units if k not in done]
     before = totals(done.values())
-    progress.start(sum(job.row_counts), before["rows"])
     engine_start = generation = 0.0
     if pending:
         if job.plan.data_parallel_size > 1 and llm is None:
             progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
+            progress.start(sum(job.row_counts), before["rows"])
             t0 = time.monotonic()
             run_workers(job, done, progress)
             generation = time.monotonic() - t0
@@ -170,6 +170,7 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
                 llm = load_engine(job.plan, job.model_path)
                 engine_start = time.monotonic() - t0
             progress.phase("generating")
+            progress.start(sum(job.row_counts), before["rows"])
             t0 = time.monotonic()
             units = iter_units(job.input_spec, job.row_counts, config.chunk_rows, set(pending))
             for key, stats in generate(llm, units, config.sampling, out, progress):
