@@ -119,11 +119,11 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
                 metrics.write(row)
                 if recipe.logging.tensorboard:
                     accelerator.log({k: row[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
-            if (eval_dl is not None and recipe.eval.every_n_steps and step % recipe.eval.every_n_steps == 0
-                    and step < total_steps):  # the last step is evaluated after the loop
-                metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator, recipe.eval.max_batches)})
-            every = recipe.checkpoint.every_n_steps
-            if every and step % every == 0 and step < total_steps:
+            # The last step is evaluated and saved after the loop.
+            if eval_dl is not None and due(recipe.eval.every_n_steps, step, total_steps):
+                metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator,
+                                                                    recipe.eval.max_batches)})
+            if due(recipe.checkpoint.every_n_steps, step, total_steps):
                 save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
             if step >= total_steps:
                 break
@@ -141,6 +141,10 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
     accelerator.end_training()
     return {"steps": progress["step"], "loss": last["loss"] if last else None, "eval_loss": eval_loss,
             "num_processes": accelerator.num_processes}
+
+
+def due(every: int | None, step: int, total_steps: int) -> bool:
+    return bool(every) and step % every == 0 and step < total_steps
 
 
 def load_model(recipe: Recipe, accelerator):
@@ -198,23 +202,27 @@ class Window:
         real, total = counts.tolist()
         elapsed = time.perf_counter() - self.start
         self.__init__()
-        return {"loss": loss, "tokens": int(real), "tokens_per_s": real / elapsed, "real_fraction": real / max(total, 1)}
+        return {"loss": loss, "tokens": int(real), "tokens_per_s": real / elapsed,
+                "real_fraction": real / max(total, 1)}
 
 
 def evaluate(model, eval_dl, accelerator, max_batches: int | None) -> float:
+    """Loss per trained token over the evaluation data, summed over all processes."""
     import torch
 
     model.eval()
-    losses = []
+    total = torch.zeros(2, device=accelerator.device)  # loss x tokens, tokens
     for i, batch in enumerate(eval_dl):
         if max_batches is not None and i >= max_batches:
             break
         batch.pop("num_tokens")
         with torch.no_grad():
             loss = model(**batch, use_cache=False).loss
-        losses.append(accelerator.gather_for_metrics(loss.detach().reshape(1)))
+        tokens = (batch["labels"][:, 1:] != -100).sum()  # the labels the (shifted) loss was averaged over
+        total += torch.stack([loss.float() * tokens, tokens.float()])
     model.train()
-    return round(torch.cat(losses).float().mean().item(), 6) if losses else float("nan")
+    loss_sum, tokens = accelerator.reduce(total, "sum").tolist()
+    return round(loss_sum / tokens, 6) if tokens else float("nan")
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
