@@ -66,7 +66,7 @@ def test_jsonl_prompts_and_chats_with_bad_rows(llm, tmp_path):
     assert json.loads(rows[1]["metadata"]) == {"topic": "geo"} and rows[1]["generated_text"]
     assert rows[2]["error"] == "empty prompt"
     assert "line 4: not valid JSON" in rows[3]["error"]
-    assert "maximum context length" in rows[4]["error"] and rows[4]["generated_text"] is None
+    assert "maximum" in rows[4]["error"] and "8192" in rows[4]["error"] and rows[4]["generated_text"] is None
     assert [f["row"] for f in summary.failed] == [2, 3, 4]
     resolved = load_config(BatchConfig, yaml_path=tmp_path / "out" / "config.yaml")
     assert resolved.engine.dtype in ("float32", "bfloat16") and resolved.sampling.max_tokens == 16

@@ -240,9 +240,19 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
              progress: Progress) -> Iterator[tuple[str, dict[str, int]]]:
     """Run every unit through the engine; yield (key, stats) as each unit's shard is committed."""
     from jinja2 import TemplateError
-    from vllm.exceptions import VLLMValidationError
 
-    row_errors = (ValueError, TypeError, VLLMValidationError, TemplateError)
+    row_errors: tuple[type[Exception], ...] = (ValueError, TypeError, TemplateError)
+    try:  # newer vLLM raises its own type for invalid requests; older ones a ValueError
+        from vllm.exceptions import VLLMValidationError
+
+        row_errors += (VLLMValidationError,)
+    except ImportError:
+        pass
+    try:  # newer vLLM takes pre-tokenized input as an EngineInput; older ones as a TokensPrompt dict
+        from vllm.inputs import tokens_input
+    except ImportError:
+        def tokens_input(ids: list[int]) -> dict:
+            return {"prompt_token_ids": ids}
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
@@ -264,7 +274,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                     request_id = f"{unit.key}/{pos}"
                     try:
                         params = sampling_params(sampling, row.body)
-                        engine.add_request(request_id, {"prompt_token_ids": _token_ids(tokenizer, row)}, params)
+                        engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params)
                         where[request_id] = (unit.key, pos)
                         continue
                     except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
