@@ -243,3 +243,26 @@ def test_cli_usage_errors_exit_2_before_any_engine_starts(tmp_path):
     assert proc.returncode == 2 and "input not found" in proc.stderr
     proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "o3"), "--set", "sampling.max_tokens=0")
     assert proc.returncode == 2 and "sampling.max_tokens" in proc.stderr
+
+
+def test_shipped_example_config_and_inputs_are_valid():
+    from tests.conftest import REPO
+
+    head = (REPO / "examples/batch/batch.yaml").read_text().splitlines()[0]
+    assert head.startswith("# llmops batch ")  # the file says how to run it
+    cfg = load_config(BatchConfig, yaml_path=REPO / "examples/batch/batch.yaml")
+    assert open_input(str(REPO / "examples/batch/questions.parquet"), cfg.input).prompt_column == "prompt"
+    assert open_input(str(REPO / "examples/batch/openai_requests.jsonl"), InputConfig()).format == "openai"
+    spec, got = units(REPO / "examples/prompts.jsonl", chunk_rows=100)
+    assert len(got[0].rows) >= 20 and not any(r.error for r in got[0].rows)
+
+
+def test_batch_help_imports_no_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom llmops.cli.app import main\ntry:\n    main(['batch', '--help'])\nexcept SystemExit:\n"
+            "    pass\nassert not [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--prompt-column" in proc.stdout and "--dry-run" in proc.stdout

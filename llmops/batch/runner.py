@@ -61,6 +61,13 @@ class BatchJob:
         return {"model": self.model_name, "sampling": self.config.sampling.model_dump(mode="json"),
                 "input": self.input_spec.describe(), "chunk_rows": self.config.chunk_rows}
 
+    def warnings(self) -> list[str]:
+        dp = self.plan.data_parallel_size
+        if dp > 1 and len(self.units) < 2 * dp:
+            return [f"{len(self.units)} shards for {dp} engines leaves engines idle: lower chunk_rows "
+                    f"(--set chunk_rows=N) to about {max(1, sum(self.row_counts) // (4 * dp))}"]
+        return []
+
     def engines(self) -> list[dict[str, Any]]:
         """One entry per engine: the GPUs it gets, its environment and the exact call or command."""
         from llmops.vllm_engine import engine_args, engine_env
@@ -131,7 +138,8 @@ def dry_run(job: BatchJob) -> dict[str, Any]:
                       "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
                       "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
             "output_dir": str(job.output.path), "units": len(job.units), "units_done": done,
-            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": job.engines()}
+            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": job.engines(),
+            "warnings": job.warnings()}
 
 
 def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
@@ -158,6 +166,8 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
     engine_start = generation = 0.0
     if pending:
         if job.plan.data_parallel_size > 1 and llm is None:
+            for warning in job.warnings():
+                progress.phase(f"warning: {warning}")
             progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
             progress.start(sum(job.row_counts), before["rows"])
             t0 = time.monotonic()

@@ -103,6 +103,10 @@ def _print_plan(plan: dict, json: bool) -> None:
     ])
     for engine in plan["engines"]:
         out.result(f"engine {engine['rank']}: " + (engine.get("command") or engine["call"]))
+    if len(plan["engines"]) > 1:
+        out.result(f"each engine: vllm.LLM(**{plan['engines'][0]['llm_args']!r})")
+    for warning in plan["warnings"]:
+        out.log(f"llmops batch: warning: {warning}")
 
 
 class _Bar:
