@@ -40,8 +40,9 @@ class InputSpec:
     id_column: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this input in the job's fingerprint (names and sizes, not contents)."""
-        return {"format": self.format, "files": [[str(f), f.stat().st_size] for f in self.files],
+        """What identifies this input in the job's fingerprint: file names and sizes (not the folder, so a
+        job may resume where its input is mounted elsewhere; not the contents, which would mean reading it)."""
+        return {"format": self.format, "files": [[f.name, f.stat().st_size] for f in self.files],
                 "prompt_column": self.prompt_column, "messages_column": self.messages_column,
                 "id_column": self.id_column}
 

@@ -104,7 +104,8 @@ class OutputDir:
                 f.unlink()
 
     def committed(self, units: Iterable[str]) -> dict[str, dict]:
-        """{unit key: stats} for every unit whose shard is in place; unreadable shards are removed."""
+        """{unit key: stats} for every unit whose shard is in place (an unreadable one counts as not done and
+        is replaced when its unit is generated again)."""
         import pyarrow.parquet as pq
 
         done: dict[str, dict] = {}
@@ -116,7 +117,7 @@ class OutputDir:
                 meta = pq.read_schema(path).metadata or {}
                 done[key] = json.loads(meta[STATS_KEY])
             except Exception:  # cannot happen with atomic renames, but a damaged disk must not stop a job
-                path.unlink()
+                continue
         return done
 
     def write_manifest(self, job: dict[str, Any], done: dict[str, dict], status: str) -> None:

@@ -29,6 +29,7 @@ from llmops.errors import RuntimeFailure
 # Requests kept queued in the engine, as a multiple of its max_num_seqs: enough that finished sequences
 # are replaced at once, few enough that only a couple of units are held in memory.
 QUEUE_DEPTH_FACTOR = 2
+MANIFEST_EVERY_S = 5.0
 
 
 class Progress:
@@ -131,8 +132,7 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, 
 
 def dry_run(job: BatchJob) -> dict[str, Any]:
     """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
-    manifest = None if job.overwrite else job.output.read_manifest()
-    done = len(manifest.get("units", {})) if manifest else 0
+    done = 0 if job.overwrite else len(job.output.committed(job.units))
     return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
             "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
                       "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
@@ -183,9 +183,14 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
             progress.start(sum(job.row_counts), before["rows"])
             t0 = time.monotonic()
             units = iter_units(job.input_spec, job.row_counts, config.chunk_rows, set(pending))
+            written = t0
             for key, stats in generate(llm, units, config.sampling, out, progress):
                 done[key] = stats
-                out.write_manifest(job.identity, done, "running")
+                # The shards are the commit; the manifest is an index, refreshed every few seconds so that
+                # rewriting it stays cheap however many shards a job has.
+                if time.monotonic() - written > MANIFEST_EVERY_S:
+                    out.write_manifest(job.identity, done, "running")
+                    written = time.monotonic()
             generation = time.monotonic() - t0
     progress.stop()
     done = out.committed(job.units)
@@ -301,7 +306,12 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             continue
         # 2. One engine step; record what finished and commit every unit that is complete.
         rows = tokens = 0
-        for output in engine.step():
+        try:
+            outputs = engine.step()
+        except Exception as e:  # the engine died (out of memory, a worker crashed): the job stops here
+            raise RuntimeFailure(f"the vLLM engine failed: {type(e).__name__}: {e}",
+                                 "the finished shards are kept: run the same command again to resume") from e
+        for output in outputs:
             if not output.finished:
                 continue
             key, pos = where.pop(output.request_id)
