@@ -318,8 +318,10 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path, llm
 
 @pytest.mark.engine
 def test_two_cpu_processes_train_data_parallel(tiny_model_dir, tmp_path, llmops_home):
+    # Also the other batching: length-grouped (no packing) batches, sharded over the ranks, with accumulation.
     recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "distributed.num_processes": 2,
-                                                      "data.eval_fraction": 0.1})
+                                                      "data.eval_fraction": 0.1, "data.packing": False,
+                                                      "train.gradient_accumulation_steps": 2})
     run_dir = tmp_path / "run"
     proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)
     assert proc.returncode == 0, proc.stderr

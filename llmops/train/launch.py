@@ -4,7 +4,8 @@ folder (resolved recipe, accelerate config), then train in-process (one process)
 
 Multi-node: run the same command on every machine with `distributed.machine_rank` set to that machine's rank
 (0 on the one at `distributed.main_process_ip`); they map to accelerate's `num_machines`, `machine_rank`,
-`main_process_ip` and `main_process_port`.
+`main_process_ip` and `main_process_port`. The run folder (`output_dir`) should be on a file system every machine
+shares: checkpoints hold every rank's RNG state and are renamed into place by the main process.
 """
 
 from __future__ import annotations
