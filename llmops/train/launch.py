@@ -22,8 +22,6 @@ from typing import Callable
 from llmops.errors import RuntimeFailure, UsageError
 from llmops.train.recipe import Recipe
 
-RUN_FILES = ("recipe.yaml", "accelerate_config.yaml", "plan.json")
-
 
 @dataclass
 class RunPlan:
@@ -93,8 +91,8 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
         if tp.device == "cpu":
             # accelerate's MULTI_CPU type ran one process here; MULTI_GPU with ACCELERATE_USE_CPU=1 runs
             # every rank on the CPU with gloo (measured). Split the cores between the processes.
-            env = {"ACCELERATE_USE_CPU": "1",
-                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, hw.cpu.usable_cores // total))}
+            threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, hw.cpu.usable_cores // tp.num_processes))
+            env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": threads}
     return RunPlan(final, recipe.model, run_dir, tp.to_dict(), config, command, env)
 
 
