@@ -112,8 +112,8 @@ class BatchSummary:
         return asdict(self)
 
 
-def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
-               hardware=None) -> BatchJob:
+def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
+               overwrite: bool = False) -> BatchJob:
     """Resolve the model, read the input's shape, plan the engine and check the output folder; no writes."""
     from llmops.hardware import detect
     from llmops.plan import model_facts
@@ -123,7 +123,7 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, 
     resolved = resolve(config.model)
     spec = open_input(input_path, config.input)
     counts = count_rows(spec)
-    plan = plan_for(config.engine, model_facts(resolved), hardware or detect(), "batch")
+    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch")
     job = BatchJob(config, spec, counts, unit_keys(counts, config.chunk_rows), plan, resolved.name,
                    resolved.local_path(), OutputDir(output_dir), overwrite)
     job.output.check(job.identity, overwrite)
@@ -145,14 +145,15 @@ def dry_run(job: BatchJob) -> dict[str, Any]:
 def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
               llm=None, progress: Progress | None = None) -> BatchSummary:
     """Run (or resume) a batch job. `llm` reuses an engine that was started with `load_engine`."""
-    started = time.monotonic()
-    progress = progress or Progress()
-    job = plan_batch(config, input_path, output_dir, overwrite=overwrite)
-    out = job.output
-    out.path.mkdir(parents=True, exist_ok=True)
     from llmops.registry import ensure_local, resolve
     from llmops.vllm_engine import engine_args, engine_env
 
+    started = time.monotonic()
+    progress = progress or Progress()
+    # 1. Plan, then make the output folder ready; on a rerun this finds the units already committed.
+    job = plan_batch(config, input_path, output_dir, overwrite=overwrite)
+    out = job.output
+    out.path.mkdir(parents=True, exist_ok=True)
     if job.model_path is None:
         progress.phase(f"fetching {job.model_name}")
         job.model_path = ensure_local(resolve(config.model), progress=progress.phase)
@@ -160,12 +161,13 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
                        input_paths=[str(f.resolve()) for f in job.input_spec.files],
                        engine={"args": engine_args(job.plan, job.model_path), "env": engine_env(job.plan)})
     dump_config(resolved_config(config, job.plan), out.path / "config.yaml")
-
-    pending = [k for k in job.units if k not in done]
     before = totals(done.values())
+
+    # 2. Generate the pending units: in this process, or in one worker process per GPU group.
+    pending = [k for k in job.units if k not in done]
     engine_start = generation = 0.0
-    if pending:
-        if job.plan.data_parallel_size > 1 and llm is None:
+    try:
+        if pending and job.plan.data_parallel_size > 1 and llm is None:
             for warning in job.warnings():
                 progress.phase(f"warning: {warning}")
             progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
@@ -173,7 +175,7 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
             t0 = time.monotonic()
             run_workers(job, done, progress)
             generation = time.monotonic() - t0
-        else:
+        elif pending:
             if llm is None:
                 progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
                 t0 = time.monotonic()
@@ -182,17 +184,12 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
             progress.phase("generating")
             progress.start(sum(job.row_counts), before["rows"])
             t0 = time.monotonic()
-            units = iter_units(job.input_spec, job.row_counts, config.chunk_rows, set(pending))
-            written = t0
-            for key, stats in generate(llm, units, config.sampling, out, progress):
-                done[key] = stats
-                # The shards are the commit; the manifest is an index, refreshed every few seconds so that
-                # rewriting it stays cheap however many shards a job has.
-                if time.monotonic() - written > MANIFEST_EVERY_S:
-                    out.write_manifest(job.identity, done, "running")
-                    written = time.monotonic()
+            _generate_here(job, llm, set(pending), done, progress)
             generation = time.monotonic() - t0
-    progress.stop()
+    finally:
+        progress.stop()
+
+    # 3. Every unit must be committed now; then the OpenAI files and the final manifest.
     done = out.committed(job.units)
     missing = [k for k in job.units if k not in done]
     if missing:
@@ -211,6 +208,18 @@ def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, o
         after["prompt_tokens"], after["completion_tokens"], round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
         job.plan.data_parallel_size, out.failed_rows(5) if after["failed"] else [], files)
+
+
+def _generate_here(job: BatchJob, llm, pending: set[str], done: dict[str, dict], progress: Progress) -> None:
+    units = iter_units(job.input_spec, job.row_counts, job.config.chunk_rows, pending)
+    written = time.monotonic()
+    for key, stats in generate(llm, units, job.config.sampling, job.output, progress):
+        done[key] = stats
+        # The shards are the commit; the manifest is an index, refreshed every few seconds so that rewriting
+        # it stays cheap however many shards a job has.
+        if time.monotonic() - written > MANIFEST_EVERY_S:
+            job.output.write_manifest(job.identity, done, "running")
+            written = time.monotonic()
 
 
 def resolved_config(config: BatchConfig, plan) -> BatchConfig:
@@ -270,6 +279,8 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             return {"prompt_token_ids": ids}
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
+    # One SamplingParams for every row without overrides, as LLM.generate does (the engine copies it).
+    job_params = sampling_params(sampling)
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
     inflight: dict[str, _InFlight] = {}
     where: dict[str, tuple[str, int]] = {}  # request id -> (unit key, position in unit)
@@ -288,7 +299,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                 if row.error is None:
                     request_id = f"{unit.key}/{pos}"
                     try:
-                        params = sampling_params(sampling, row.body)
+                        params = sampling_params(sampling, row.body) if row.body else job_params
                         engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params)
                         where[request_id] = (unit.key, pos)
                         continue
