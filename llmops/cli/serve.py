@@ -42,7 +42,7 @@ def serve_command(
     """
     from llmops.config import load_config
     from llmops.errors import UsageError
-    from llmops.serve.server import plan_server, ready_text, run_server
+    from llmops.serve.server import check_port_free, plan_server, ready_text, run_server
 
     extra = list(ctx.args)
     if model_arg is not None and model_arg.startswith("-"):  # `llmops serve -- --flag`: no MODEL given
@@ -70,6 +70,7 @@ def serve_command(
         out.result((env + " " if env else "") + shlex.join(plan.command))
         return
 
+    check_port_free(cfg.host, cfg.port)  # before fetching a model, which can take minutes
     with out.stderr.status("resolving the model") as status:
         plan = plan_server(cfg, progress=lambda msg: (_log(msg), status.update(msg)))
 
