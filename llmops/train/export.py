@@ -30,7 +30,9 @@ def export(run, log: Callable[[str], None] = lambda m: None) -> dict:
     tmp = run.run_dir / f".tmp-{target.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    if recipe.method == "full" or adapter_only:
+    if recipe.method == "full":
+        os.replace(final, tmp)  # moved, not copied: full weights can be many GB
+    elif adapter_only:
         shutil.copytree(final, tmp)
     else:
         log("merging the LoRA adapter into the base model")
