@@ -188,6 +188,10 @@ def test_another_job_in_the_output_folder_is_refused_unless_overwrite(tmp_path):
         out.prepare(other, ["00000-000000"], overwrite=False)
     assert "--overwrite" in err.value.hint
     assert out.prepare(other, ["00000-000000"], overwrite=True) == {}  # old shards are gone
+    killed_early = tmp_path / "killed-early"  # a first run killed before its manifest was written
+    (killed_early / "results").mkdir(parents=True)
+    (killed_early / "manifest.json.tmp").write_text("{")
+    OutputDir(killed_early).check(JOB, overwrite=False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -72,7 +72,10 @@ class OutputDir:
             return
         manifest = self.read_manifest()
         if manifest is None:
-            if any(self.path.iterdir()):
+            # What a first run killed before its manifest was in place leaves: an empty results/ and a
+            # half-written manifest. Anything else is someone else's.
+            leftovers = (self.results, self.path / (MANIFEST + ".tmp"))
+            if any(p not in leftovers or (p == self.results and any(p.iterdir())) for p in self.path.iterdir()):
                 raise UsageError(f"{self.path} is not empty and holds no llmops batch results",
                                  "choose a new output folder, or pass --overwrite to write into it anyway")
             return
