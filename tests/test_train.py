@@ -315,6 +315,13 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path, llm
     for step in range(1, 41):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-4), f"step {step}"
 
+    # The same command once more: the run is finished, so nothing is trained again.
+    before = (interrupted / "metrics.jsonl").read_text()
+    proc = run_cli("train", str(recipe), "-o", str(interrupted), env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds a finished run" in proc.stderr
+    assert (interrupted / "metrics.jsonl").read_text() == before
+
 
 @pytest.mark.engine
 def test_two_cpu_processes_train_data_parallel(tiny_model_dir, tmp_path, llmops_home):

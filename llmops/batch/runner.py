@@ -242,15 +242,28 @@ def load_engine(plan, model_path: str | Path):
 
 
 def start_llm(args: dict[str, Any], env: dict[str, str]):
-    os.environ.update(env)
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    # vLLM warns once per weight when it casts a float32 checkpoint to bf16 (hundreds of lines): show its
-    # errors only, unless LLMOPS_DEBUG asks for everything.
+    """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
+    caller that goes on (a test session, a notebook) does not pass our settings to later processes."""
     debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if debug else "ERROR")
-    from vllm import LLM
+    engine_env = {
+        "VLLM_LOGGING_STREAM": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stderr"),
+        # vLLM warns once per weight when it casts a float32 checkpoint to bf16 (hundreds of lines): show
+        # its errors only, unless LLMOPS_DEBUG asks for everything.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO" if debug else "ERROR"),
+        **env,
+    }
+    saved = {key: os.environ.get(key) for key in engine_env}
+    os.environ.update(engine_env)
+    try:
+        from vllm import LLM
 
-    return LLM(**args)
+        return LLM(**args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass

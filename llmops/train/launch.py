@@ -162,6 +162,8 @@ def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda 
     if resume not in ("auto", "never") and not (Path(resume) / "progress.json").exists():
         raise UsageError(f"--resume {resume}: not a checkpoint folder (no progress.json)",
                          f"checkpoints are under {run.run_dir / 'checkpoints'}")
+    finished = run.run_dir / "finished.json"
+    recipe_as_given = run.recipe.model_dump(mode="json")
     if resume == "never" and (run.run_dir / "checkpoints").exists():
         import shutil
 
@@ -169,6 +171,13 @@ def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda 
     write_run_dir(run)
     if not Path(run.recipe.model).exists():
         _download_base(run)
+    if resume == "auto" and finished.exists():
+        done = json.loads(finished.read_text())
+        if done.get("recipe") == recipe_as_given:
+            log(f"{run.run_dir} already holds a finished run of this recipe: exporting it again without "
+                "training (pass --resume never to train from scratch)")
+            return {**done.get("summary", {}), **export(run, log=log)}
+    finished.unlink(missing_ok=True)
     summary: dict = {}
     if not run.command:
         from llmops.train.loop import train
@@ -187,7 +196,10 @@ def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda 
         summary = last_metrics(run.run_dir)
     if run.recipe.distributed.machine_rank != 0:
         return {**summary, "run_dir": str(run.run_dir)}  # the main machine exports
-    return {**summary, **export(run, log=log)}
+    result = {**summary, **export(run, log=log)}
+    # Marks the run as done, so rerunning the same command (a CI retry, say) does not train again.
+    finished.write_text(json.dumps({"recipe": recipe_as_given, "summary": summary}))
+    return result
 
 
 def _download_base(run: RunPlan) -> None:
