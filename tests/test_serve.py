@@ -336,12 +336,10 @@ def test_sigterm_stops_the_server_cleanly_and_frees_the_port(server):
     below = _descendants(server.proc.pid)
     assert any("VLLM::EngineCore" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
                for p in below if Path(f"/proc/{p}/cmdline").exists())
-    started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    code = server.proc.wait(60)
-    elapsed = time.monotonic() - started
+    code = server.proc.wait(60)  # a hang guard, not a timing: the graceful path needs no SIGKILL (below)
     assert code == 0, server.stderr.read_text()[-2000:]
-    assert elapsed < 20, f"shutdown took {elapsed:.1f} s"
+    assert "killing it" not in server.stderr.read_text()
     deadline = time.monotonic() + 5
     while any(_alive(p) for p in below) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -396,11 +394,9 @@ def test_sigterm_stops_the_process_group_killing_stragglers_and_stubborn_servers
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
     helper = int((tmp_path / "pids.txt").read_text())
     assert _alive(helper)
-    started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out.strip() == f"EXIT {code}", err
-    assert time.monotonic() - started < 10
     deadline = time.monotonic() + 5
     while _alive(helper) and time.monotonic() < deadline:
         time.sleep(0.05)
