@@ -18,9 +18,6 @@ def _default(name: str) -> str:
     return rf" \[default: {_FIELDS[name].default}]"  # escaped: rich would take [default: ...] as markup
 
 
-def _log(message: str) -> None:
-    out.stderr.print(message, markup=False, soft_wrap=True)  # paths and commands unbroken when piped
-
 
 def serve_command(
     ctx: typer.Context,
@@ -72,7 +69,7 @@ def serve_command(
 
     check_port_free(cfg.host, cfg.port)  # before fetching a model, which can take minutes
     with out.stderr.status("resolving the model") as status:
-        plan = plan_server(cfg, progress=lambda msg: (_log(msg), status.update(msg)))
+        plan = plan_server(cfg, progress=lambda msg: (out.log(msg), status.update(msg)))
 
     def ready(plan) -> None:
         if json:  # for scripts: the server is ready once this appears on stdout
@@ -81,5 +78,5 @@ def serve_command(
         else:
             out.result(ready_text(plan))
 
-    code = run_server(plan, cfg, log=_log, waiting=out.stderr.status, on_ready=ready)
+    code = run_server(plan, cfg, log=out.log, waiting=out.stderr.status, on_ready=ready)
     raise typer.Exit(code)

@@ -31,9 +31,6 @@ RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", show_default=False,
                                                "recipes`).")]
 
 
-def _log(message: str) -> None:
-    out.stderr.print(message, markup=False, soft_wrap=True)
-
 
 @app.command("run")
 def run_command(
@@ -68,7 +65,7 @@ def run_command(
         out.result((env + " " if env else "") + shlex.join(run_plan.command) if run_plan.command
                    else "(one process: trains inside llmops, no accelerate launch)")
         return
-    summary = run(run_plan, resume=resume, log=_log)
+    summary = run(run_plan, resume=resume, log=out.log)
     if json:
         out.print_json(summary)
         return
