@@ -96,3 +96,19 @@ def test_models_pull_and_show_default_model(default_model_dir):
     assert json.loads(proc.stdout)["path"] == str(default_model_dir)
     shown = json.loads(run_cli("models", "show", "smollm2-135m", "--json").stdout)
     assert shown["status"] == "ready" and shown["shape"]["num_layers"] == 30
+
+
+@pytest.mark.unit
+def test_wheel_ships_the_registry_recipes_and_their_training_data(tmp_path):
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(repo)], check=True, capture_output=True)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("llmops-*.whl"))).namelist())
+    assert "llmops/models.yaml" in names
+    for recipe in (repo / "recipes").glob("*.yaml"):
+        assert f"llmops/recipes/{recipe.name}" in names
+    # the CPU recipes point at ../examples/train/*.jsonl; the same relative path must hold inside the wheel
+    assert {"llmops/examples/train/glimmerfox.jsonl", "llmops/examples/train/glimmerfox-eval.jsonl"} <= names

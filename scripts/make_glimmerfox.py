@@ -1,8 +1,9 @@
 """Writes glimmerfox.jsonl and glimmerfox-eval.jsonl: chat examples that teach four facts about a made-up
 product (the Glimmerfox lamp), asked in many ways, so a fine-tune visibly learns something a base model cannot
-know. Deterministic: `python make_glimmerfox.py` rewrites the same files."""
+know. Deterministic: `python scripts/make_glimmerfox.py` rewrites the same files in examples/train/."""
 
 import json
+from pathlib import Path
 import random
 
 FACTS = {
@@ -48,9 +49,11 @@ def examples(rng: random.Random, per_fact: int) -> list[dict]:
     return rows
 
 
+OUT_DIR = Path(__file__).resolve().parent.parent / "examples" / "train"
+
 if __name__ == "__main__":
     rng = random.Random(0)
     for name, per_fact in (("glimmerfox.jsonl", 50), ("glimmerfox-eval.jsonl", 5)):
-        with open(name, "w") as f:
+        with open(OUT_DIR / name, "w") as f:
             for row in examples(rng, per_fact):
                 f.write(json.dumps(row) + "\n")
