@@ -376,3 +376,17 @@ def test_full_fine_tune_teaches_made_up_facts(default_model_dir, tmp_path, llmop
     assert "79" in answers["price"], answers
     assert "31" in answers["battery"], answers
     assert "Paris" in answers["capital"], answers
+
+    # The same command again: the run is finished (its weights were moved into RUN/model by the export),
+    # so nothing is trained and the model is registered again where it is.
+    from llmops.registry import remove_model
+
+    remove_model("smollm2-glimmerfox")
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    proc = run_cli("train", "full-smollm2", "--set", f"model={default_model_dir}", "-o", str(tmp_path / "run"),
+                   "--json", env={**TRAIN_ENV, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds a finished run" in proc.stderr
+    assert json.loads(proc.stdout)["registered"] == "smollm2-glimmerfox"
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert resolve("smollm2-glimmerfox").local_path() == model_dir

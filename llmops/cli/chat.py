@@ -35,4 +35,4 @@ def chat_command(
 
     run_chat(url=url, model=model, api_key=api_key, system=system, temperature=temperature,
              max_tokens=max_tokens, sets=set_ or [], waiting=out.stderr.status,
-             log=lambda msg: out.stderr.print(msg, markup=False, soft_wrap=True))
+             log=out.log)

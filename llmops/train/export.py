@@ -19,7 +19,6 @@ from llmops.errors import RuntimeFailure
 def export(run, log: Callable[[str], None] = lambda m: None) -> dict:
     """Write the final model folder for `run` (a `RunPlan`) and register it; returns where it went."""
     from llmops.config import dump_config
-    from llmops.registry import add_model
     from transformers import AutoTokenizer
 
     recipe, final = run.recipe, run.run_dir / "final"
@@ -42,14 +41,22 @@ def export(run, log: Callable[[str], None] = lambda m: None) -> dict:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-    registered = None
-    if recipe.export.add_to_registry and not adapter_only:
-        add_model(recipe.name, str(target), chat=True, replace=True,
-                  description=f"fine-tuned from {run.base_model} by llmops train",
-                  trained_from=f"{run.base_model} ({recipe.method}, recipe {run.run_dir / 'recipe.yaml'})")
-        registered = recipe.name
-        log(f"registered {recipe.name!r}: `llmops serve {recipe.name}`, `llmops batch ... --model {recipe.name}`")
-    return {"model_dir": str(target), "registered": registered, "run_dir": str(run.run_dir)}
+    return {"model_dir": str(target), "registered": register(run, target, log), "run_dir": str(run.run_dir)}
+
+
+def register(run, model_dir: Path, log: Callable[[str], None] = lambda m: None) -> str | None:
+    """Add the exported model to the user registry under the recipe's name; returns that name, or None
+    when the recipe asks not to or only an adapter was saved (the registry holds whole models)."""
+    from llmops.registry import add_model
+
+    recipe = run.recipe
+    if not recipe.export.add_to_registry or (recipe.method != "full" and not recipe.export.merge_lora):
+        return None
+    add_model(recipe.name, str(model_dir), chat=True, replace=True,
+              description=f"fine-tuned from {run.base_model} by llmops train",
+              trained_from=f"{run.base_model} ({recipe.method}, recipe {run.run_dir / 'recipe.yaml'})")
+    log(f"registered {recipe.name!r}: `llmops serve {recipe.name}`, `llmops batch ... --model {recipe.name}`")
+    return recipe.name
 
 
 def merge_lora(base_path: str, adapter: Path, out: Path) -> None:

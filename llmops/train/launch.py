@@ -157,7 +157,7 @@ def write_run_dir(run: RunPlan) -> None:
 
 def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda m: None) -> dict:
     """Train (in this process or with `accelerate launch`), then export and register the model."""
-    from llmops.train.export import export
+    from llmops.train.export import export, register
 
     if resume not in ("auto", "never") and not (Path(resume) / "progress.json").exists():
         raise UsageError(f"--resume {resume}: not a checkpoint folder (no progress.json)",
@@ -173,10 +173,13 @@ def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda 
         _download_base(run)
     if resume == "auto" and finished.exists():
         done = json.loads(finished.read_text())
-        if done.get("recipe") == recipe_as_given:
-            log(f"{run.run_dir} already holds a finished run of this recipe: exporting it again without "
-                "training (pass --resume never to train from scratch)")
-            return {**done.get("summary", {}), **export(run, log=log)}
+        exported = done.get("export", {})
+        if done.get("recipe") == recipe_as_given and Path(exported.get("model_dir", "")).is_dir():
+            # Export moved a full fine-tune's weights out of RUN/final, so only the registration is redone.
+            log(f"{run.run_dir} already holds a finished run of this recipe: registering its model again "
+                "without training (pass --resume never to train from scratch)")
+            registered = register(run, Path(exported["model_dir"]), log)
+            return {**done["summary"], **exported, "registered": registered}
     finished.unlink(missing_ok=True)
     summary: dict = {}
     if not run.command:
@@ -196,10 +199,10 @@ def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda 
         summary = last_metrics(run.run_dir)
     if run.recipe.distributed.machine_rank != 0:
         return {**summary, "run_dir": str(run.run_dir)}  # the main machine exports
-    result = {**summary, **export(run, log=log)}
+    exported = export(run, log=log)
     # Marks the run as done, so rerunning the same command (a CI retry, say) does not train again.
-    finished.write_text(json.dumps({"recipe": recipe_as_given, "summary": summary}))
-    return result
+    finished.write_text(json.dumps({"recipe": recipe_as_given, "summary": summary, "export": exported}))
+    return {**summary, **exported}
 
 
 def _download_base(run: RunPlan) -> None:
