@@ -422,7 +422,7 @@ def run_workers(job: BatchJob, done: dict[str, dict], progress: Progress) -> Non
     try:
         while True:
             running = [p for p in procs if p.poll() is None]
-            new = {k: s for k, s in job.output.committed(k for k in job.units if k not in done).items()}
+            new = job.output.committed(k for k in job.units if k not in done)
             for stats in new.values():
                 progress.advance(stats["rows"], stats["completion_tokens"])
             if new:
