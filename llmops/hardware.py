@@ -59,6 +59,23 @@ class RAM:
 
 
 @dataclass(frozen=True)
+class NumaNode:
+    """A NUMA node as vLLM's CPU worker sees it. On VMs a node can hold much less memory than /proc/meminfo's
+    total (seen: node 0 had 3.7-17 GiB of a 23.5 GiB machine), and vLLM refuses a KV cache larger than what
+    is available on the node it binds to."""
+
+    index: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    """MemFree + file pages + reclaimable slab, capped by the cgroup: the sum vLLM's CPU worker compares the KV
+    cache with (`vllm/utils/cpu_resource_utils.py: get_memory_node_info`)."""
+    cpus: tuple[int, ...] = ()
+    """Logical CPUs of this node that this process may use."""
+    physical_cores: int = 0
+    """Physical cores among `cpus`; vLLM binds one OpenMP thread per physical core on x86."""
+
+
+@dataclass(frozen=True)
 class Disk:
     path: str
     free_bytes: int
@@ -70,10 +87,19 @@ class Hardware:
     ram: RAM
     disk: Disk
     gpus: tuple[GPU, ...] = field(default_factory=tuple)
+    numa_nodes: tuple[NumaNode, ...] = field(default_factory=tuple)
+    """Empty where the kernel exposes no nodes (or in hardware files written before this field existed)."""
 
     @property
     def has_gpu(self) -> bool:
         return bool(self.gpus)
+
+    @property
+    def engine_numa_node(self) -> NumaNode | None:
+        """The node a single vLLM CPU engine binds to and allocates its KV cache on: that of the first usable
+        CPU (vLLM takes `get_allowed_cpu_list()[0].numa_node`). None when nodes are unknown."""
+        with_cpus = [n for n in self.numa_nodes if n.cpus]
+        return min(with_cpus, key=lambda n: min(n.cpus)) if with_cpus else None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -91,6 +117,8 @@ class Hardware:
             ram=RAM(**data["ram"]),
             disk=Disk(**data.get("disk", {"path": "/", "free_bytes": 0})),
             gpus=tuple(GPU(**{k: v for k, v in g.items() if k in gpu_fields}) for g in data.get("gpus", [])),
+            numa_nodes=tuple(NumaNode(**{k: (tuple(v) if k == "cpus" else v) for k, v in n.items()})
+                             for n in data.get("numa_nodes", [])),
         )
 
 
@@ -101,7 +129,8 @@ def detect() -> Hardware:
         return Hardware.from_dict(json.loads(Path(fake).read_text()))
     from llmops.paths import llmops_home
 
-    return Hardware(cpu=probe_cpu(), ram=probe_ram(), disk=probe_disk(llmops_home()), gpus=probe_gpus())
+    return Hardware(cpu=probe_cpu(), ram=probe_ram(), disk=probe_disk(llmops_home()), gpus=probe_gpus(),
+                    numa_nodes=probe_numa_nodes())
 
 
 # --- GPUs ---------------------------------------------------------------------------------------------
@@ -258,6 +287,91 @@ def _cgroup_memory() -> tuple[int | None, int | None]:
             used = None
         return int(raw), used
     return None, None
+
+
+def probe_numa_nodes(root: str | Path = "/sys/devices/system") -> tuple[NumaNode, ...]:
+    """Every NUMA node in this process's memory policy (`Mems_allowed_list`), read the way vLLM reads them."""
+    try:
+        return _numa_nodes(Path(root))
+    except Exception:  # a probe never raises: an odd sysfs means "no nodes known"
+        return ()
+
+
+def _numa_nodes(root: Path) -> tuple[NumaNode, ...]:
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    mems = _mems_allowed()
+    limit, used = _cgroup_memory()
+    nodes = []
+    node_dirs = [d for d in (root / "node").glob("node*") if d.name[4:].isdigit()]
+    for node_dir in sorted(node_dirs, key=lambda d: int(d.name[4:])):
+        index = int(node_dir.name[4:])
+        if mems is not None and index not in mems:
+            continue
+        info = _node_meminfo(node_dir / "meminfo")
+        if info is None:
+            continue
+        total = info.get("MemTotal", 0)
+        available = sum(info.get(k, 0) for k in ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable"))
+        if limit is not None and limit < total:  # as vLLM does: cgroups have no per-node limit
+            total, available = limit, max(0, min(available, limit - (used or 0)))
+        cpus = tuple(c for c in _read_id_list(node_dir / "cpulist") if c in allowed)
+        nodes.append(NumaNode(index, total, available, cpus, _physical_cores(root, cpus)))
+    return tuple(nodes)
+
+
+def _mems_allowed() -> set[int] | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Mems_allowed_list:"):
+                return set(_parse_id_list(line.split(":", 1)[1].strip()))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _node_meminfo(path: Path) -> dict[str, int] | None:
+    """`Node 0 MemFree: 6271612 kB` lines, in bytes."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    info = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[3].isdigit():
+            info[parts[2].rstrip(":")] = int(parts[3]) * 1024
+    return info
+
+
+def _read_id_list(path: Path) -> list[int]:
+    try:
+        return _parse_id_list(path.read_text().strip())
+    except (OSError, ValueError):
+        return []
+
+
+def _parse_id_list(raw: str) -> list[int]:
+    """"0-2,4" -> [0, 1, 2, 4]."""
+    ids: list[int] = []
+    for part in filter(None, raw.split(",")):
+        start, _, end = part.partition("-")
+        ids.extend(range(int(start), int(end or start) + 1))
+    return sorted(set(ids))
+
+
+def _physical_cores(root: Path, cpus: tuple[int, ...]) -> int:
+    cores = set()
+    for cpu in cpus:
+        topology = root / "cpu" / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((topology / "physical_package_id").read_text().strip() + ":" +
+                      (topology / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")  # no topology: count the logical CPU as a core
+    return len(cores)
 
 
 def probe_disk(path: Path) -> Disk:

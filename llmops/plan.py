@@ -34,6 +34,19 @@ CPU_ENGINE_OVERHEAD_BYTES = int(3.0 * GIB)
 MIN_USEFUL_MODEL_LEN = 2048
 # Never reserve more KV cache than this on the CPU by default: more only helps very long batches.
 MAX_AUTO_CPU_KV_CACHE_GIB = 8
+# vLLM's engine processes take about 1.1 GiB of the NUMA node's memory beside the weights before the KV cache
+# is allocated (measured with SmolLM2-135M: node 0's available memory fell 2.1 GiB with a 1 GiB cache).
+CPU_ENGINE_NODE_BYTES = int(1.5 * GIB)
+# A NUMA node's memory moves on VMs (node 0 grew 8.6 -> 9.1 GiB during one start; 3.7-17 GiB over a day),
+# and the page cache other processes use counts as available: keep this fraction of the node free.
+CPU_NODE_MARGIN = 0.10
+# vLLM's own defaults on the CPU (vllm/engine/arg_utils.py, `_get_default_max_num_seqs...`): 256 sequences
+# for `vllm.LLM`, 128 for the OpenAI server.
+CPU_DEFAULT_MAX_NUM_SEQS = {"batch": 256, "serve": 128}
+# A batch job's prompt + completion length when the caller does not say (row lengths are not known).
+DEFAULT_BATCH_TOKENS_PER_ROW = 1024
+# Streams a CPU server plans a full-context KV cache for: past a few per core, latency, not the cache, limits.
+SERVE_STREAMS_PER_CORE = 8
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,7 @@ def plan_engine(
     gpu_memory_utilization: float | str = "auto",
     cpu_kv_cache_gib: int | str = "auto",
     enforce_eager: bool | str = "auto",
+    tokens_per_row: int | None = None,
 ) -> EnginePlan:
     notes: list[str] = []
     use_gpu = hw.has_gpu if device == "auto" else device == "cuda"
@@ -162,22 +176,24 @@ def plan_engine(
     if use_gpu:
         return _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len,
                          tensor_parallel_size, data_parallel_size, gpu_memory_utilization, enforce_eager, notes)
-    return _plan_cpu(facts, hw, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
-                     cpu_kv_cache_gib, enforce_eager, notes)
+    return _plan_cpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
+                     cpu_kv_cache_gib, enforce_eager, notes, tokens_per_row)
 
 
-def _plan_cpu(facts, hw, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
-              cpu_kv_cache_gib, enforce_eager, notes) -> EnginePlan:
-    spare = hw.ram.available_bytes - weights - CPU_ENGINE_OVERHEAD_BYTES
+def _plan_cpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
+              cpu_kv_cache_gib, enforce_eager, notes, tokens_per_row=None) -> EnginePlan:
     if cpu_kv_cache_gib == "auto":
-        # Half of what is left keeps room for the page cache and whatever else runs beside the engine;
-        # without a value vLLM would try to reserve most of RAM and fail if anything else uses memory.
-        # vLLM takes VLLM_CPU_KVCACHE_SPACE in whole GiB.
-        kv_gib = max(0, math.floor(min(MAX_AUTO_CPU_KV_CACHE_GIB, spare / 2 / GIB)))
-        kv_gib = max(kv_gib, math.ceil(min_len * kv_per_token / GIB))
-        notes.append(f"CPU KV cache {kv_gib} GiB: half of the RAM left after the weights and engine overhead")
+        kv_gib = _auto_cpu_kv_gib(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, notes,
+                                  tokens_per_row)
     else:
         kv_gib = int(cpu_kv_cache_gib)
+        node = hw.engine_numa_node
+        if node is not None and kv_gib * GIB + weights > node.memory_available_bytes:
+            raise DoesNotFitError(
+                f"a CPU KV cache of {kv_gib} GiB does not fit on NUMA node {node.index}, where vLLM allocates "
+                f"it: the node has {node.memory_available_bytes / GIB:.1f} GiB available (of "
+                f"{node.memory_total_bytes / GIB:.1f} GiB) and the weights take {weights / GIB:.1f} GiB",
+                "lower engine.cpu_kv_cache_gib (--set engine.cpu_kv_cache_gib=N) or leave it at auto")
     need = weights + CPU_ENGINE_OVERHEAD_BYTES + kv_gib * GIB
     if need > hw.ram.available_bytes or kv_gib <= 0:
         raise DoesNotFitError(
@@ -191,6 +207,63 @@ def _plan_cpu(facts, hw, dtype, weights, kv_per_token, wanted_len, min_len, max_
         notes.append(f"max_model_len {max_len}: the KV cache holds {kv_tokens} tokens")
     return EnginePlan(facts.name, "cpu", dtype, 1, 1, max_len, bool(enforce_eager), None, kv_gib,
                       round(weights / GIB, 3), kv_tokens, tuple(notes))
+
+
+def cpu_kv_room_bytes(hw: Hardware, weights: int) -> tuple[int, str]:
+    """How much memory a CPU KV cache may take beside the weights, and the limit that decided it.
+
+    vLLM's CPU worker allocates the cache on the NUMA node it binds to and refuses a cache larger than that
+    node's available memory, which on VMs can be far less than /proc/meminfo's total. So the room is the
+    smaller of the machine's RAM and that node's memory, each less the engine's other needs and a margin.
+    """
+    ram_room = hw.ram.available_bytes - weights - CPU_ENGINE_OVERHEAD_BYTES
+    ram_why = (f"{hw.ram.available_bytes / GIB:.1f} GiB of RAM available, less the weights and "
+               f"{CPU_ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB for the engine processes")
+    node = hw.engine_numa_node
+    if node is None:
+        return int(ram_room), ram_why
+    node_room = node.memory_available_bytes * (1 - CPU_NODE_MARGIN) - weights - CPU_ENGINE_NODE_BYTES
+    if node_room < ram_room:
+        return int(node_room), (
+            f"NUMA node {node.index}, where vLLM allocates it, has {node.memory_available_bytes / GIB:.1f} GiB "
+            f"available (of {node.memory_total_bytes / GIB:.1f} GiB; /proc/meminfo says "
+            f"{hw.ram.total_bytes / GIB:.1f} GiB), less {CPU_NODE_MARGIN:.0%}, the weights and "
+            f"{CPU_ENGINE_NODE_BYTES / GIB:.1f} GiB for the engine")
+    return int(ram_room), ram_why
+
+
+def _auto_cpu_kv_gib(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, notes,
+                     tokens_per_row) -> int:
+    """Whole GiB (vLLM takes VLLM_CPU_KVCACHE_SPACE in GiB): what the workload can use, within the room.
+    Allocating costs start-up time (measured ~1.5 s per GiB: 27 s with 2 GiB, 39 s with 8 GiB)."""
+    room, room_why = cpu_kv_room_bytes(hw, weights)
+    if workload == "batch":
+        # The running sequences are all the cache serves in a batch; more only costs start-up time.
+        seq_len = min(wanted_len, tokens_per_row or DEFAULT_BATCH_TOKENS_PER_ROW)
+        seqs = CPU_DEFAULT_MAX_NUM_SEQS["batch"]
+        use = seqs * seq_len * kv_per_token
+        use_why = (f"{seqs} sequences at once x {seq_len} tokens"
+                   + ("" if tokens_per_row else " (a guess: the job's row lengths are not known)"))
+    else:
+        streams = min(CPU_DEFAULT_MAX_NUM_SEQS["serve"], SERVE_STREAMS_PER_CORE * hw.cpu.usable_cores)
+        use = streams * wanted_len * kv_per_token
+        use_why = f"{streams} streams at the full {wanted_len}-token context ({SERVE_STREAMS_PER_CORE} per core)"
+    need_min = max(1, math.ceil(min_len * kv_per_token / GIB))
+    fits = math.floor(room / GIB)
+    if fits < need_min:
+        raise DoesNotFitError(
+            f"{facts.name} does not fit in this machine's memory: needs {weights / GIB + need_min:.1f} GiB "
+            f"(weights {weights / GIB:.1f} GiB in {dtype}, KV cache {need_min} GiB), has "
+            f"{max(0, room + weights) / GIB:.1f} GiB: {room_why}",
+            "use a smaller model, free memory (stop other processes), or a GPU machine; "
+            "--set engine.cpu_kv_cache_gib=1 tries anyway")
+    use_gib = max(need_min, math.ceil(use / GIB))
+    kv_gib = max(need_min, min(use_gib, fits, MAX_AUTO_CPU_KV_CACHE_GIB))
+    limit = ("what the workload can use: " + use_why if kv_gib == use_gib
+             else "the memory there is room for: " + room_why if kv_gib == fits
+             else f"at most {MAX_AUTO_CPU_KV_CACHE_GIB} GiB by default")
+    notes.append(f"CPU KV cache {kv_gib} GiB: {limit}")
+    return kv_gib
 
 
 def _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len,

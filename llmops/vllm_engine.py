@@ -40,9 +40,11 @@ class EngineConfig(StrictModel):
     """Skip torch.compile/CUDA graphs; auto is on for the CPU (compiling costs ~90 s there), off on GPUs."""
 
 
-def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"]) -> EnginePlan:
-    """Resolve every "auto" in `config` for this model and hardware."""
-    return plan_engine(facts, hw, workload=workload, **config.model_dump())
+def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"], *,
+             tokens_per_row: int | None = None) -> EnginePlan:
+    """Resolve every "auto" in `config` for this model and hardware. `tokens_per_row` (batch: a typical
+    prompt + completion length) sizes the CPU KV cache to what the job can use."""
+    return plan_engine(facts, hw, workload=workload, tokens_per_row=tokens_per_row, **config.model_dump())
 
 
 def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:

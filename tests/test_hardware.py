@@ -47,3 +47,30 @@ def test_json_round_trip_and_fake_hardware_file(tmp_path, monkeypatch):
         assert hardware.detect() == EIGHT_80GIB_GPUS
     finally:
         hardware.detect.cache_clear()
+
+
+def test_numa_nodes_read_as_vllm_reads_them(tmp_path):
+    # A VM whose node 0 holds far less than /proc/meminfo's total: vLLM counts free + file pages + reclaimable.
+    node = tmp_path / "node" / "node0"
+    node.mkdir(parents=True)
+    (node / "meminfo").write_text("Node 0 MemTotal:        9005276 kB\nNode 0 MemFree:         6271612 kB\n"
+                                  "Node 0 Active(file):     256112 kB\nNode 0 Inactive(file):  2136960 kB\n"
+                                  "Node 0 SReclaimable:     193700 kB\nNode 0 HugePages_Total:     0\n")
+    (node / "cpulist").write_text("0-1\n")
+    (tmp_path / "node" / "online").write_text("0\n")  # not a node folder
+    nodes = hardware.probe_numa_nodes(tmp_path)
+    assert len(nodes) == 1
+    assert nodes[0].memory_total_bytes == 9005276 * 1024
+    assert nodes[0].memory_available_bytes == (6271612 + 256112 + 2136960 + 193700) * 1024
+    assert set(nodes[0].cpus) <= {0, 1}
+    assert hardware.probe_numa_nodes(tmp_path / "missing") == ()
+
+
+def test_hardware_files_without_numa_nodes_still_load():
+    from tests.fake_hardware import cpu_only
+
+    data = cpu_only(node_available_gib=6).to_dict()
+    assert Hardware.from_dict(json.loads(json.dumps(data))) == cpu_only(node_available_gib=6)
+    del data["numa_nodes"]
+    old = Hardware.from_dict(data)
+    assert old.numa_nodes == () and old.engine_numa_node is None

@@ -95,3 +95,45 @@ def test_train_plans():
         plan_train(facts("llama-3.1-8b"), ONE_24GIB_GPU, method="full")
     with pytest.raises(UsageError, match="qlora needs a CUDA GPU"):
         plan_train(facts("smollm2-135m"), cpu_only(), method="qlora")
+
+
+# --- the CPU KV cache: the NUMA node vLLM binds to, and what the workload can use ----------------------
+
+SMOLLM2_BF16_KV_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # 23040 bytes
+AVX512_BF16 = ("avx2", "avx512f", "avx512_bf16")
+
+
+def test_cpu_kv_cache_fits_a_numa_node_smaller_than_half_the_ram():
+    # The machine of issue 9: /proc/meminfo 23.5 GiB, node 0 with 6.48 GiB available; vLLM refused 8 GiB.
+    hw = cpu_only(23.5, AVX512_BF16, node_available_gib=6.48)
+    plan = plan_engine(facts("smollm2-135m"), hw, workload="batch")
+    weights = plan.weights_gib * GIB
+    room = 6.48 * GIB * 0.9 - weights - 1.5 * GIB  # node less 10%, the weights and the engine's processes
+    assert plan.cpu_kv_cache_gib == int(room // GIB) == 4
+    assert plan.cpu_kv_cache_gib * GIB + weights < 6.48 * GIB
+    assert any("NUMA node 0" in n and "6.5 GiB available" in n for n in plan.notes)
+    # A node with 3.7 GiB still gets a 1 GiB cache, the most that fits beside the engine.
+    small = plan_engine(facts("smollm2-135m"), cpu_only(23.5, AVX512_BF16, node_available_gib=3.7), workload="serve")
+    assert small.cpu_kv_cache_gib == 1
+    with pytest.raises(DoesNotFitError, match="NUMA node 0") as err:
+        plan_engine(facts("smollm2-135m"), cpu_only(23.5, AVX512_BF16, node_available_gib=2.0), workload="serve")
+    assert err.value.exit_code == 3
+
+
+def test_explicit_cpu_kv_cache_larger_than_the_node_exits_3():
+    hw = cpu_only(23.5, AVX512_BF16, node_available_gib=6.48)
+    with pytest.raises(DoesNotFitError, match=r"8 GiB does not fit on NUMA node 0.*6\.5 GiB available"):
+        plan_engine(facts("smollm2-135m"), hw, workload="batch", cpu_kv_cache_gib=8)
+    assert plan_engine(facts("smollm2-135m"), hw, workload="batch", cpu_kv_cache_gib=2).cpu_kv_cache_gib == 2
+
+
+def test_cpu_kv_cache_is_no_bigger_than_the_workload_can_use():
+    hw = cpu_only(64, AVX512_BF16, node_available_gib=60)
+    # batch: 256 running sequences x the row length the caller expects (200 tokens: 1.1 GiB -> 2 GiB).
+    batch = plan_engine(facts("smollm2-135m"), hw, workload="batch", tokens_per_row=200)
+    assert batch.cpu_kv_cache_gib == -(-256 * 200 * SMOLLM2_BF16_KV_PER_TOKEN // GIB) == 2
+    assert any("256 sequences at once x 200 tokens" in n for n in batch.notes)
+    # serve: 8 streams per core (16 on 2 cores) at the full 8192-token context: 2.8 GiB -> 3 GiB.
+    serve = plan_engine(facts("smollm2-135m"), hw, workload="serve")
+    assert serve.cpu_kv_cache_gib == -(-16 * 8192 * SMOLLM2_BF16_KV_PER_TOKEN // GIB) == 3
+    assert serve.kv_cache_tokens == 3 * GIB // SMOLLM2_BF16_KV_PER_TOKEN
