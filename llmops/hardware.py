@@ -96,10 +96,7 @@ class Hardware:
 
     @property
     def engine_numa_node(self) -> NumaNode | None:
-        """The node a single vLLM CPU engine binds to and allocates its KV cache on: that of the first usable
-        CPU (vLLM takes `get_allowed_cpu_list()[0].numa_node`). None when nodes are unknown."""
-        with_cpus = [n for n in self.numa_nodes if n.cpus]
-        return min(with_cpus, key=lambda n: min(n.cpus)) if with_cpus else None
+        return engine_numa_node(self.numa_nodes)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -320,6 +317,13 @@ def _numa_nodes(root: Path) -> tuple[NumaNode, ...]:
         cpus = tuple(c for c in _read_id_list(node_dir / "cpulist") if c in allowed)
         nodes.append(NumaNode(index, total, available, cpus, _physical_cores(root, cpus)))
     return tuple(nodes)
+
+
+def engine_numa_node(nodes: tuple[NumaNode, ...]) -> NumaNode | None:
+    """The node a single vLLM CPU engine binds to and allocates its KV cache on: that of the first usable CPU
+    (vLLM takes `get_allowed_cpu_list()[0].numa_node`). None when nodes are unknown."""
+    with_cpus = [n for n in nodes if n.cpus]
+    return min(with_cpus, key=lambda n: min(n.cpus)) if with_cpus else None
 
 
 def _mems_allowed() -> set[int] | None:

@@ -137,3 +137,20 @@ def test_cpu_kv_cache_is_no_bigger_than_the_workload_can_use():
     serve = plan_engine(facts("smollm2-135m"), hw, workload="serve")
     assert serve.cpu_kv_cache_gib == -(-16 * 8192 * SMOLLM2_BF16_KV_PER_TOKEN // GIB) == 3
     assert serve.kv_cache_tokens == 3 * GIB // SMOLLM2_BF16_KV_PER_TOKEN
+
+
+def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob():
+    from llmops.vllm_engine import explain_engine_failure
+
+    # The message of issue 9, logged by vLLM's engine process; the caller's exception says only "see above".
+    log = ("ValueError: Available memory on node 0 (6.48/8.46 GiB) on kv cache allocation is less than requested "
+           "memory for kv (8.0 GiB). Decrease --kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE, or reduce CPU ...")
+    err = explain_engine_failure(RuntimeError("Engine core initialization failed. See root cause above."), log)
+    assert err is not None and err.exit_code == 3
+    assert "node 0 had 6.48 of 8.46 GiB available when 8.0 GiB were asked for" in err.message
+    assert "engine.cpu_kv_cache_gib" in err.hint
+    gpu = explain_engine_failure(ValueError(
+        "Free memory on device cuda:0 (30.1/79.2 GiB) on startup is less than desired GPU memory utilization "
+        "(0.9, 71.3 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes."))
+    assert gpu is not None and "engine.gpu_memory_utilization" in gpu.hint
+    assert explain_engine_failure(RuntimeError("something else")) is None
