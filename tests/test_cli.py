@@ -1,6 +1,7 @@
 """The CLI surface: fast help, exit codes, JSON output, registry and hardware commands."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,80 @@ def test_help_imports_no_heavy_library(args):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+ROOT_HELP_MAX_LLMOPS_MODULES = 6  # llmops, llmops.cli, llmops.cli.app, llmops.errors, and a little slack
+
+
+@pytest.mark.unit
+def test_root_help_loads_no_command_module():
+    """`llmops --help` lists the commands from their one-line summaries; their modules load when they run."""
+    code = ("import sys\nfrom llmops.cli.app import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print(sorted(m for m in sys.modules if m == 'llmops' or m.startswith('llmops.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = eval(out.stdout.strip().splitlines()[-1])
+    assert len(loaded) <= ROOT_HELP_MAX_LLMOPS_MODULES, loaded
+    assert not [m for m in loaded if m.startswith(("llmops.cli.", "llmops.batch", "llmops.serve", "llmops.train"))
+                and m != "llmops.cli.app"], loaded
+    for name in ("serve", "chat", "batch", "train", "models", "hw"):
+        assert name in out.stdout
+
+
+def _all_help_pages(columns: int) -> dict[str, str]:
+    """Every command's and subcommand's --help as a terminal of `columns` columns shows it."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from llmops.cli.app import COMMANDS, load_command, main\n"
+        "pages = [[]] + [[name] for name in COMMANDS]\n"
+        "pages += [[name, sub] for name in COMMANDS for sub in getattr(load_command(name), 'commands', {})]\n"
+        "shown = {}\n"
+        "for args in pages:\n"
+        "    buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf):\n"
+        "        try:\n            main([*args, '--help'])\n        except SystemExit:\n            pass\n"
+        "    shown[' '.join(args)] = buf.getvalue()\n"
+        "print(json.dumps(shown))\n"
+    )
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.unit
+def test_help_paragraphs_are_reflowed_and_switches_have_no_metavar():
+    pages = _all_help_pages(80)
+    assert {"", "batch", "serve", "train run", "models list"} <= set(pages)
+    for name, text in pages.items():
+        lines = text.splitlines()
+        # The description between the usage line and the first panel: rich wraps it at 78 columns (80 less
+        # the padding), so a line followed by a word that would have fitted on it is a hard break from the
+        # docstring's source, such as "the same command resumes where it" / "stopped, and ...".
+        start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+        end = next((i for i, line in enumerate(lines) if line.startswith("╭")), len(lines))
+        body = [line.strip() for line in lines[start:end]]
+        for line, following in zip(body, body[1:]):
+            if line and following and not following.startswith(("-", "`")):
+                assert len(line) + 1 + len(following.split()[0]) > 78, f"llmops {name} --help: {line!r} / {following!r}"
+        assert "<bool>" not in text, f"llmops {name} --help shows a metavar on a switch"
+        for switch in ("--json", "--dry-run", "--overwrite", "--verbose"):
+            for line in lines:
+                if f" {switch} " in line:
+                    assert not line.split(switch, 1)[1].lstrip(" -v").startswith("<"), line
+    assert "resumes where it stopped" in " ".join(pages["batch"].split())
+    assert "Examples:" in pages["batch"] and "llmops batch examples/prompts.jsonl" in pages["batch"]
+    assert "--verbose" in pages["batch"] and "--verbose" in pages["train run"]
+
+
+@pytest.mark.unit
+def test_verbose_means_the_same_in_every_command():
+    pages = _all_help_pages(200)
+    leaves = [name for name, text in pages.items() if name and "Commands" not in text]
+    assert len(leaves) >= 10
+    for name in leaves:
+        line = next(line for line in pages[name].splitlines() if "--verbose" in line)
+        assert line.split("--verbose", 1)[1].split()[:2] == ["-v", "Show"], (name, line)
+        assert "Show the engines' own logs" in line, (name, line)
 
 
 @pytest.mark.unit

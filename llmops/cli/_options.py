@@ -25,3 +25,25 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the resolved plan and the exact engine call, run nothing.")
 ]
+
+
+def _set_verbose(value: bool) -> None:
+    from llmops.quiet import set_verbose
+
+    set_verbose(value)
+
+
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", expose_value=False, callback=_set_verbose,
+    help="Show the engines' own logs (vLLM, torch, datasets...) on the terminal; without it they go to the "
+         "run's log file, and its end is shown if something fails.")]
+
+
+def verbose_option():
+    """VerboseOpt as a click option; `llmops.cli.app` adds it to every command, so -v means the same everywhere."""
+
+    def holder(verbose: VerboseOpt = False) -> None: ...
+
+    single = typer.Typer(add_completion=False)
+    single.command()(holder)
+    return typer.main.get_command(single).params[0]

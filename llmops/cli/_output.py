@@ -10,8 +10,18 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from llmops import quiet
+
+
+class _Terminal:
+    """stderr, or the terminal's stderr while an engine's output goes to a log file (`llmops.quiet`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(quiet.terminal(), name)
+
+
 stdout = Console(soft_wrap=True, highlight=False)
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(file=_Terminal(), stderr=True, highlight=False)  # type: ignore[arg-type]
 
 
 def log(message: str) -> None:

@@ -1,0 +1,109 @@
+"""Keep the terminal for llmops's own lines: the engines' output goes to the run's log file.
+
+vLLM, torch, transformers, datasets and accelerate print start-up logs, deprecation warnings and loading
+bars, and vLLM's engine and worker processes write to file descriptor 2 directly, so redirecting Python's
+`sys.stderr` or configuring `logging` would miss most of it. `engine_output(log)` therefore points fds 1 and 2
+of this process at the log file while an engine starts (or a training run works): every library, and every
+process started meanwhile, writes there for good. llmops's own progress goes to `terminal()`, a copy of the
+terminal's stderr saved first. If the block fails, the end of the log is shown before the error.
+
+`-v/--verbose` (every command has it; it sets `LLMOPS_VERBOSE=1`, so worker processes follow it) leaves
+everything on the terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+VERBOSE_ENV = "LLMOPS_VERBOSE"
+TAIL_LINES = 40
+"""Lines of the log shown when the block fails: enough for a Python traceback and vLLM's error lines."""
+
+_terminal: IO[str] | None = None
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose(on: bool) -> None:
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def terminal() -> IO[str]:
+    """Where llmops's own progress goes: the terminal's stderr, also while `engine_output` is active."""
+    return _terminal or sys.stderr
+
+
+@contextmanager
+def engine_output(log_path: str | Path) -> Iterator[Path]:
+    """Send everything written to stdout/stderr while the block runs (by this process, by the libraries it
+    loads, and for good by the processes it starts) to `log_path` (appended), unless --verbose.
+
+    On an exception the log's last lines go to the terminal, then the exception propagates, so the error
+    itself still ends in llmops's one-line message. Yields the log's path.
+    """
+    global _terminal
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if verbose() or _terminal is not None:  # verbose, or already inside an engine_output block
+        yield log_path
+        return
+    _quiet_libraries()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    _terminal = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                          errors="replace")
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    failed = False
+    try:
+        yield log_path
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        _terminal.close()
+        _terminal = None
+        if failed:
+            show_tail(log_path)
+
+
+def show_tail(log_path: Path, lines: int = TAIL_LINES) -> None:
+    """The last `lines` lines of the log on stderr, framed so they read as a quote, not as llmops's lines."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return
+    # Progress bars rewrite their line with \r: keep what the line said last.
+    tail = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+    if not tail:
+        return
+    print(f"--- last {len(tail)} lines of {log_path} ---", file=sys.stderr)
+    print("\n".join(tail), file=sys.stderr)
+    print("--- end of log ---", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """What the libraries let us turn down at the source, so the log file is readable too."""
+    # datasets' map/filter bars (read when datasets is imported; the call covers an earlier import).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
