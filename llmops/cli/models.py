@@ -43,12 +43,13 @@ def list_models(json: JsonOpt = False) -> None:
 def show(name: NameArg, json: JsonOpt = False) -> None:
     """Show one model: its source, metadata, local path and size."""
     from llmops.plan import model_facts
-    from llmops.registry import resolve
+    from llmops.registry import default_sampling, resolve
 
     resolved = resolve(name)
     path = resolved.local_path()
     facts = model_facts(resolved) if path is not None or resolved.spec.shape is not None else None
     data = {"name": resolved.name, "origin": resolved.origin, **resolved.spec.model_dump(mode="json"),
+            "sampling": default_sampling(resolved) or None,
             "status": _status(resolved), "path": str(path) if path else None}
     if facts is not None:
         data["params"] = facts.params
@@ -58,7 +59,9 @@ def show(name: NameArg, json: JsonOpt = False) -> None:
         out.print_json(data)
         return
     shape = data.pop("shape", None) or {}
+    sampling = data.pop("sampling", None) or {}
     out.key_values(resolved.name, [(k, v) for k, v in data.items() if v not in (None, "")]
+                   + [(f"sampling.{k}", v) for k, v in sampling.items()]
                    + [(f"shape.{k}", v) for k, v in shape.items()])
 
 

@@ -28,6 +28,8 @@ def serve_command(
     port: Annotated[Optional[int], typer.Option(help=_FIELDS["port"].description + _default("port"))] = None,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="LLMOPS_API_KEY", show_envvar=True, help=_FIELDS["api_key"].description)] = None,
+    allow_unauthenticated: Annotated[Optional[bool], typer.Option(
+        "--allow-unauthenticated", show_default=False, help=_FIELDS["allow_unauthenticated"].description)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
@@ -39,7 +41,7 @@ def serve_command(
     """
     from llmops.config import load_config
     from llmops.errors import UsageError
-    from llmops.serve.server import check_port_free, plan_server, ready_text, run_server
+    from llmops.serve.server import check_access, check_port_free, plan_server, ready_text, redacted, run_server
 
     extra = list(ctx.args)
     if model_arg is not None and model_arg.startswith("-"):  # `llmops serve -- --flag`: no MODEL given
@@ -47,7 +49,8 @@ def serve_command(
         model_arg = None
     if model_arg and model and model_arg != model:
         raise UsageError(f"two models given: {model_arg!r} and --model {model!r}", "give one of them")
-    flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key}
+    flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key,
+             "allow_unauthenticated": allow_unauthenticated}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
         cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
@@ -64,9 +67,10 @@ def serve_command(
             ("api key", "required" if plan.api_key else "none"),
             *engine.items(), *(("why", n) for n in notes)])
         env = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else shlex.quote(v)}" for k, v in plan.env.items())
-        out.result((env + " " if env else "") + shlex.join(plan.command))
+        out.result((env + " " if env else "") + shlex.join(redacted(plan.command)))
         return
 
+    check_access(cfg)
     check_port_free(cfg.host, cfg.port)  # before fetching a model, which can take minutes
     with out.stderr.status("resolving the model") as status:
         plan = plan_server(cfg, progress=lambda msg: (out.log(msg), status.update(msg)))

@@ -21,6 +21,8 @@ class ServeConfig(StrictModel):
     """TCP port to listen on."""
     api_key: Optional[str] = None
     """When set, requests must send `Authorization: Bearer KEY` (else 401). Also read from LLMOPS_API_KEY."""
+    allow_unauthenticated: bool = False
+    """Serve on a non-loopback host without an API key: anyone who reaches the port can use the model."""
     served_model_name: Optional[str] = None
     """The model name clients ask for; default: the registry alias (or the folder name)."""
     engine: EngineConfig = EngineConfig()

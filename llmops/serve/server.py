@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import os
 import shlex
 import signal
@@ -44,7 +45,7 @@ class ServerPlan:
     """The local folder (or, in a dry run for a model not downloaded yet, its Hugging Face id)."""
     engine: EnginePlan
     command: list[str]
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # it may hold the API key
     """Variables set for vLLM on top of the inherited environment."""
     host: str
     port: int
@@ -59,7 +60,42 @@ class ServerPlan:
         env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in self.env.items()}
         return {"served_model_name": self.served_model_name, "model_path": self.model_path,
                 "url": self.url + "/v1", "api_key": self.api_key is not None, "plan": self.engine.to_dict(),
-                "command": self.command, "env": env}
+                "command": redacted(self.command), "env": env}
+
+
+def redacted(command: list[str]) -> list[str]:
+    """`command` as it may be shown or logged: a key passed through to vLLM (`-- --api-key K`) becomes ***."""
+    shown = list(command)
+    for i, arg in enumerate(shown):
+        if arg == "--api-key" and i + 1 < len(shown):
+            shown[i + 1] = "***"
+        elif arg.startswith("--api-key="):
+            shown[i] = "--api-key=***"
+    return shown
+
+
+def check_access(config: ServeConfig) -> None:
+    """Refuse to serve beyond this machine without an API key, unless the user says they mean it.
+
+    Raises `UsageError` (exit 2) before anything is fetched or started: an open LLM server on a public
+    address is free compute for anyone who finds it.
+    """
+    has_key = bool(config.api_key) or any(a == "--api-key" or a.startswith("--api-key=") for a in config.vllm_args)
+    if has_key or config.allow_unauthenticated or _is_loopback(config.host):
+        return
+    raise UsageError(
+        f"--host {config.host} accepts connections from other machines, and no API key is set",
+        "set a key first: `export LLMOPS_API_KEY=$(openssl rand -hex 16)` (or api_key in the config file); "
+        "clients then send it as a bearer token. Pass --allow-unauthenticated if an open server is what you want")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name may resolve to any address: treat it as reachable from outside
+        return False
 
 
 def plan_server(config: ServeConfig, *, download: bool = True,
@@ -74,6 +110,7 @@ def plan_server(config: ServeConfig, *, download: bool = True,
     from llmops.registry import ensure_local, resolve
     from llmops.vllm_engine import as_cli_flags, engine_args, engine_env, plan_for
 
+    check_access(config)
     resolved = resolve(config.model)
     facts = model_facts(resolved)
     engine = plan_for(config.engine, facts, detect(), "serve")
@@ -160,16 +197,16 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
                on_ready: Callable[[ServerPlan], None] = lambda plan: None,
                log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
                waiting: Callable[[str], object] | None = None) -> int:
-    """Run vLLM until it exits or we get SIGINT/SIGTERM; returns vLLM's exit code.
+    """Run vLLM until we get SIGINT/SIGTERM; returns 0 once it has stopped cleanly, 1 if it had to be killed.
 
     `waiting(message)` returns a context manager shown while the server starts (the CLI's spinner).
-    Raises `RuntimeFailure` with the end of vLLM's log and a hint if vLLM dies before it is ready.
+    Raises `RuntimeFailure` with the end of vLLM's log and a hint if vLLM dies on its own.
     """
     check_port_free(plan.host, plan.port)
     log_path = log_path or default_log_path(plan.served_model_name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"llmops serve: logs in {log_path}")
-    log("llmops serve: " + shlex.join(plan.command))
+    log("llmops serve: " + shlex.join(redacted(plan.command)))
 
     # Signals only set a flag from here on, so nothing interrupts us between starting vLLM and owning it.
     with _StopSignals() as stop:
@@ -194,19 +231,25 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
             if stop.requested and proc.poll() is None:
                 log("llmops serve: shutting down")
                 _stop_group(proc, config.shutdown_timeout_s, stop)
-            code = proc.wait()
+            code = proc.wait()  # negative: killed by that signal
         finally:
             if proc.poll() is None:  # an unexpected error of ours: never leave vLLM behind
                 _stop_group(proc, config.shutdown_timeout_s, stop)
             _kill_stragglers(proc.pid)
             output.close()
-    if not ready and not stop.requested:
-        failure = RuntimeFailure(
-            f"vLLM exited with code {code} before it was ready; the end of its log ({log_path}):\n"
-            + "\n".join("    " + line for line in output.tail), failure_hint(output.tail))
-        failure.exit_code = _exit_code(code) or 1
-        raise failure
-    return _exit_code(code)
+    if stop.requested:
+        if code != 0:
+            log(f"llmops serve: vLLM {_exit_text(code)} while stopping")
+        return 0 if code == 0 else 1
+    # vLLM's own exit codes mean nothing in llmops's contract (its 3 is not "does not fit"): a child that
+    # dies is a runtime failure (1), or a usage error (2) when it rejected the flags passed through to it.
+    when = "before it was ready" if not ready else "while serving"
+    hint = failure_hint(output.tail)
+    failure = RuntimeFailure(f"vLLM {_exit_text(code)} {when}; the end of its log ({log_path}):\n"
+                             + "\n".join("    " + line for line in output.tail), hint)
+    if hint == REJECTED_FLAG_HINT:
+        failure.exit_code = 2
+    raise failure
 
 
 def _wait_until_ready(proc: subprocess.Popen, url: str, stop: "_StopSignals", timeout: float) -> bool:
@@ -253,8 +296,13 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _exit_code(code: int) -> int:
-    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128+N
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _connect_host(host: str) -> str:
@@ -265,6 +313,9 @@ def _connect_host(host: str) -> str:
         return "[::1]"
     return f"[{host}]" if ":" in host else host
 
+
+REJECTED_FLAG_HINT = ("vLLM rejected a flag: check the flags after `--` against "
+                      "`python -m llmops.serve.vllm_entry serve --help`")
 
 # Common ways vLLM fails to start, recognised in the end of its log, and what to do about each.
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -279,8 +330,7 @@ _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("repository not found", "does not appear to have a file named config.json", "no such file or directory",
       "is not a local folder and is not a valid model identifier", "401 client error", "gated repo"),
      "model not found: check the name or path (`llmops models list`), and HF_TOKEN for gated models"),
-    (("unrecognized arguments", "invalid choice", "error: argument"),
-     "vLLM rejected a flag: check the flags after `--` against `python -m llmops.serve.vllm_entry serve --help`"),
+    (("unrecognized arguments", "invalid choice", "error: argument"), REJECTED_FLAG_HINT),
 )
 
 
