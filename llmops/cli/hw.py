@@ -10,8 +10,9 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
     """Show the GPUs, CPU, RAM and disk found here, and the serve, batch and train plans for --model."""
     from llmops.errors import LlmopsError
     from llmops.hardware import detect
-    from llmops.plan import model_facts, plan_engine, plan_train
+    from llmops.plan import model_facts, plan_engine
     from llmops.registry import resolve
+    from llmops.train.plan import plan_train
 
     hw = detect()
     resolved = resolve(model)

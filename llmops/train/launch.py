@@ -55,19 +55,23 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     """Resolve every `auto` in `recipe` from the hardware and the model (nothing is downloaded)."""
     from llmops.hardware import detect
     from llmops.paths import llmops_home
-    from llmops.plan import model_facts, plan_train
+    from llmops.plan import model_facts
     from llmops.registry import resolve
+    from llmops.train.plan import plan_train
 
     hw = hw or detect()
     resolved = resolve(recipe.model)
     facts = model_facts(resolved)
-    dist = recipe.distributed
+    dist, t = recipe.distributed, recipe.train
+    # Gradient checkpointing the recipe does not mention is the planner's to choose; micro_batch_size is the
+    # largest micro-batch it may use (accumulation keeps the global batch).
     tp = plan_train(facts, hw, method=recipe.method, precision=recipe.precision,
                     num_processes=dist.num_processes, strategy=dist.strategy,
-                    micro_batch_size=recipe.train.micro_batch_size, seq_len=recipe.data.max_seq_len,
-                    gradient_checkpointing=recipe.train.gradient_checkpointing)
+                    gradient_checkpointing=t.gradient_checkpointing if "gradient_checkpointing" in t.model_fields_set
+                    else "auto", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                    gradient_accumulation_steps=t.gradient_accumulation_steps, seq_len=recipe.data.max_seq_len,
+                    num_machines=dist.num_machines, lora_rank=recipe.lora.r, lora_dropout=recipe.lora.dropout)
     total = tp.num_processes * dist.num_machines
-    accumulation = _accumulation(recipe, total)
     if recipe.logging.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -79,8 +83,9 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     final = recipe.model_copy(update={
         "model": str(local) if local else (resolved.hf_id or recipe.model),
         "method": tp.method, "precision": tp.precision, "output_dir": str(run_dir),
-        "train": recipe.train.model_copy(update={"gradient_accumulation_steps": accumulation,
-                                                 "global_batch_size": None}),
+        "train": t.model_copy(update={"micro_batch_size": tp.micro_batch_size,
+                                      "gradient_accumulation_steps": tp.gradient_accumulation_steps,
+                                      "global_batch_size": None, "gradient_checkpointing": tp.gradient_checkpointing}),
         "distributed": dist.model_copy(update={"num_processes": tp.num_processes, "strategy": tp.strategy}),
     })
     config = accelerate_config(final, tp.device, total)
@@ -94,18 +99,6 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
             threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, hw.cpu.usable_cores // tp.num_processes))
             env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": threads}
     return RunPlan(final, recipe.model, run_dir, tp.to_dict(), config, command, env)
-
-
-def _accumulation(recipe: Recipe, processes: int) -> int:
-    t = recipe.train
-    if t.global_batch_size is None:
-        return t.gradient_accumulation_steps or 1
-    per_step = t.micro_batch_size * processes
-    if t.global_batch_size % per_step:
-        raise UsageError(f"train.global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
-                         f"{t.micro_batch_size} x {processes} process(es) = {per_step}",
-                         f"use a multiple of {per_step}, or set train.gradient_accumulation_steps instead")
-    return t.global_batch_size // per_step
 
 
 def accelerate_config(recipe: Recipe, device: str, total_processes: int) -> dict:
