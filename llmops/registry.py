@@ -243,6 +243,7 @@ def add_model(name: str, source: str, *, description: str = "", chat: bool | Non
         if not config.exists():
             raise UsageError(f"{source} does not hold a Hugging Face model (no config.json)",
                              "point at a folder written by save_pretrained or `llmops train`")
+        record_digest(Path(source))
     if name in builtin_entries() and not replace:
         raise UsageError(f"{name!r} is a built-in model", "pick another name, or pass --replace to shadow "
                          "the built-in entry with yours (`llmops models rm` brings the built-in back)")
@@ -347,7 +348,8 @@ def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lamb
     """The local folder for `resolved`, downloading or converting it first if needed."""
     path = resolved.local_path()
     kind = resolved.spec.kind
-    if path is None:
+    fetched = path is None
+    if fetched:
         if kind == "local":
             raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
                              f"fix the path with `llmops models add {resolved.name} PATH --replace`")
@@ -358,7 +360,22 @@ def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lamb
     if kind == "pypi" and resolved.spec.sampling is not None:
         # Also for folders converted before the registry carried sampling defaults.
         write_sampling_defaults(path, resolved.spec.sampling, progress)
+    if fetched:
+        progress(f"recording the digest of {resolved.name}'s files")
+        record_digest(path, progress)
     return path
+
+
+def record_digest(folder: Path, progress: Callable[[str], None] = lambda msg: None) -> str | None:
+    """Hash a model folder once, when it is pulled or registered, so batch jobs (whose identity includes
+    the model's content) only stat its files later; the digests are cached by `llmops.fingerprint`."""
+    from llmops.fingerprint import model_digest
+
+    try:
+        return model_digest(folder)
+    except OSError as e:  # only a cache: the batch job that needs the digest hashes again and reports
+        progress(f"could not hash {folder}: {e}")
+        return None
 
 
 def default_sampling(resolved: ResolvedModel) -> dict:

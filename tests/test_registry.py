@@ -230,3 +230,26 @@ def test_a_converted_folder_gets_the_recommended_sampling_and_show_displays_it(l
     assert "sampling.temperature: 0.2" in proc.stdout and "sampling.top_p: 0.9" in proc.stdout
     proc = run_cli("models", "show", DEFAULT_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
     assert json.loads(proc.stdout)["sampling"] == {"temperature": 0.2, "top_p": 0.9}
+
+
+@pytest.mark.unit
+def test_registering_a_local_model_records_its_digest_so_batch_runs_do_not_rehash(llmops_home, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 8 item 1: the model's digest is taken when it is registered, not on every run."""
+    from llmops import fingerprint
+
+    folder = make_model_folder(tmp_path / "tuned")
+    (folder / "model.safetensors").write_bytes(b"w" * 1000)
+    add_model("tuned", str(folder))
+    hashed = []
+    real_file_digest = fingerprint.file_digest
+    monkeypatch.setattr(fingerprint, "file_digest", lambda path: hashed.append(path) or real_file_digest(path))
+    digest = fingerprint.model_digest(folder)
+    assert hashed == []  # a later run (batch) only stats the files
+    (folder / "model.safetensors").write_bytes(b"x" * 1000)  # retrained in place: that file is read again
+    assert fingerprint.model_digest(folder) != digest and hashed == [folder.resolve() / "model.safetensors"]
+    # `models pull` reports the digest of what it pulled.
+    converted = fake_converted_default(llmops_home)
+    proc = run_cli("models", "pull", DEFAULT_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["digest"] == fingerprint.model_digest(converted)

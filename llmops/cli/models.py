@@ -68,13 +68,13 @@ def show(name: NameArg, json: JsonOpt = False) -> None:
 @app.command("pull")
 def pull(name: NameArg, json: JsonOpt = False) -> None:
     """Download (or convert) a model's weights into the local cache."""
-    from llmops.registry import ensure_local, resolve
+    from llmops.registry import ensure_local, record_digest, resolve
 
     resolved = resolve(name)
     with out.stderr.status(f"pulling {resolved.name}") as status:
         path = ensure_local(resolved, progress=lambda msg: (out.log(msg), status.update(msg)))
-    if json:
-        out.print_json({"name": resolved.name, "path": str(path)})
+    if json:  # the digest is cached by now (computed when the files arrived), so this only stats them
+        out.print_json({"name": resolved.name, "path": str(path), "digest": record_digest(path)})
     else:
         out.result(str(path))
 
