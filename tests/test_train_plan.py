@@ -63,6 +63,7 @@ def test_the_table_8b_70b_405b_on_24_80_and_8x80_gib(model, hw, expected):
     assert (plan.method, plan.strategy) == expected
     check_batch(plan, len(hw.gpus))
     assert any("fastest of" in n for n in plan.notes)
+    assert plan.memory_per_device_gib <= 0.9 * plan.memory_available_gib  # a roomy configuration exists in each
 
 
 def test_70b_lora_over_fsdp_shards_the_frozen_weights():

@@ -65,6 +65,9 @@ NF4_BYTES_PER_PARAM = 4.127 / 8
 TRAINED_BYTES_PER_PARAM = 16
 # Per micro-batch fixed cost, in tokens' worth of compute (see the speed model above).
 MICRO_BATCH_OVERHEAD_TOKENS = 512
+# Prefer configurations that leave this share of the usable memory unplanned, when there is one: the estimate
+# does not see allocator fragmentation or the attention kernels' workspaces.
+ESTIMATE_HEADROOM = 0.10
 QLORA_SLOWDOWN = 1.4
 SHARDED_SLOWDOWN = 1.1
 METHOD_PREFERENCE = ("full", "lora", "qlora")
@@ -299,7 +302,9 @@ def plan_train(
 
     # 5. The method (by preference when auto), then the fastest configuration of it.
     chosen_method = next(m for m in methods if any(o.method == m for o in fitting))
-    best = min((o for o in fitting if o.method == chosen_method), key=lambda o: (o.time, o.need))
+    pool = [o for o in fitting if o.method == chosen_method]
+    roomy = [o for o in pool if o.need <= (1 - ESTIMATE_HEADROOM) * capacity]
+    best = min(roomy or pool, key=lambda o: (o.time, o.need))
     if method == "auto":
         if chosen_method != methods[0]:
             smallest = {m: min(o.need for o in options if o.method == m) for m in methods[:methods.index(chosen_method)]}
@@ -327,7 +332,8 @@ def _why_this_configuration(best: _Option, options: list[_Option], fitting: list
     """The chosen configuration, and what each faster alternative of the same method would have needed."""
     same = [o for o in options if o.method == best.method]
     faster = sorted((o for o in same if o.time < best.time), key=lambda o: o.time)
-    reasons = [f"{o.describe()} would be faster but needs {o.need / GIB:.1f} GiB" for o in faster[:2]]
+    reasons = [f"{o.describe()} would be faster but needs {o.need / GIB:.1f} GiB"
+               + (f" (less than {ESTIMATE_HEADROOM:.0%} headroom)" if o.need <= capacity else "") for o in faster[:2]]
     if best.strategy == "fsdp" and "ddp" in strategies:
         ddp = min((o.need for o in same if o.strategy == "ddp"), default=0)
         reasons.append(f"ddp keeps a whole copy on every device: at least {ddp / GIB:.1f} GiB")
