@@ -48,3 +48,23 @@ class RuntimeFailure(LlmopsError):
     """Something went wrong while running (an engine died, some rows failed)."""
 
     exit_code = 1
+
+
+class StorageError(RuntimeFailure):
+    """The file system refused: a folder is not writable, the disk is full, a path is not a folder."""
+
+    @classmethod
+    def from_os_error(cls, error: OSError, action: str = "access") -> StorageError:
+        """`cannot write out/run1/results: permission denied`, naming the folder for a temp file's error."""
+        where = str(error.filename) if error.filename is not None else "a file"
+        if where.endswith(".tmp"):
+            where = where.rsplit("/", 1)[0] if "/" in where else "."
+        reason = (error.strerror or str(error)).lower()
+        return cls(f"cannot {action} {where}: {reason}")
+
+
+class Stopped(LlmopsError):
+    """Stopped early on request (SIGTERM from a preempted machine, SIGINT): the work done is kept and a
+    rerun of the same command finishes the job. 75 is EX_TEMPFAIL: "try again later"."""
+
+    exit_code = 75

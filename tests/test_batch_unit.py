@@ -10,8 +10,9 @@ import pytest
 from llmops.batch import BatchConfig
 from llmops.batch.config import InputConfig
 from llmops.batch.inputs import count_rows, iter_units, open_input, unit_keys
-from llmops.batch.outputs import OutputDir, job_differences
-from llmops.batch.runner import units_for_rank
+from llmops.batch.identity import EngineIdentity, InputIdentity, JobIdentity, ModelIdentity
+from llmops.batch.outputs import Manifest, OutputDir, UnitStats
+from llmops.batch.workers import units_for_rank
 from llmops.config import load_config
 from llmops.errors import ConfigError, UsageError
 from tests.conftest import run_cli
@@ -157,45 +158,54 @@ def test_config_errors_name_the_key():
 
 # --- outputs and resume bookkeeping -------------------------------------------------------------------
 
-JOB = {"model": "m", "sampling": {"temperature": 0.0}, "input": {"files": [["a", 1]]}, "chunk_rows": 2}
+JOB = JobIdentity(input=InputIdentity(format="jsonl", files=["a.jsonl"], digest="00"),
+                  model=ModelIdentity(name="m", path="/models/m", digest="11"), sampling={"temperature": 0.0},
+                  engine=EngineIdentity(dtype="float32", max_model_len=2048), chunk_rows=2)
+
+
+def manifest(job=JOB) -> Manifest:
+    return Manifest(job=job, job_key=job.key(), status="running")
 
 
 def test_commit_is_atomic_and_resume_trusts_shards_over_the_manifest(tmp_path):
     out = OutputDir(tmp_path / "out")
-    keys = ["00000-000000", "00000-000001", "00000-000002"]
-    assert out.prepare(JOB, keys, overwrite=False) == {}
-    stats = {"rows": 2, "ok": 1, "failed": 1, "prompt_tokens": 10, "completion_tokens": 5}
-    out.commit(keys[0], pa.table({"row": [0, 1], "id": ["a", "b"], "error": [None, "bad"]}), stats)
-    out.commit(keys[1], pa.table({"row": [2, 3], "id": ["c", "d"], "error": [None, None]}), stats)
+    sizes = {"00000-000000": 2, "00000-000001": 2, "00000-000002": 2}
+    keys = list(sizes)
+    assert out.prepare(JOB, sizes, False, manifest()).done == {}
+    stats = UnitStats(rows=2, ok=1, failed=1, prompt_tokens=10, completion_tokens=5)
+    assert out.commit(keys[0], pa.table({"row": [0, 1], "id": ["a", "b"], "error": [None, "bad"]}), stats, JOB)
+    out.commit(keys[1], pa.table({"row": [2, 3], "id": ["c", "d"], "error": [None, None]}), stats, JOB)
+    # First writer wins: a second commit of a unit (a retried or zombie writer) leaves the first in place.
+    assert not out.commit(keys[0], pa.table({"row": [0, 1], "id": ["x", "y"], "error": [None, None]}), stats, JOB)
     # A kill after the rename but before the manifest update, and a half-written shard:
-    (out.results / "part-00000-000002.parquet.tmp").write_bytes(b"PAR1 half")
+    (out.results / "part-00000-000002.parquet.123-abcd.tmp").write_bytes(b"PAR1 half")
     assert json.loads((out.path / "manifest.json").read_text())["units"] == {}
-    done = out.prepare(JOB, keys, overwrite=False)
+    done = out.prepare(JOB, sizes, False, manifest()).done
     assert set(done) == set(keys[:2]) and done[keys[0]] == stats
     assert not list(out.results.glob("*.tmp"))
-    manifest = json.loads((out.path / "manifest.json").read_text())
-    assert manifest["units_done"] == 2 and manifest["totals"]["rows"] == 4
+    saved = json.loads((out.path / "manifest.json").read_text())
+    assert saved["units_done"] == 2 and saved["totals"]["rows"] == 4
     assert out.failed_rows(5) == [{"row": 1, "id": "b", "error": "bad"}]
 
 
 def test_another_job_in_the_output_folder_is_refused_unless_overwrite(tmp_path):
     out = OutputDir(tmp_path / "out")
-    out.prepare(JOB, ["00000-000000"], overwrite=False)
-    out.commit("00000-000000", pa.table({"row": [0]}), {"rows": 1})
-    other = {**JOB, "sampling": {"temperature": 0.7}}
-    assert job_differences(JOB, other) == ["sampling.temperature: 0.0 -> 0.7"]
-    with pytest.raises(UsageError, match=r"different job \(sampling.temperature: 0.0 -> 0.7\)") as err:
-        out.prepare(other, ["00000-000000"], overwrite=False)
-    assert "--overwrite" in err.value.hint
-    assert out.prepare(other, ["00000-000000"], overwrite=True) == {}  # old shards are gone
+    out.prepare(JOB, {"00000-000000": 1}, False, manifest())
+    out.commit("00000-000000", pa.table({"row": [0]}), UnitStats(rows=1), JOB)
+    other = JOB.model_copy(update={"sampling": {"temperature": 0.7}})
+    assert other.changes_from(JOB) == ["sampling.temperature changed: 0.0 -> 0.7"]
+    with pytest.raises(UsageError, match=r"another job's results: sampling.temperature changed: 0.0 -> 0.7; "
+                                         r"use a new --output or --overwrite"):
+        out.prepare(other, {"00000-000000": 1}, False, manifest(other))
+    assert out.prepare(other, {"00000-000000": 1}, True, manifest(other)).done == {}  # old shards are gone
     killed_early = tmp_path / "killed-early"  # a first run killed before its manifest was written
     (killed_early / "results").mkdir(parents=True)
-    (killed_early / "manifest.json.tmp").write_text("{")
+    (killed_early / "manifest.json.123-abcd.tmp").write_text("{")
     OutputDir(killed_early).check(JOB, overwrite=False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match="holds no llmops batch results"):
+    with pytest.raises(UsageError, match="holds no llmops batch output"):
         OutputDir(foreign).check(JOB, overwrite=False)
 
 
@@ -240,9 +250,9 @@ def test_dry_run_on_eight_gpus_plans_one_engine_per_gpu_group(tmp_path, eight_gp
 def test_cli_usage_errors_exit_2_before_any_engine_starts(tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q"}])
     out = OutputDir(tmp_path / "out")
-    out.prepare({"model": "other"}, [], overwrite=False)
+    out.prepare(JOB, {}, False, manifest())
     proc = run_cli("batch", str(prompts), "-o", str(out.path), "--temperature", "0.5")
-    assert proc.returncode == 2 and "different job" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "another job's results" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("batch", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o2"))
     assert proc.returncode == 2 and "input not found" in proc.stderr
     proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "o3"), "--set", "sampling.max_tokens=0")

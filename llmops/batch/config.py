@@ -1,8 +1,9 @@
 """`BatchConfig`: everything that decides what `llmops batch` produces, and how sampling maps to vLLM.
 
-The model, the sampling defaults, the input options and `chunk_rows` make up the job's identity: resuming an
-output folder with any of them changed is refused (see `outputs.py`). The engine section only decides how
-fast the same results come, so a job may resume on other hardware.
+The model's and the input's content, the sampling defaults, the input options, `chunk_rows` and the planned
+engine dtype and max_model_len make up the job's identity (`identity.py`): resuming an output folder with
+any of them changed is refused. The rest of the engine section only decides how fast the same results
+come, so a job may resume on other hardware.
 """
 
 from __future__ import annotations

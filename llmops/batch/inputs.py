@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import glob
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,12 +40,19 @@ class InputSpec:
     messages_column: str | None = None
     id_column: str | None = None
 
-    def describe(self) -> dict[str, Any]:
-        """What identifies this input in the job's fingerprint: file names and sizes (not the folder, so a
-        job may resume where its input is mounted elsewhere; not the contents, which would mean reading it)."""
-        return {"format": self.format, "files": [[f.name, f.stat().st_size] for f in self.files],
-                "prompt_column": self.prompt_column, "messages_column": self.messages_column,
-                "id_column": self.id_column}
+    def identity(self):
+        """What identifies this input in the job's identity: its format, columns and content digest (not
+        its folder, so a job may resume where its input is mounted elsewhere)."""
+        from llmops.batch.identity import InputIdentity
+        from llmops.fingerprint import files_digest
+
+        try:
+            digest = files_digest(self.files)
+        except OSError as e:
+            raise UsageError(f"cannot read {e.filename}: {(e.strerror or str(e)).lower()}") from None
+        return InputIdentity(format=self.format, files=[f.name for f in self.files], digest=digest,
+                             prompt_column=self.prompt_column, messages_column=self.messages_column,
+                             id_column=self.id_column)
 
 
 @dataclass
@@ -53,7 +61,8 @@ class Row:
 
     index: int
     """Position in the whole input (0-based, across files)."""
-    id: str
+    id: str | None
+    """None only for an OpenAI Batch line that cannot be parsed (its custom_id is unknown, never invented)."""
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     body: dict[str, Any] | None = None
@@ -66,7 +75,9 @@ class Unit:
     rows: list[Row]
     kept: Any
     """pyarrow Table of input columns to keep, one row per `rows` entry."""
-    meta: dict[str, Any] = field(default_factory=dict)
+    piece: bool = False
+    """Some rows of this unit were committed by an earlier, stopped run: `rows` holds the rest only, and
+    they are committed as another piece of the unit."""
 
 
 # --- detection ----------------------------------------------------------------------------------------
@@ -227,12 +238,21 @@ def unit_keys(row_counts: list[int], chunk_rows: int) -> list[str]:
     return [_key(i, c) for i, n in enumerate(row_counts) for c in range(-(-n // chunk_rows))]
 
 
+def unit_sizes(row_counts: list[int], chunk_rows: int) -> dict[str, int]:
+    """Rows in each unit, by key, in order."""
+    return {_key(i, c): min(chunk_rows, n - c * chunk_rows)
+            for i, n in enumerate(row_counts) for c in range(-(-n // chunk_rows))}
+
+
 def _key(file_index: int, chunk: int) -> str:
     return f"{file_index:05d}-{chunk:06d}"
 
 
-def iter_units(spec: InputSpec, row_counts: list[int], chunk_rows: int, wanted: set[str]) -> Iterator[Unit]:
-    """Stream the units named in `wanted`, in input order; the others are read past, never parsed."""
+def iter_units(spec: InputSpec, row_counts: list[int], chunk_rows: int, wanted: set[str],
+               rows_done: dict[str, set[int]] | None = None) -> Iterator[Unit]:
+    """Stream the units named in `wanted`, in input order; the others are read past, never parsed.
+    `rows_done` names rows of a unit already committed (by a stopped run): the unit comes without them."""
+    rows_done = rows_done or {}
     first_row = 0
     for i, path in enumerate(spec.files):
         if any(_key(i, c) in wanted for c in range(-(-row_counts[i] // chunk_rows))):
@@ -242,8 +262,9 @@ def iter_units(spec: InputSpec, row_counts: list[int], chunk_rows: int, wanted: 
                 key = _key(i, c)
                 if key in wanted:
                     start = first_row + c * chunk_rows
-                    yield _jsonl_unit(spec, key, start, chunk) if isinstance(chunk, list) \
+                    unit = _jsonl_unit(spec, key, start, chunk) if isinstance(chunk, list) \
                         else _table_unit(spec, key, start, chunk)
+                    yield _without(unit, rows_done[key]) if rows_done.get(key) else unit
         first_row += row_counts[i]
 
 
@@ -294,6 +315,11 @@ def _arrow_chunks(spec: InputSpec, path: Path, chunk_rows: int):
         yield pa.Table.from_batches(pending)
 
 
+def _without(unit: Unit, done: set[int]) -> Unit:
+    keep = [n for n, row in enumerate(unit.rows) if row.index not in done]
+    return Unit(unit.key, [unit.rows[n] for n in keep], unit.kept.take(keep), piece=True)
+
+
 # --- rows ---------------------------------------------------------------------------------------------
 
 
@@ -301,17 +327,26 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
     import pyarrow as pa
 
     rows, kept = [], []
+    openai = spec.format == "openai"
     for n, (line_no, raw) in enumerate(lines):
         index = start + n
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            rows.append(Row(index, f"line-{line_no}", error=f"line {line_no}: not valid JSON ({e})"))
-            kept.append(_kept_openai(None) if spec.format == "openai" else (None, None, raw.decode(errors="replace")))
+            rows.append(Row(index, None if openai else f"line-{line_no}",
+                            error=f"line {line_no}: not valid JSON ({e})"))
+            kept.append(_kept_openai(None) if openai else (None, None, raw.decode(errors="replace")))
             continue
-        row = _openai_row(index, line_no, obj) if spec.format == "openai" else _prompt_row(index, line_no, obj)
+        # Valid JSON may still hold text that is not Unicode (a lone surrogate such as "\ud800"): it could be
+        # neither tokenized nor stored, so that row fails alone, its strings kept in escaped form.
+        bad_text = _lone_surrogate(raw, obj)
+        if bad_text:
+            obj = _escaped(obj)
+        row = _openai_row(index, line_no, obj) if openai else _prompt_row(index, line_no, obj)
+        if bad_text:
+            row.error, row.body = f"line {line_no}: {bad_text}", None
         rows.append(row)
-        if spec.format == "openai":
+        if openai:
             kept.append(_kept_openai(obj))
         else:
             extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id")} \
@@ -319,10 +354,37 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
             kept.append((obj.get("prompt") if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) else None,
                          json.dumps(obj["messages"]) if isinstance(obj, dict) and "messages" in obj else None,
                          json.dumps(extra) if extra else None))
-    names = ("url", "body") if spec.format == "openai" else ("prompt", "messages", "metadata")
+    names = ("url", "body") if openai else ("prompt", "messages", "metadata")
     columns = list(zip(*kept)) if kept else [[] for _ in names]
     table = pa.table({name: pa.array(list(col), pa.string()) for name, col in zip(names, columns)})
     return Unit(key, rows, table)
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way valid JSON can hold text that is not
+# valid Unicode. Pairs are fine; only a line that has such an escape is checked further.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(raw: bytes, obj: Any) -> str | None:
+    if not _SURROGATE_ESCAPE.search(raw):
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return (f"text holds a lone surrogate ({e.object[e.start:e.end].encode('utf-8', 'backslashreplace').decode()}"
+                "), which is not valid Unicode")
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every string made valid Unicode (a lone surrogate becomes the text `\\ud800`)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    return value
 
 
 def _kept_openai(obj: Any) -> tuple[str | None, str | None]:
@@ -346,11 +408,45 @@ def _prompt_row(index: int, line_no: int, obj: Any) -> Row:
     return row
 
 
+def check_custom_ids(spec: InputSpec) -> None:
+    """OpenAI Batch input: every request needs its own custom_id (the only way to match results to
+    requests), so a missing or repeated one refuses the job before anything runs, naming the lines."""
+    lines_by_id: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for f in spec.files:
+        where = f"{f.name} line" if len(spec.files) > 1 else "line"
+        with open(f, "rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue  # fails alone at run time
+                if not isinstance(obj, dict):
+                    continue
+                if obj.get("custom_id") is None:
+                    missing.append(f"{where} {line_no}")
+                else:
+                    lines_by_id.setdefault(str(obj["custom_id"]), []).append(f"{where} {line_no}")
+    source = spec.files[0] if len(spec.files) == 1 else f"{spec.files[0].parent}/"
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UsageError(f"{source}: no custom_id on {', '.join(missing[:5])}{more}; every OpenAI Batch "
+                         "request needs a unique custom_id")
+    repeated = [(cid, where) for cid, where in lines_by_id.items() if len(where) > 1]
+    if repeated:
+        listing = "; ".join(f"{cid!r} on {', '.join(where)}" for cid, where in repeated[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise UsageError(f"{source}: duplicate custom_id {listing}{more}; every OpenAI Batch request needs a "
+                         "unique custom_id")
+
+
 def _openai_row(index: int, line_no: int, obj: Any) -> Row:
     if not isinstance(obj, dict):
         return Row(index, f"line-{line_no}", error=f"line {line_no}: expected a JSON object")
     custom_id = obj.get("custom_id")
-    row = Row(index, str(custom_id) if custom_id is not None else f"line-{line_no}")
+    row = Row(index, str(custom_id) if custom_id is not None else None)
     body, url = obj.get("body"), obj.get("url")
     if custom_id is None:
         row.error = f"line {line_no}: no custom_id"

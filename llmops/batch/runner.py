@@ -1,91 +1,33 @@
-"""`run_batch`: plan the job, skip what is done, keep vLLM's batch full, commit every finished unit.
+"""`run_batch`: plan the job, lock the output folder, skip what is done, generate, commit, summarize.
 
-The engine loop drives `llm.llm_engine` directly (add_request/step) instead of calling `LLM.generate` per
-chunk: the next unit's requests are queued while the current ones decode, so the scheduler never drains
-between chunks, and each unit is committed the moment its last row finishes. At most about
-2 x max_num_seqs requests are queued, so memory stays flat however large the input is.
-
-With several GPU groups (`EnginePlan.data_parallel_size` > 1) the job runs one worker process per group
-(`llmops.batch.worker`), each taking every n-th unit; the shards they commit are the same as a
-single engine's, so resume works the same way.
+The work is split by job: `job.py` plans (model, input, engine plan, identity, folder checks), `engine.py`
+runs one engine over units and commits them, `workers.py` places several engines (one process per GPU
+group). This module runs a job end to end and starts the engine.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from llmops.batch.config import BatchConfig, SamplingConfig, sampling_params
-from llmops.batch.inputs import InputSpec, Row, Unit, count_rows, iter_units, open_input, unit_keys
-from llmops.batch.outputs import OutputDir, totals
+from llmops.batch.config import BatchConfig
+from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, generate, stop_on_signals
+from llmops.batch.inputs import iter_units
+from llmops.batch.job import BatchJob, dry_run, plan_batch, resolved_config
+from llmops.batch.outputs import CONFIG, Committed, storage_errors, totals
+from llmops.batch.workers import run_workers, units_for_rank
 from llmops.config import dump_config
 from llmops.errors import RuntimeFailure
+from llmops.quiet import engine_output, new_log_file
 
-# Requests kept queued in the engine, as a multiple of its max_num_seqs: enough that finished sequences
-# are replaced at once, few enough that only a couple of units are held in memory.
-QUEUE_DEPTH_FACTOR = 2
+__all__ = ["BatchJob", "BatchSummary", "Progress", "dry_run", "generate", "load_engine", "plan_batch",
+           "run_batch", "start_llm", "units_for_rank"]
+# The shards are the commit; the manifest is an index, refreshed every few seconds so that rewriting it
+# stays cheap however many shards a job has.
 MANIFEST_EVERY_S = 5.0
-
-
-class Progress:
-    """What the runner reports while it works; the CLI shows it as a progress bar (this one is silent)."""
-
-    def phase(self, text: str) -> None: ...
-    def start(self, total_rows: int, done_rows: int) -> None: ...
-    def advance(self, rows: int, completion_tokens: int) -> None: ...
-    def stop(self) -> None: ...
-
-
-@dataclass
-class BatchJob:
-    """A job resolved and checked, before anything is written or started."""
-
-    config: BatchConfig
-    input_spec: InputSpec
-    row_counts: list[int]
-    units: list[str]
-    plan: Any
-    """llmops.plan.EnginePlan"""
-    model_name: str
-    model_path: Path | None
-    output: OutputDir
-    overwrite: bool
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What must match for results to be mixed in one output folder."""
-        return {"model": self.model_name, "sampling": self.config.sampling.model_dump(mode="json"),
-                "input": self.input_spec.describe(), "chunk_rows": self.config.chunk_rows}
-
-    def warnings(self) -> list[str]:
-        dp = self.plan.data_parallel_size
-        if dp > 1 and len(self.units) < 2 * dp:
-            return [f"{len(self.units)} shards for {dp} engines leaves engines idle: lower chunk_rows "
-                    f"(--set chunk_rows=N) to about {max(1, sum(self.row_counts) // (4 * dp))}"]
-        return []
-
-    def engines(self) -> list[dict[str, Any]]:
-        """One entry per engine: the GPUs it gets, its environment and the exact call or command."""
-        from llmops.vllm_engine import engine_args, engine_env
-
-        args = engine_args(self.plan, self.model_path or f"<{self.model_name}, not downloaded yet>")
-        env = engine_env(self.plan)
-        dp, tp = self.plan.data_parallel_size, self.plan.tensor_parallel_size
-        if dp == 1:
-            call = " ".join([*(f"{k}={v}" for k, v in env.items()), f"vllm.LLM(**{args!r})"])
-            return [{"rank": 0, "env": env, "call": call, "llm_args": args}]
-        engines = []
-        for rank in range(dp):
-            gpus = ",".join(str(i) for i in worker_gpus(self.plan, rank))
-            worker_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
-            command = " ".join([*(f"{k}={v}" for k, v in worker_env.items()), *worker_command(self, rank)])
-            engines.append({"rank": rank, "gpus": gpus, "env": worker_env, "command": command, "llm_args": args})
-        return engines
 
 
 @dataclass
@@ -112,123 +54,113 @@ class BatchSummary:
         return asdict(self)
 
 
-def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
-               overwrite: bool = False) -> BatchJob:
-    """Resolve the model, read the input's shape, plan the engine and check the output folder; no writes."""
-    from llmops.hardware import detect
-    from llmops.plan import model_facts
-    from llmops.registry import resolve
-    from llmops.vllm_engine import plan_for
-
-    resolved = resolve(config.model)
-    spec = open_input(input_path, config.input)
-    counts = count_rows(spec)
-    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch")
-    job = BatchJob(config, spec, counts, unit_keys(counts, config.chunk_rows), plan, resolved.name,
-                   resolved.local_path(), OutputDir(output_dir), overwrite)
-    job.output.check(job.identity, overwrite)
-    return job
-
-
-def dry_run(job: BatchJob) -> dict[str, Any]:
-    """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
-    done = 0 if job.overwrite else len(job.output.committed(job.units))
-    return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
-            "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
-                      "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
-                      "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
-            "output_dir": str(job.output.path), "units": len(job.units), "units_done": done,
-            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": job.engines(),
-            "warnings": job.warnings()}
-
-
 def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
-              llm=None, progress: Progress | None = None) -> BatchSummary:
-    """Run (or resume) a batch job. `llm` reuses an engine that was started with `load_engine`."""
+              llm=None, progress: Progress | None = None,
+              grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> BatchSummary:
+    """Run (or resume) a batch job. `llm` reuses an engine that was started with `load_engine`.
+
+    SIGTERM or SIGINT stops it within `grace_period_s`, keeping every finished row; it then raises
+    `Stopped` (exit 75) and a rerun finishes the job."""
+    with stop_on_signals(StopRequest(grace_period_s)) as stop:
+        return _run(config, input_path, output_dir, overwrite, llm, progress or Progress(), stop)
+
+
+def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, stop: StopRequest) -> BatchSummary:
     from llmops.registry import ensure_local, resolve
-    from llmops.vllm_engine import engine_args, engine_env
 
     started = time.monotonic()
-    progress = progress or Progress()
-    # 1. Plan, then make the output folder ready; on a rerun this finds the units already committed.
+    # 1. Plan (refusals happen here, before any write), lock the folder, then check again under the lock.
     job = plan_batch(config, input_path, output_dir, overwrite=overwrite)
     out = job.output
-    out.path.mkdir(parents=True, exist_ok=True)
-    if job.model_path is None:
-        progress.phase(f"fetching {job.model_name}")
-        job.model_path = ensure_local(resolve(config.model), progress=progress.phase)
-    done = out.prepare(job.identity, job.units, overwrite,
-                       input_paths=[str(f.resolve()) for f in job.input_spec.files],
-                       engine={"args": engine_args(job.plan, job.model_path), "env": engine_env(job.plan)})
-    dump_config(resolved_config(config, job.plan), out.path / "config.yaml")
-    before = totals(done.values())
-
-    # 2. Generate the pending units: in this process, or in one worker process per GPU group.
-    pending = [k for k in job.units if k not in done]
-    engine_start = generation = 0.0
+    out.lock()
     try:
-        if pending and job.plan.data_parallel_size > 1 and llm is None:
-            for warning in job.warnings():
-                progress.phase(f"warning: {warning}")
-            progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
-            progress.start(sum(job.row_counts), before["rows"])
-            t0 = time.monotonic()
-            run_workers(job, done, progress)
-            generation = time.monotonic() - t0
-        elif pending:
-            if llm is None:
-                progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
+        if job.model_path is None:
+            progress.phase(f"fetching {job.model_name}")
+            job.with_model(ensure_local(resolve(config.model), progress=progress.phase))
+        manifest = job.manifest()
+        committed = out.prepare(job.identity, job.unit_sizes, overwrite, manifest)
+        with storage_errors("write"):
+            dump_config(resolved_config(config, job.plan), out.path / CONFIG)
+        before = _counts(committed)
+
+        # 2. Generate the pending units: in this process, or in one worker process per GPU group.
+        pending = [k for k in job.units if k not in committed.done]
+        engine_start = generation = 0.0
+        try:
+            if pending and job.plan.data_parallel_size > 1 and llm is None:
+                for warning in job.warnings():
+                    progress.phase(f"warning: {warning}")
+                progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
+                progress.start(sum(job.row_counts), before.rows)
                 t0 = time.monotonic()
-                llm = load_engine(job.plan, job.model_path)
-                engine_start = time.monotonic() - t0
-            progress.phase("generating")
-            progress.start(sum(job.row_counts), before["rows"])
-            t0 = time.monotonic()
-            _generate_here(job, llm, set(pending), done, progress)
-            generation = time.monotonic() - t0
+                stop.generating = True
+
+                def on_commit(now: Committed) -> None:
+                    out.write_manifest(manifest, now, "running")
+
+                with engine_output(new_log_file("batch")):  # the workers' engines log there, not on screen
+                    run_workers(job, committed, progress, stop, on_commit)
+                generation = time.monotonic() - t0
+            elif pending:
+                if llm is None:
+                    progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
+                    t0 = time.monotonic()
+                    with engine_output(new_log_file("batch")):  # vLLM's start-up logs go there, not on screen
+                        llm = load_engine(job.plan, job.model_path)
+                    engine_start = time.monotonic() - t0
+                progress.phase("generating")
+                progress.start(sum(job.row_counts), before.rows)
+                t0 = time.monotonic()
+                stop.generating = True
+                _generate_here(job, llm, set(pending), committed, manifest, progress, stop)
+                generation = time.monotonic() - t0
+        finally:
+            stop.generating = False
+            progress.stop()
+
+        # 3. Every unit must be committed now; then the OpenAI files and the final manifest.
+        committed = out.committed(job.unit_sizes, job.identity.key())
+        missing = [k for k in job.units if k not in committed.done]
+        if missing:
+            out.write_manifest(manifest, committed, "stopped" if stop.requested else "incomplete")
+            if stop.requested:
+                raise stop.stopped(f"{committed.rows} of {sum(job.row_counts)} rows are committed")
+            raise RuntimeFailure(f"{len(missing)} of {len(job.units)} units were not finished (first: "
+                                 f"{missing[0]}); run the same command again to finish them")
+        files = []
+        if job.input_spec.format == "openai":
+            files = [str(out.path / name) for name in out.write_openai_files(job.model_name)]
+        out.write_manifest(manifest, committed, "complete")
     finally:
-        progress.stop()
-
-    # 3. Every unit must be committed now; then the OpenAI files and the final manifest.
-    done = out.committed(job.units)
-    missing = [k for k in job.units if k not in done]
-    if missing:
-        out.write_manifest(job.identity, done, "incomplete")
-        raise RuntimeFailure(f"{len(missing)} of {len(job.units)} units were not finished (first: {missing[0]})",
-                             "run the same command again to finish them")
-    files = []
-    if job.input_spec.format == "openai":
-        out.write_openai_files(job.model_name)
-        files = [str(out.path / "output.jsonl"), str(out.path / "errors.jsonl")]
-    out.write_manifest(job.identity, done, "complete")
-    after = totals(done.values())
-    new_tokens = after["completion_tokens"] - before["completion_tokens"]
+        out.unlock()
+    after = _counts(committed)
+    new_tokens = after.completion_tokens - before.completion_tokens
     return BatchSummary(
-        str(out.path), sum(job.row_counts), after["ok"], after["failed"], before["rows"],
-        after["prompt_tokens"], after["completion_tokens"], round(time.monotonic() - started, 2),
+        str(out.path), sum(job.row_counts), after.ok, after.failed, before.rows,
+        after.prompt_tokens, after.completion_tokens, round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
-        job.plan.data_parallel_size, out.failed_rows(5) if after["failed"] else [], files)
+        job.plan.data_parallel_size, out.failed_rows(5) if after.failed else [], files)
 
 
-def _generate_here(job: BatchJob, llm, pending: set[str], done: dict[str, dict], progress: Progress) -> None:
-    units = iter_units(job.input_spec, job.row_counts, job.config.chunk_rows, pending)
+def _counts(committed: Committed):
+    return totals([*committed.done.values(), *committed.partial_stats.values()])
+
+
+def _generate_here(job: BatchJob, llm, pending: set[str], committed: Committed, manifest, progress: Progress,
+                   stop: StopRequest) -> None:
+    units = iter_units(job.input_spec, job.row_counts, job.config.chunk_rows, pending, committed.partial)
     written = time.monotonic()
-    for key, stats in generate(llm, units, job.config.sampling, job.output, progress):
-        done[key] = stats
-        # The shards are the commit; the manifest is an index, refreshed every few seconds so that rewriting
-        # it stays cheap however many shards a job has.
+    for key, stats in generate(llm, units, job.config.sampling, job.output, job.identity, progress, stop):
+        if key in committed.partial_stats:  # the rest of a unit that a stopped run committed part of
+            stats = committed.partial_stats.pop(key) + stats
+            committed.partial.pop(key, None)
+        if stats.rows < job.unit_sizes[key]:  # a piece committed while stopping
+            committed.partial_stats[key] = stats
+        else:
+            committed.done[key] = stats
         if time.monotonic() - written > MANIFEST_EVERY_S:
-            job.output.write_manifest(job.identity, done, "running")
+            job.output.write_manifest(manifest, committed, "running")
             written = time.monotonic()
-
-
-def resolved_config(config: BatchConfig, plan) -> BatchConfig:
-    """`config` with every "auto" engine field replaced by the planned value (what is written to config.yaml)."""
-    from llmops.vllm_engine import EngineConfig
-
-    planned = {k: getattr(plan, k) for k in EngineConfig.model_fields}
-    return config.model_copy(update={"engine": EngineConfig(**{k: "auto" if v is None else v
-                                                                for k, v in planned.items()})})
 
 
 # --- the engine ---------------------------------------------------------------------------------------
@@ -264,189 +196,3 @@ def start_llm(args: dict[str, Any], env: dict[str, str]):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@dataclass
-class _InFlight:
-    unit: Unit
-    results: list[dict[str, Any] | None]
-    remaining: int
-
-
-def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDir,
-             progress: Progress) -> Iterator[tuple[str, dict[str, int]]]:
-    """Run every unit through the engine; yield (key, stats) as each unit's shard is committed."""
-    from jinja2 import TemplateError
-
-    row_errors: tuple[type[Exception], ...] = (ValueError, TypeError, TemplateError)
-    try:  # newer vLLM raises its own type for invalid requests; older ones a ValueError
-        from vllm.exceptions import VLLMValidationError
-
-        row_errors += (VLLMValidationError,)
-    except ImportError:
-        pass
-    try:  # newer vLLM takes pre-tokenized input as an EngineInput; older ones as a TokensPrompt dict
-        from vllm.inputs import tokens_input
-    except ImportError:
-        def tokens_input(ids: list[int]) -> dict:
-            return {"prompt_token_ids": ids}
-    engine = llm.llm_engine
-    tokenizer = llm.get_tokenizer()
-    # One SamplingParams for every row without overrides, as LLM.generate does (the engine copies it).
-    job_params = sampling_params(sampling)
-    depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
-    inflight: dict[str, _InFlight] = {}
-    where: dict[str, tuple[str, int]] = {}  # request id -> (unit key, position in unit)
-    units = iter(units)
-    more = True
-    while True:
-        # 1. Top the queue up with whole units before it runs low.
-        while more and engine.get_num_unfinished_requests() < depth:
-            unit = next(units, None)
-            if unit is None:
-                more = False
-                break
-            state = inflight[unit.key] = _InFlight(unit, [None] * len(unit.rows), len(unit.rows))
-            failed = 0
-            for pos, row in enumerate(unit.rows):
-                if row.error is None:
-                    request_id = f"{unit.key}/{pos}"
-                    try:
-                        params = sampling_params(sampling, row.body) if row.body else job_params
-                        engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params)
-                        where[request_id] = (unit.key, pos)
-                        continue
-                    except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
-                        row.error = str(e).strip() or type(e).__name__
-                state.results[pos] = _failure(row)
-                state.remaining -= 1
-                failed += 1
-            progress.advance(failed, 0)
-            if state.remaining == 0:
-                yield _commit(inflight.pop(unit.key), out)
-        if not engine.has_unfinished_requests():
-            if not more:
-                break
-            continue
-        # 2. One engine step; record what finished and commit every unit that is complete.
-        rows = tokens = 0
-        try:
-            outputs = engine.step()
-        except Exception as e:  # the engine died (out of memory, a worker crashed): the job stops here
-            raise RuntimeFailure(f"the vLLM engine failed: {type(e).__name__}: {e}",
-                                 "the finished shards are kept: run the same command again to resume") from e
-        for output in outputs:
-            if not output.finished:
-                continue
-            key, pos = where.pop(output.request_id)
-            state = inflight[key]
-            completion = output.outputs[0]
-            state.results[pos] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
-                                  "prompt_tokens": len(output.prompt_token_ids or ()),
-                                  "completion_tokens": len(completion.token_ids), "error": None}
-            state.remaining -= 1
-            rows += 1
-            tokens += len(completion.token_ids)
-            if state.remaining == 0:
-                yield _commit(inflight.pop(key), out)
-        if rows:
-            progress.advance(rows, tokens)
-    if inflight:  # cannot happen: every request of a unit ends finished or failed
-        raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
-
-
-def _token_ids(tokenizer, row: Row) -> list[int]:
-    if row.messages is not None:
-        text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
-        # The chat template already holds the special tokens (as vLLM's chat path does).
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(row.prompt)
-
-
-def _failure(row: Row) -> dict[str, Any]:
-    return {"generated_text": None, "finish_reason": None, "prompt_tokens": None, "completion_tokens": None,
-            "error": row.error}
-
-
-def _commit(state: _InFlight, out: OutputDir) -> tuple[str, dict[str, int]]:
-    import pyarrow as pa
-
-    unit, results = state.unit, state.results
-    arrays = {"row": pa.array([r.index for r in unit.rows], pa.int64())}
-    if "id" not in unit.kept.column_names:
-        arrays["id"] = pa.array([r.id for r in unit.rows], pa.string())
-    for name in unit.kept.column_names:
-        arrays[name] = unit.kept.column(name)
-    for name, kind in (("generated_text", pa.string()), ("finish_reason", pa.string()),
-                       ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("error", pa.string())):
-        arrays[name] = pa.array([r[name] for r in results], kind)
-    stats = {"rows": len(results), "failed": sum(r["error"] is not None for r in results),
-             "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in results),
-             "completion_tokens": sum(r["completion_tokens"] or 0 for r in results)}
-    stats["ok"] = stats["rows"] - stats["failed"]
-    out.commit(unit.key, pa.table(arrays), stats)
-    return unit.key, stats
-
-
-# --- data parallel ------------------------------------------------------------------------------------
-
-
-def worker_gpus(plan, rank: int) -> list[int]:
-    """The physical GPU indices of engine `rank`: consecutive groups of tensor_parallel_size GPUs."""
-    from llmops.hardware import detect
-
-    tp = plan.tensor_parallel_size
-    indices = [g.index for g in detect().gpus]
-    return indices[rank * tp:(rank + 1) * tp]
-
-
-def worker_command(job: BatchJob, rank: int) -> list[str]:
-    return [sys.executable, "-m", "llmops.batch.worker", str(job.output.path), "--rank", str(rank),
-            "--world", str(job.plan.data_parallel_size)]
-
-
-def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
-    """Every world-th unit of the whole job, from `rank`: an even share in input order.
-
-    Taken over all units, not the pending ones, so the split does not depend on when each worker looks:
-    a worker that starts late cannot see a different split than one that has already committed."""
-    return {key for i, key in enumerate(units) if i % world == rank}
-
-
-def run_workers(job: BatchJob, done: dict[str, dict], progress: Progress) -> None:
-    """Start one worker per engine, follow their commits, fail if any of them fails."""
-    procs = []
-    for engine in job.engines():
-        cmd = worker_command(job, engine["rank"])
-        procs.append(subprocess.Popen(cmd, env={**os.environ, **engine["env"]}, preexec_fn=_die_with_parent))
-    try:
-        while True:
-            running = [p for p in procs if p.poll() is None]
-            new = job.output.committed(k for k in job.units if k not in done)
-            for stats in new.values():
-                progress.advance(stats["rows"], stats["completion_tokens"])
-            if new:
-                done.update(new)
-                job.output.write_manifest(job.identity, done, "running")
-            if not running:
-                break
-            time.sleep(2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        raise RuntimeFailure(f"{len(failed)} of {len(procs)} engine workers failed (rank {failed[0][0]} exited "
-                             f"{failed[0][1]}; its log is above)", "run the same command again to resume")
-
-
-def _die_with_parent() -> None:
-    """Workers end with the coordinator (Linux), so a killed job leaves no engine running on."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass

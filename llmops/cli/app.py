@@ -214,7 +214,8 @@ def _root(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every failure into a message on stderr and an exit code.
 
-    0 ok, 1 runtime failure, 2 usage or config error, 3 does not fit on this hardware, 130 interrupted.
+    0 ok, 1 runtime failure, 2 usage or config error, 3 does not fit on this hardware, 75 stopped early on
+    SIGTERM (rerun to finish), 130 interrupted.
     `LLMOPS_DEBUG=1` prints the traceback too.
     """
     debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0")
@@ -236,6 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("llmops: interrupted", file=sys.stderr)
         code = 130
+    except OSError as e:  # the file system refused (permission, full disk): not a bug, say what and where
+        from llmops.errors import StorageError
+
+        if debug:
+            traceback.print_exc()
+        print(f"llmops: error: {StorageError.from_os_error(e)}", file=sys.stderr)
+        code = 1
     except Exception as e:
         if debug:
             traceback.print_exc()

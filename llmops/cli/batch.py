@@ -37,7 +37,13 @@ def batch_command(
     messages_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "messages_column"))] = None,
     id_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "id_column"))] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Discard results in OUTPUT of another job (other model, sampling or input).")] = False,
+        "--overwrite", help="Discard the results of another job in OUTPUT (other model, input, sampling or "
+                            "engine dtype/context); removes only files llmops wrote there.")] = False,
+    grace_period: Annotated[float, typer.Option(
+        "--grace-period", min=1.0,
+        help="Seconds between SIGTERM/SIGINT and exit: finished rows are committed, then exit 75 (rerun to "
+             "finish). Set it below your platform's grace period (Kubernetes 30 s, GCP spot 30 s, AWS 120 s).")
+    ] = 20.0,
     show: Annotated[int, typer.Option(help="After the summary, print the first N prompt -> completion pairs "
                                            "(with --json: an `examples` list).", min=0)] = 0,
     json: JsonOpt = False,
@@ -47,7 +53,8 @@ def batch_command(
 
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
     stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
-    some failed (see the `error` column), 2 for bad usage or unreadable input.
+    some failed (see the `error` column), 2 for bad usage, unreadable input or an output folder in use or
+    holding another job, 75 when stopped by SIGTERM/SIGINT (rerun to finish).
     """
     from llmops.batch import BatchConfig, dry_run as plan_text, plan_batch, run_batch
     from llmops.batch.outputs import OutputDir
@@ -62,7 +69,7 @@ def batch_command(
     if dry_run:
         _print_plan(plan_text(plan_batch(cfg, input, output, overwrite=overwrite)), json)
         return
-    summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar())
+    summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar(), grace_period_s=grace_period)
     examples = OutputDir(output).examples(show) if show else []
     if json:
         out.print_json({**summary.to_dict(), **({"examples": examples} if show else {})})

@@ -1,0 +1,111 @@
+"""Planning a batch job: resolve the model, read the input's shape, plan the engine, fix the job's identity
+and check the output folder, all before anything is written or any engine starts (so every refusal is
+fast and leaves the folder as it was)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmops.batch.config import BatchConfig
+from llmops.batch.identity import EngineIdentity, JobIdentity, ModelIdentity
+from llmops.batch.inputs import InputSpec, check_custom_ids, count_rows, open_input, unit_sizes
+from llmops.batch.outputs import Manifest, OutputDir
+
+
+@dataclass
+class BatchJob:
+    """A job resolved and checked, before anything is written or started."""
+
+    config: BatchConfig
+    input_spec: InputSpec
+    row_counts: list[int]
+    unit_sizes: dict[str, int]
+    """Rows of every unit, by key, in input order."""
+    plan: Any
+    """llmops.plan.EnginePlan"""
+    model_name: str
+    model_path: Path | None
+    identity: JobIdentity
+    output: OutputDir
+    overwrite: bool
+
+    @property
+    def units(self) -> list[str]:
+        return list(self.unit_sizes)
+
+    def with_model(self, model_path: Path) -> None:
+        """Record the model's folder once it is local, and its digest in the identity."""
+        from llmops.fingerprint import model_digest
+
+        self.model_path = model_path
+        self.identity.model = ModelIdentity(name=self.model_name, path=str(model_path),
+                                            digest=model_digest(model_path))
+
+    def manifest(self) -> Manifest:
+        from llmops.vllm_engine import engine_args, engine_env
+
+        return Manifest(job=self.identity, job_key=self.identity.key(), status="running",
+                        files=["config.yaml", *(["output.jsonl", "errors.jsonl"]
+                                                if self.input_spec.format == "openai" else [])],
+                        input_paths=[str(f.resolve()) for f in self.input_spec.files],
+                        engine_args=engine_args(self.plan, self.model_path), engine_env=engine_env(self.plan))
+
+    def warnings(self) -> list[str]:
+        dp = self.plan.data_parallel_size
+        if dp > 1 and len(self.unit_sizes) < 2 * dp:
+            return [f"{len(self.unit_sizes)} shards for {dp} engines leaves engines idle: lower chunk_rows "
+                    f"(--set chunk_rows=N) to about {max(1, sum(self.row_counts) // (4 * dp))}"]
+        return []
+
+
+def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
+               overwrite: bool = False) -> BatchJob:
+    """Resolve the model, read the input's shape and content digest, plan the engine and check the output
+    folder; no writes. A model that is already local is digested here (cached after its first time)."""
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+    from llmops.vllm_engine import plan_for
+
+    resolved = resolve(config.model)
+    spec = open_input(input_path, config.input)
+    if spec.format == "openai":
+        check_custom_ids(spec)
+    counts = count_rows(spec)
+    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch")
+    identity = JobIdentity(input=spec.identity(), model=ModelIdentity(name=resolved.name),
+                           sampling=config.sampling.model_dump(mode="json"),
+                           engine=EngineIdentity(dtype=plan.dtype, max_model_len=plan.max_model_len),
+                           chunk_rows=config.chunk_rows)
+    job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, resolved.name, None,
+                   identity, OutputDir(output_dir), overwrite)
+    if (path := resolved.local_path()) is not None:
+        job.with_model(path)
+    job.output.check(job.identity, overwrite)
+    return job
+
+
+def resolved_config(config: BatchConfig, plan) -> BatchConfig:
+    """`config` with every "auto" engine field replaced by the planned value (what is written to config.yaml)."""
+    from llmops.vllm_engine import EngineConfig
+
+    planned = {k: getattr(plan, k) for k in EngineConfig.model_fields}
+    return config.model_copy(update={"engine": EngineConfig(**{k: "auto" if v is None else v
+                                                                for k, v in planned.items()})})
+
+
+def dry_run(job: BatchJob) -> dict[str, Any]:
+    """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
+    from llmops.batch.workers import engines
+
+    done = 0 if job.overwrite else len(job.output.committed(job.unit_sizes, None).done)
+    return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
+            "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
+                      "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
+                      "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
+            "output_dir": str(job.output.path), "units": len(job.unit_sizes), "units_done": done,
+            "identity": job.identity.model_dump(mode="json"),
+            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
+            "warnings": job.warnings()}

@@ -1,0 +1,126 @@
+"""Placing several engines: one worker process per GPU group (`EnginePlan.data_parallel_size` > 1).
+
+Each worker (`llmops.batch.worker`) reads the job from the output folder's typed manifest, takes every
+n-th unit and commits shards exactly as a single engine does, so resume works the same way. The
+coordinator follows the commits, forwards a stop request to the workers and waits for them within the
+grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from llmops.batch.engine import Progress, StopRequest
+from llmops.batch.outputs import Committed
+from llmops.errors import RuntimeFailure
+
+# A worker gets this much less of the grace period than the coordinator, which then still has time to
+# collect its commits and write the manifest.
+WORKER_GRACE_MARGIN_S = 3.0
+
+
+def worker_gpus(plan, rank: int) -> list[int]:
+    """The physical GPU indices of engine `rank`: consecutive groups of tensor_parallel_size GPUs."""
+    from llmops.hardware import detect
+
+    tp = plan.tensor_parallel_size
+    indices = [g.index for g in detect().gpus]
+    return indices[rank * tp:(rank + 1) * tp]
+
+
+def worker_command(job, rank: int, grace_period_s: float | None = None) -> list[str]:
+    command = [sys.executable, "-m", "llmops.batch.worker", str(job.output.path), "--rank", str(rank),
+               "--world", str(job.plan.data_parallel_size)]
+    if grace_period_s is not None:
+        command += ["--grace-period", str(max(1.0, grace_period_s - WORKER_GRACE_MARGIN_S))]
+    return command
+
+
+def engines(job, grace_period_s: float | None = None) -> list[dict[str, Any]]:
+    """One entry per engine: the GPUs it gets, its environment and the exact call or command."""
+    from llmops.vllm_engine import engine_args, engine_env
+
+    args = engine_args(job.plan, job.model_path or f"<{job.model_name}, not downloaded yet>")
+    env = engine_env(job.plan)
+    dp = job.plan.data_parallel_size
+    if dp == 1:
+        call = " ".join([*(f"{k}={v}" for k, v in env.items()), f"vllm.LLM(**{args!r})"])
+        return [{"rank": 0, "env": env, "call": call, "llm_args": args}]
+    found = []
+    for rank in range(dp):
+        gpus = ",".join(str(i) for i in worker_gpus(job.plan, rank))
+        worker_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
+        cmd = worker_command(job, rank, grace_period_s)
+        command = " ".join([*(f"{k}={v}" for k, v in worker_env.items()), *cmd])
+        found.append({"rank": rank, "gpus": gpus, "env": worker_env, "command": command, "argv": cmd,
+                      "llm_args": args})
+    return found
+
+
+def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
+    """Every world-th unit of the whole job, from `rank`: an even share in input order.
+
+    Taken over all units, not the pending ones, so the split does not depend on when each worker looks:
+    a worker that starts late cannot see a different split than one that has already committed."""
+    return {key for i, key in enumerate(units) if i % world == rank}
+
+
+def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest, on_commit) -> None:
+    """Start one worker per engine, follow their commits, fail if any of them fails. On a stop request,
+    pass it on (SIGTERM) and wait for the workers to commit what they finished, within the grace period."""
+    procs = []
+    for engine in engines(job, stop.grace_period_s):
+        procs.append(subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"]},
+                                      preexec_fn=_die_with_parent))
+    forwarded = False
+    seen = {key: stats.rows for key, stats in committed.done.items()}
+    seen.update({key: len(rows) for key, rows in committed.partial.items()})
+    try:
+        while True:
+            if stop.requested and not forwarded:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                forwarded = True
+            running = [p for p in procs if p.poll() is None]
+            now = job.output.committed(job.unit_sizes, job.identity.key())
+            rows_now = {key: stats.rows for key, stats in now.done.items()}
+            rows_now.update({key: len(rows) for key, rows in now.partial.items()})
+            new_rows = sum(rows_now.values()) - sum(seen.values())
+            if new_rows:
+                new_tokens = (sum(s.completion_tokens for s in now.done.values())
+                              + sum(s.completion_tokens for s in now.partial_stats.values())
+                              - sum(s.completion_tokens for s in committed.done.values())
+                              - sum(s.completion_tokens for s in committed.partial_stats.values()))
+                progress.advance(new_rows, new_tokens)
+                seen, committed = rows_now, now
+                on_commit(now)
+            if not running or (stop.requested and time.monotonic() >= stop.finish_by):
+                break
+            time.sleep(0.5 if stop.requested else 2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # past the grace period (or the coordinator failed): its committed units are safe
+                p.wait()
+    if stop.requested:
+        return
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeFailure(f"{len(failed)} of {len(procs)} engine workers failed (rank {failed[0][0]} exited "
+                             f"{failed[0][1]}; its log is above); rerun the same command to resume")
+
+
+def _die_with_parent() -> None:
+    """Workers end with the coordinator (Linux), so a killed job leaves no engine running on."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
