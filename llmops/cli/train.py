@@ -40,10 +40,16 @@ def run_command(
     resume: Annotated[str, typer.Option(
         help="auto: continue from the latest checkpoint in the run folder; never: start over; "
              "or a checkpoint folder.")] = "auto",
+    allow_changed_recipe: Annotated[bool, typer.Option(
+        "--allow-changed-recipe",
+        help="Resume even if the checkpoint was saved under a recipe that decides training differently "
+             "(other data, hyperparameters, model...); without it such a resume exits 2.")] = False,
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Train as RECIPE says (the default command: `llmops train RECIPE`), then register the result."""
+    """Train as RECIPE says (the default command: `llmops train RECIPE`), then register the result.
+
+    SIGTERM saves a checkpoint at the current step and exits 75: rerun the same command to continue."""
     from llmops.train.launch import plan_recipe, run
     from llmops.train.recipe import load_recipe
 
@@ -65,7 +71,7 @@ def run_command(
         out.result((env + " " if env else "") + shlex.join(run_plan.command) if run_plan.command
                    else "(one process: trains inside llmops, no accelerate launch)")
         return
-    summary = run(run_plan, resume=resume, log=out.log)
+    summary = run(run_plan, resume=resume, allow_changed_recipe=allow_changed_recipe, log=out.log)
     if json:
         out.print_json(summary)
         return

@@ -142,7 +142,8 @@ def with_positions(dataset):
 
 class Collator:
     """Right-pads a batch to its longest row. The padding restarts its position ids at 0, so the packed-
-    sequence mask treats it as a separate example that no real token attends to; its labels are ignored."""
+    sequence mask treats it as a separate example that no real token attends to; its labels are ignored.
+    Rows that carry their index in the dataset (`row`) pass it on as `rows` (see `logging.row_indices`)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -160,6 +161,8 @@ class Collator:
         out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         # Not a model input: the loop pops it to count real tokens (the pad id may equal a real token's id).
         out["num_tokens"] = torch.tensor(sum(len(r["input_ids"]) for r in rows))
+        if "row" in rows[0]:
+            out["rows"] = torch.tensor([r["row"] for r in rows])
         return out
 
 
@@ -189,7 +192,8 @@ def build_dataloaders(recipe, tokenizer, source: str = "recipe"):
 
     def prepare(ds):
         ds = tokenize_dataset(ds, tokenizer, fmt, data.max_seq_len)
-        return pack(ds, data.max_seq_len) if data.packing else with_positions(ds)
+        ds = pack(ds, data.max_seq_len) if data.packing else with_positions(ds)
+        return ds.add_column("row", list(range(len(ds))))  # which rows a step trained on, for the metrics
 
     train_ds = prepare(train_raw)
     if len(train_ds) == 0:

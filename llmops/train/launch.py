@@ -138,64 +138,129 @@ def accelerate_config(recipe: Recipe, device: str, total_processes: int) -> dict
     return config
 
 
-def write_run_dir(run: RunPlan) -> None:
+def write_run_dir(run: RunPlan, fingerprint: dict[str, str]) -> None:
     from llmops.config import dump_config
     import yaml
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(run.recipe, run.run_dir / "recipe.yaml")
+    (run.run_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
     (run.run_dir / "accelerate_config.yaml").write_text(yaml.safe_dump(run.accelerate_config, sort_keys=False))
     (run.run_dir / "plan.json").write_text(json.dumps(run.plan, indent=2))
 
 
-def run(run: RunPlan, resume: str = "auto", log: Callable[[str], None] = lambda m: None) -> dict:
-    """Train (in this process or with `accelerate launch`), then export and register the model."""
-    from llmops.train.export import export, register
+def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
+        log: Callable[[str], None] = lambda m: None) -> dict:
+    """Train (in this process or with `accelerate launch`), then export and register the model.
 
+    `resume`: auto (the latest checkpoint in the run folder), never, or a checkpoint folder. A checkpoint
+    is resumed from only if it was written under the same recipe fingerprint (`recipe_fingerprint`), unless
+    `allow_changed_recipe`. SIGTERM checkpoints the step in progress and raises `Stopped` (exit 75)."""
+    from llmops.train.export import export, register
+    from llmops.train.loop import catch_sigterm, checkpoints, find_checkpoint, stopped, train
+    from llmops.train.recipe import recipe_fingerprint
+
+    # 1. Which checkpoint, if any, and is it one of this recipe's?
     if resume not in ("auto", "never") and not (Path(resume) / "progress.json").exists():
         raise UsageError(f"--resume {resume}: not a checkpoint folder (no progress.json)",
                          f"checkpoints are under {run.run_dir / 'checkpoints'}")
-    finished = run.run_dir / "finished.json"
-    recipe_as_given = run.recipe.model_dump(mode="json")
-    if resume == "never" and (run.run_dir / "checkpoints").exists():
-        import shutil
-
-        shutil.rmtree(run.run_dir / "checkpoints")  # a fresh run: old checkpoints would mix with the new
-    write_run_dir(run)
     if not Path(run.recipe.model).exists():
         _download_base(run)
+    fingerprint = recipe_fingerprint(run.recipe)
+    finished = run.run_dir / "finished.json"
+    recipe_as_given = run.recipe.model_dump(mode="json")
     if resume == "auto" and finished.exists():
-        done = json.loads(finished.read_text())
+        done = _read_json(finished)
         exported = done.get("export", {})
-        if done.get("recipe") == recipe_as_given and Path(exported.get("model_dir", "")).is_dir():
+        if (done.get("recipe") == recipe_as_given and done.get("fingerprint") == fingerprint
+                and Path(exported.get("model_dir", "")).is_dir()):
             # Export moved a full fine-tune's weights out of RUN/final, so only the registration is redone.
             log(f"{run.run_dir} already holds a finished run of this recipe: registering its model again "
                 "without training (pass --resume never to train from scratch)")
             registered = register(run, Path(exported["model_dir"]), log)
             return {**done["summary"], **exported, "registered": registered}
-    finished.unlink(missing_ok=True)
-    summary: dict = {}
-    if not run.command:
-        from llmops.train.loop import train
+    checkpoint = find_checkpoint(run.run_dir, resume)
+    if checkpoint is not None:
+        check_same_recipe(checkpoint, fingerprint, allow_changed_recipe, log)
 
-        summary = train(run.recipe, run.run_dir, resume=resume)
+    # 2. The run folder: the resolved recipe and its fingerprint, which every checkpoint copies.
+    if resume == "never" and (run.run_dir / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(run.run_dir / "checkpoints")  # a fresh run: old checkpoints would mix with the new
+    write_run_dir(run, fingerprint)
+    finished.unlink(missing_ok=True)
+
+    # 3. Train, here or in launched processes; SIGTERM is relayed to them, and they checkpoint and stop.
+    resume_arg = str(checkpoint) if checkpoint else "never"
+    if not run.command:
+        with catch_sigterm() as stop_requested:
+            summary = train(run.recipe, run.run_dir, resume=resume_arg, stop_requested=stop_requested)
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:]]
-        if resume != "auto":
-            command.append(resume)
-        log(f"launching {run.total_processes} processes: {shlex.join(run.command)}")
-        proc = subprocess.run(command, env={**os.environ, **run.env})
-        if proc.returncode != 0:
-            raise RuntimeFailure(f"training failed (accelerate launch exited with {proc.returncode})",
+        command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:], resume_arg]
+        log(f"launching {run.total_processes} processes: {shlex.join([*run.command, resume_arg])}")
+        proc = subprocess.Popen(command, env={**os.environ, **run.env})
+        # torch's launcher (the elastic agent) passes SIGTERM on to every rank, and kills those still
+        # running 30 s later (`LocalElasticAgent._shutdown`).
+        with catch_sigterm(then=proc.send_signal) as stop_requested:
+            returncode = proc.wait()
+        if returncode != 0 and stop_requested():
+            found = checkpoints(run.run_dir)
+            raise stopped(found[-1] if found else None)
+        if returncode != 0:
+            raise RuntimeFailure(f"training failed (accelerate launch exited with {returncode})",
                                  f"see the log above; rerun the same command to resume from the last checkpoint "
                                  f"in {run.run_dir / 'checkpoints'}")
-        summary = last_metrics(run.run_dir)
+        summary = {**last_metrics(run.run_dir), "resumed_from": str(checkpoint) if checkpoint else None}
+
+    # 4. Export and register (on the main machine), then mark the run done, so rerunning the same command
+    #    (a CI retry, say) does not train again.
     if run.recipe.distributed.machine_rank != 0:
-        return {**summary, "run_dir": str(run.run_dir)}  # the main machine exports
+        return {**summary, "run_dir": str(run.run_dir)}
     exported = export(run, log=log)
-    # Marks the run as done, so rerunning the same command (a CI retry, say) does not train again.
-    finished.write_text(json.dumps({"recipe": recipe_as_given, "summary": summary, "export": exported}))
+    write_json_atomic(finished, {"recipe": recipe_as_given, "fingerprint": fingerprint, "summary": summary,
+                                 "export": exported})
     return {**summary, **exported}
+
+
+def check_same_recipe(checkpoint: Path, fingerprint: dict[str, str], allow_changed_recipe: bool,
+                      log: Callable[[str], None]) -> None:
+    """Refuse (exit 2) to resume from a checkpoint written under another recipe, naming what changed."""
+    from llmops.train.recipe import fingerprint_changes
+
+    saved = _read_json(checkpoint / "fingerprint.json")
+    if not saved:
+        log(f"{checkpoint} records no recipe fingerprint (an older llmops wrote it): resuming without checking")
+        return
+    changes = fingerprint_changes(saved, fingerprint)
+    if not changes:
+        return
+    if allow_changed_recipe:
+        log(f"resuming from {checkpoint} although the recipe changed ({'; '.join(changes)}): "
+            "--allow-changed-recipe")
+        return
+    raise UsageError(f"the recipe changed since checkpoint {checkpoint} was saved: {'; '.join(changes)}",
+                     "rerun with the recipe it was saved under; or start over with --resume never (or another "
+                     "--output); or continue anyway with --allow-changed-recipe")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} when it is missing or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Through a temporary file, fsync and rename: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _download_base(run: RunPlan) -> None:
@@ -203,13 +268,13 @@ def _download_base(run: RunPlan) -> None:
 
     path = ensure_local(resolve(run.base_model))
     run.recipe = run.recipe.model_copy(update={"model": str(path)})
-    write_run_dir(run)
 
 
 def last_metrics(run_dir: Path) -> dict:
     """Steps, last loss and process count, read back from the metrics file of a launched run."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from llmops.train.loop import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     if not steps:

@@ -5,29 +5,40 @@ It runs in-process for one process, or in each process started by `accelerate la
 RUN_DIR/recipe.yaml` (see `llmops.train.launch`). It takes a fully resolved recipe (no `auto` left, `model` a
 local folder) and writes, under the run folder:
 - `metrics.jsonl`: one JSON line per logged step (loss, lr, tokens/s, processes) and per evaluation;
-- `checkpoints/step-NNNNNNNN/`: `accelerator.save_state` plus `progress.json` (step, epoch, batches seen);
+- `checkpoints/step-NNNNNNNN/`: `accelerator.save_state` plus `progress.json` (step, epoch, batches seen) and
+  copies of the run's `recipe.yaml` and `fingerprint.json` (what a resume checks against);
 - `final/`: the trained weights (the whole model, or the LoRA adapter) for `llmops.train.export`.
+
+SIGTERM (a preempted spot machine's notice) stops a run cleanly: every process finishes its step, they all
+checkpoint it and `train` raises `Stopped` (exit 75), so rerunning the same command continues the curve.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
+from llmops.errors import Stopped
 from llmops.train.data import build_dataloaders
 from llmops.train.recipe import Recipe
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
-    """Train as `recipe` says; returns a summary (steps, last loss, processes). `resume`: auto, never or a
-    checkpoint folder."""
+def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
+          stop_requested: Callable[[], bool] = lambda: False) -> dict:
+    """Train as `recipe` says; returns a summary (steps, last loss, processes, checkpoint resumed from).
+    `resume`: auto, never or a checkpoint folder. When `stop_requested()` turns true on any process (see
+    `catch_sigterm`), the step in progress is finished and checkpointed, then `Stopped` is raised."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -72,15 +83,17 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
 
     # 6. Resume: model, optimizer, scheduler and RNG states, and where in which epoch we were.
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
-    checkpoint = find_checkpoint(run_dir, resume)
+    checkpoint = resumed_from = find_checkpoint(run_dir, resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / "progress.json").read_text())
         if main:
             print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})", file=sys.stderr)
     metrics = MetricsFile(run_dir / "metrics.jsonl", main, keep_until=progress["step"])
+    if any_process(accelerator, stop_requested()):  # stopped while loading: nothing new to save
+        raise stopped(checkpoint)
 
-    # 7. The loop.
+    # 7. The loop. A stop request is honoured at the end of a step, by every process at the same step.
     bar = tqdm(total=total_steps, initial=progress["step"], desc=recipe.name, unit="step", dynamic_ncols=True,
                disable=not (main and recipe.logging.progress_bar), file=sys.stderr)
     model.train()
@@ -91,7 +104,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
         skip = progress["batches_in_epoch"]
         batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         for batch in batches:
-            real_tokens = batch.pop("num_tokens")
+            real_tokens, rows = batch.pop("num_tokens"), batch.pop("rows")
             with accelerator.accumulate(model):
                 # use_cache=False: with a cache transformers ignores the packed-sequence position ids.
                 loss = model(**batch, use_cache=False).loss
@@ -101,18 +114,18 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
                 optimizer.step()  # a no-op until the last micro-batch of the step (accelerate)
                 optimizer.zero_grad()
             progress["batches_in_epoch"] += 1
-            window.add(loss.detach(), real_tokens, batch["input_ids"].numel())
+            window.add(loss.detach(), real_tokens, batch["input_ids"].numel(), rows)
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             progress["step"] += 1
             step = progress["step"]
-            last = window.flush(accelerator)
+            last = window.flush(accelerator, recipe.logging.row_indices)
             row = {"step": step, "epoch": progress["epoch"], "loss": round(last["loss"], 6),
                    "lr": lr, "tokens": last["tokens"], "tokens_per_s": round(last["tokens_per_s"], 1),
                    "real_token_fraction": round(last["real_fraction"], 4),
-                   "num_processes": accelerator.num_processes}
+                   "num_processes": accelerator.num_processes, **last["rows"]}
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % recipe.logging.every_n_steps == 0 or step == total_steps:
@@ -123,8 +136,14 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
             if eval_dl is not None and due(recipe.eval.every_n_steps, step, total_steps):
                 metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator,
                                                                     recipe.eval.max_batches)})
-            if due(recipe.checkpoint.every_n_steps, step, total_steps):
-                save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
+            saved = due(recipe.checkpoint.every_n_steps, step, total_steps)
+            if saved:
+                checkpoint = save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
+            if any_process(accelerator, stop_requested()):
+                if not saved:
+                    checkpoint = save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
+                bar.close()
+                raise stopped(checkpoint)
             if step >= total_steps:
                 break
         else:  # the epoch ran out before max_steps: on to the next one
@@ -140,11 +159,56 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto") -> dict:
     save_final(accelerator, model, run_dir / "final")
     accelerator.end_training()
     return {"steps": progress["step"], "loss": last["loss"] if last else None, "eval_loss": eval_loss,
-            "num_processes": accelerator.num_processes}
+            "num_processes": accelerator.num_processes,
+            "resumed_from": str(resumed_from) if resumed_from else None}
 
 
 def due(every: int | None, step: int, total_steps: int) -> bool:
     return bool(every) and step % every == 0 and step < total_steps
+
+
+# --- stopping early -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def catch_sigterm(then: Callable[[int], None] = lambda signum: None) -> Iterator[Callable[[], bool]]:
+    """While inside, SIGTERM (a spot machine's preemption notice) no longer kills the process: it is noted,
+    and `then(signum)` runs. Yields a function that says whether it came. Outside the main thread, where
+    Python cannot set handlers, SIGTERM keeps its usual effect."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received.is_set
+        return
+
+    def note(signum, frame):
+        received.set()
+        then(signum)
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        yield received.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on any, so that all of them take the same branch (the
+    signal reaches the ranks at different moments; a rank that checkpointed alone would hang the others)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item() > 0
+
+
+def stopped(checkpoint: Path | None) -> Stopped:
+    """The error for a run stopped on request: exit 75, rerun to continue from `checkpoint`."""
+    if checkpoint is None:
+        return Stopped("training stopped by SIGTERM before its first checkpoint",
+                       "rerun the same command to start it again")
+    step = json.loads((checkpoint / "progress.json").read_text())["step"]
+    return Stopped(f"training stopped by SIGTERM at step {step}; checkpoint {checkpoint}",
+                   "rerun the same command to continue from it")
 
 
 def load_model(recipe: Recipe, accelerator):
@@ -186,24 +250,28 @@ class Window:
     """Loss and token counts of the micro-batches since the last optimizer step."""
 
     def __init__(self):
-        self.losses, self.real, self.total, self.start = [], 0, 0, time.perf_counter()
+        self.losses, self.real, self.total, self.rows, self.start = [], 0, 0, [], time.perf_counter()
 
-    def add(self, loss, real_tokens, total_tokens: int) -> None:
+    def add(self, loss, real_tokens, total_tokens: int, rows) -> None:
         self.losses.append(loss)
         self.real += int(real_tokens)
         self.total += total_tokens
+        self.rows += rows.tolist()
 
-    def flush(self, accelerator) -> dict:
-        """Mean loss and token counts over all processes, then start a new window."""
+    def flush(self, accelerator, with_rows: bool = False) -> dict:
+        """Mean loss and token counts over all processes (and, `with_rows`, the row indices each process
+        trained on, as `{"rows": [[...] per process]}`), then start a new window."""
         import torch
+        from accelerate.utils import gather_object
 
         loss = accelerator.reduce(torch.stack(self.losses).float().mean(), "mean").item()
         counts = accelerator.reduce(torch.tensor([self.real, self.total], device=accelerator.device), "sum")
         real, total = counts.tolist()
+        rows = {"rows": gather_object([self.rows])} if with_rows else {}
         elapsed = time.perf_counter() - self.start
         self.__init__()
         return {"loss": loss, "tokens": int(real), "tokens_per_s": real / elapsed,
-                "real_fraction": real / max(total, 1)}
+                "real_fraction": real / max(total, 1), "rows": rows}
 
 
 def evaluate(model, eval_dl, accelerator, max_batches: int | None) -> float:
@@ -215,7 +283,7 @@ def evaluate(model, eval_dl, accelerator, max_batches: int | None) -> float:
     for i, batch in enumerate(eval_dl):
         if max_batches is not None and i >= max_batches:
             break
-        batch.pop("num_tokens")
+        batch.pop("num_tokens"), batch.pop("rows")
         with torch.no_grad():
             loss = model(**batch, use_cache=False).loss
         tokens = (batch["labels"][:, 1:] != -100).sum()  # the labels the (shifted) loss was averaged over
@@ -244,9 +312,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return Path(resume)  # a folder, checked by the CLI
 
 
-def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) -> None:
-    """`save_state` into a temporary folder, add the data position, then rename: a crash mid-save leaves the
-    previous checkpoint as the latest good one."""
+def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) -> Path:
+    """`save_state` into a temporary folder, add the data position and the recipe with its fingerprint, then
+    rename: a crash mid-save leaves the previous checkpoint as the latest good one. Returns the folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{progress['step']:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -256,6 +324,9 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) 
     accelerator.save_state(str(tmp))  # every process writes its RNG state; the main one the rest
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name in ("recipe.yaml", "fingerprint.json"):  # written by `llmops.train.launch` for the run
+            if (Path(run_dir) / name).exists():
+                shutil.copy2(Path(run_dir) / name, tmp / name)
         (tmp / "progress.json").write_text(json.dumps(progress))
         if final.exists():
             shutil.rmtree(final)
@@ -263,6 +334,7 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) 
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return final
 
 
 def save_final(accelerator, model, out: Path) -> None:
@@ -280,14 +352,16 @@ def save_final(accelerator, model, out: Path) -> None:
 
 class MetricsFile:
     """`metrics.jsonl`, written by the main process. On resume, lines past the checkpoint's step (logged by
-    the interrupted run before it died) are dropped, so the file tells one consistent story."""
+    the interrupted run before it died) are dropped, so the file tells one consistent story; so is a torn
+    last line (a crash mid-write). The trimmed file replaces the old one by a rename."""
 
     def __init__(self, path: Path, main: bool, keep_until: int):
         self.path, self.main = path, main
         if main and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
-            path.write_text("".join(line + "\n" for line in keep) if keep_until else "")
+            keep = [row for row in read_jsonl(path) if row.get("step", 0) <= keep_until] if keep_until else []
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+            os.replace(tmp, path)
 
     def write(self, row: dict) -> None:
         if self.main:
@@ -295,13 +369,33 @@ class MetricsFile:
                 f.write(json.dumps(row) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, skipping lines that do not parse (a torn last line after a crash)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of each process started by `accelerate launch -m llmops.train.loop RECIPE [RESUME]`."""
+    """Entry point of each process started by `accelerate launch -m llmops.train.loop RECIPE [RESUME]`.
+    Exits 75 when stopped by SIGTERM (forwarded by the launcher) after checkpointing."""
     from llmops.config import load_config
 
     args = sys.argv[1:] if argv is None else argv
-    recipe = load_config(Recipe, yaml_path=args[0])
-    train(recipe, Path(recipe.output_dir), resume=args[1] if len(args) > 1 else "auto")
+    with catch_sigterm() as stop_requested:
+        recipe = load_config(Recipe, yaml_path=args[0])
+        try:
+            train(recipe, Path(recipe.output_dir), resume=args[1] if len(args) > 1 else "auto",
+                  stop_requested=stop_requested)
+        except Stopped as e:
+            print(f"llmops: {e.message}", file=sys.stderr)
+            sys.exit(Stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ class LoggingConfig(StrictModel):
     """A progress bar on stderr (main process only): step, loss, learning rate, tokens/s, ETA."""
     tensorboard: bool = False
     """Also log to TensorBoard under OUTPUT/tensorboard (needs the `tensorboard` package)."""
+    row_indices: bool = False
+    """Add to each step's metrics line the training rows each process trained on (`rows`: one list of row
+    indices per process), to check data-parallel sharding and that a resumed run sees the same data."""
 
 
 class DistributedConfig(StrictModel):
@@ -172,6 +175,53 @@ class Recipe(StrictModel):
         if not NAME_PATTERN.match(value):
             raise ValueError("use lower-case letters, digits, '.', '-' and '_', starting with a letter or digit")
         return value
+
+
+# --- identity -----------------------------------------------------------------------------------------
+
+# Recipe fields that do not change the trained weights: names and places, how the run is logged, evaluated,
+# checkpointed and exported, and how the machines find each other.
+NOT_IN_FINGERPRINT = ("name", "output_dir", "checkpoint", "eval", "logging", "export", "distributed.machine_rank",
+                      "distributed.main_process_ip", "distributed.main_process_port")
+
+
+def recipe_fingerprint(recipe: Recipe) -> dict[str, str]:
+    """What decides a resolved recipe's training result, as {dotted field: JSON value}: every field not in
+    NOT_IN_FINGERPRINT, plus the content digests of the local data files and of the base model's folder
+    (its path then does not count, so a moved copy is the same model). Stored with every checkpoint."""
+    from llmops.fingerprint import files_digest, model_digest
+
+    fields = {key: json.dumps(value) for key, value in _flatten(recipe.model_dump(mode="json")).items()
+              if not any(key == skip or key.startswith(skip + ".") for skip in NOT_IN_FINGERPRINT)
+              and not (recipe.method == "full" and key.startswith("lora."))}
+    for key in ("path", "eval_path"):
+        local = [p for p in as_list(getattr(recipe.data, key)) if is_local(p)]
+        if local:
+            fields[f"data.{key} content"] = files_digest(local)
+    if Path(recipe.model).is_dir():
+        del fields["model"]
+        fields["model content"] = model_digest(recipe.model)
+    return fields
+
+
+def fingerprint_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """The fields that differ, each as `field: old -> new` (content digests by name alone)."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key} differs" if key.endswith("content") else
+                           f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}")
+    return changes
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --- loading ------------------------------------------------------------------------------------------
