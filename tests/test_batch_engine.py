@@ -217,3 +217,152 @@ def test_data_parallel_workers_run_as_processes_and_split_the_job(tmp_path, defa
     err = capfd.readouterr().err
     assert "worker 0: committed 2 units" in err and "worker 1: committed 2 units" in err
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"
+
+
+# --- stopping, resuming, several engines (issue 8 preemption, issue 13 item 7) -------------------------
+
+
+def start_batch(args, log, *, python_prefix=()):
+    """`llmops batch ARGS` in its own process group, stderr to `log`; `python_prefix` replaces `-m llmops`
+    (a `-c` script that patches the plan before calling the CLI)."""
+    cmd = [sys.executable, *(python_prefix or ("-m", "llmops")), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True,
+                            cwd=REPO)
+
+
+def wait_for_shards(out, proc, more_than=0, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("results/*.parquet"))) > more_than:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no new shard (exit {proc.poll()})")
+
+
+def assert_exactly_once(out, rows):
+    table = read_results(out)
+    assert table.column("row").to_pylist() == list(range(rows))  # none lost, none twice
+    assert table.column("error").null_count == rows
+    assert not list(out.glob("results/*.tmp"))
+    return table
+
+
+def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row_once(tmp_path,
+                                                                                      default_model_dir):
+    rows, grace = 120, 6
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Tell a short story about the number {i}."}
+                                              for i in range(rows)])
+    out = tmp_path / "out"
+    # Units of 40 rows x 48 tokens take longer than the grace period: the units in flight when SIGTERM
+    # arrives cannot finish, so their finished rows are committed as pieces (short shards).
+    args = ["batch", path, "-o", out, "--max-tokens", "48", "--set", "chunk_rows=40", "--grace-period", grace,
+            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+    proc = start_batch(args, tmp_path / "first.log")
+    try:
+        wait_for_shards(out, proc)
+        proc.send_signal(signal.SIGTERM)  # to llmops alone, as Kubernetes signals a container's main process
+        code = proc.wait(timeout=grace)  # the contract: gone within the grace period
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "first.log").read_text()
+    assert code == 75, log[-3000:]
+    assert "stopped by SIGTERM" in log and "rerun the same command" in log and "Traceback" not in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "stopped"
+    shards = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
+    pieces = [name for name in shards if name.count(".") == 2]  # part-KEY.N.parquet
+    assert pieces, f"a unit in flight should have been committed in part: {sorted(shards)}"
+    committed = read_results(out).column("row").to_pylist()
+    assert len(committed) == len(set(committed)) and manifest["totals"]["rows"] == len(committed)
+
+    done = run_cli(*map(str, args), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["rows_ok"] == rows and summary["rows_skipped"] == len(committed)
+    first = assert_exactly_once(out, rows)
+    assert all(s.stat().st_mtime_ns == t for s in out.glob("results/*.parquet") if (t := shards.get(s.name)))
+
+    # --overwrite from the command line: another job replaces this one; a file of the user's stays.
+    (out / "notes.txt").write_text("mine")
+    redo = run_cli(*map(str, args[:-4]), "--max-tokens", "4", "--overwrite", "--json",
+                   *(a for s in SMALL_ENGINE for a in ("--set", s)))
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    again = assert_exactly_once(out, rows)
+    assert max(again.column("completion_tokens").to_pylist()) <= 4 < max(first.column("completion_tokens").to_pylist())
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(list(out.glob("results/*.parquet"))) == rows // 40  # no piece of the old job is left
+
+
+# Runs the CLI with two engines planned on the CPU (the CPU plan has one), as on a machine with two GPU groups.
+TWO_ENGINES = ("-c", "import dataclasses, sys, llmops.vllm_engine as v\n"
+                     "plan_for = v.plan_for\n"
+                     "v.plan_for = lambda *a, **k: dataclasses.replace(plan_for(*a, **k), data_parallel_size=2)\n"
+                     "from llmops.cli.app import main\nmain(sys.argv[1:])")
+
+
+def worker_pid(out, rank):
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"llmops.batch.worker" in cmdline and str(out).encode() in cmdline and \
+                    cmdline[cmdline.index(b"--rank") + 1] == str(rank).encode():
+                return int(proc)
+    return None
+
+
+def test_data_parallel_run_with_a_failing_worker_a_kill_and_a_sigterm_resumes_each_row_once(tmp_path,
+                                                                                           default_model_dir):
+    rows = 48
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count from {i} to {i + 5}."} for i in range(rows)])
+    out = tmp_path / "out"
+    args = ["batch", path, "-o", out, "--max-tokens", "16", "--set", "chunk_rows=4", "--grace-period", "10",
+            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+
+    # 1. A worker dies (kill -9 of rank 1): the job fails naming it; rank 0's units are kept.
+    proc = start_batch(args, tmp_path / "1.log", python_prefix=TWO_ENGINES)
+    try:
+        wait_for_shards(out, proc)
+        os.kill(worker_pid(out, 1), signal.SIGKILL)
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "1.log").read_text()
+    assert code == 1 and "1 of 2 engine workers failed (rank 1 exited -9" in log, log[-3000:]
+    assert "Traceback" not in log
+    after_failure = len(read_results(out))
+
+    # 2. The whole job is killed (kill -9 of its process group) once it has committed more.
+    proc = start_batch(args, tmp_path / "2.log", python_prefix=TWO_ENGINES)
+    try:
+        wait_for_shards(out, proc, more_than=len(list(out.glob("results/*.parquet"))))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    after_kill = len(read_results(out))
+    assert after_failure < after_kill < rows
+
+    # 3. SIGTERM: the coordinator passes it on, the workers commit what finished, exit 75.
+    proc = start_batch(args, tmp_path / "3.log", python_prefix=TWO_ENGINES)
+    try:
+        wait_for_shards(out, proc, more_than=len(list(out.glob("results/*.parquet"))))
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = (tmp_path / "3.log").read_text()
+    assert code == 75 and "stopped by SIGTERM" in log, log[-3000:]
+
+    # 4. The rerun finishes: every row exactly once.
+    done = run_cli(*map(str, args), "--json", env={})
+    assert done.returncode == 0, done.stderr[-2000:]  # plain CLI: one engine finishes what is left
+    assert json.loads(done.stdout)["rows_ok"] == rows
+    assert_exactly_once(out, rows)

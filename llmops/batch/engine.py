@@ -31,6 +31,7 @@ DEFAULT_GRACE_PERIOD_S = 20.0
 # Of the grace period, what is kept back for committing, the manifest and the engine's shutdown after the
 # last step (vLLM's engine processes take a few seconds to exit).
 EXIT_RESERVE_S = 6.0
+REPEAT_SIGNAL_S = 2.0
 
 
 class Progress:
@@ -75,11 +76,12 @@ def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
     once. The previous handlers are put back afterwards (the caller may be a test session or a notebook)."""
 
     def handle(signum, frame):
-        name = signal.Signals(signum).name
-        already = stop.requested
-        stop.request(name)
-        if already or not stop.generating:
-            raise stop.stopped("nothing was being generated" if not already else "stopped at once")
+        # A repeat within a moment is the same request (Ctrl-C reaches a data-parallel worker both from the
+        # terminal and from its coordinator); a later one means "now".
+        again = stop.requested and time.monotonic() - stop.received > REPEAT_SIGNAL_S
+        stop.request(signal.Signals(signum).name)
+        if again or not stop.generating:
+            raise stop.stopped("stopped at once, unfinished rows dropped" if again else "nothing was generating")
 
     saved = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -176,13 +176,21 @@ class OutputDir:
                 continue
         return found
 
-    def _shard_identity(self, shards: list[Path]) -> JobIdentity | None:
+    def _shard_identity(self) -> tuple[bool, JobIdentity | None]:
+        """(whether any shard here is ours, the job identity the first of them records)."""
         import pyarrow.parquet as pq
 
-        for path in shards:
-            with contextlib.suppress(Exception):
-                return JobIdentity.model_validate_json(pq.read_schema(path).metadata[META_IDENTITY])
-        return None
+        for path in sorted(self.results.glob("part-*.parquet")) if self.results.is_dir() else []:
+            try:
+                meta = pq.read_schema(path).metadata or {}
+            except Exception:
+                continue
+            if META_UNIT in meta:
+                try:
+                    return True, JobIdentity.model_validate_json(meta[META_IDENTITY])
+                except (KeyError, ValidationError, ValueError):
+                    return True, None
+        return False, None
 
     def _foreign_entries(self) -> list[Path]:
         """What is here besides llmops's own files (lock, leftovers of a run killed before its manifest)."""
@@ -198,20 +206,22 @@ class OutputDir:
             raise UsageError(f"cannot use {self.path} as the output folder: it is a file; give a folder with -o")
         if not self.path.exists():
             return
-        manifest, raw = self.read_manifest(), self._raw_manifest()
-        shards = self.our_shards()
-        ours = manifest is not None or (raw is not None and "job" in raw) or bool(shards)
-        if not ours:
-            stray = self._foreign_entries()
-            if self.results.is_dir():
-                stray += [p for p in self.results.iterdir() if not p.name.endswith(".tmp")]
-            if stray:
-                raise UsageError(f"{self.path} is not empty and holds no llmops batch output "
-                                 f"(found {stray[0].name}); choose a new or empty output folder")
-            return
+        manifest = self.read_manifest()
+        if manifest is not None:
+            old = manifest.job
+        else:  # lost or damaged: the shards say whose they are (and an older llmops's manifest says it is ours)
+            raw = self._raw_manifest()
+            has_shards, old = self._shard_identity()
+            if not (has_shards or (raw is not None and "job" in raw)):
+                stray = self._foreign_entries()
+                if self.results.is_dir():
+                    stray += [p for p in self.results.iterdir() if not p.name.endswith(".tmp")]
+                if stray:
+                    raise UsageError(f"{self.path} is not empty and holds no llmops batch output "
+                                     f"(found {stray[0].name}); choose a new or empty output folder")
+                return
         if overwrite:
             return
-        old = manifest.job if manifest is not None else self._shard_identity(shards)
         if old is None:
             raise UsageError(f"{self.path} holds batch results that record no job identity (an older llmops, "
                              "or a damaged manifest); use a new --output or --overwrite")
@@ -239,6 +249,10 @@ class OutputDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         self._lock_fd = fd
+
+    def lock_fds(self) -> tuple[int, ...]:
+        """The lock's file descriptor, for child processes that must hold the folder as long as they run."""
+        return () if self._lock_fd is None else (self._lock_fd,)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -296,8 +310,9 @@ class OutputDir:
                 stats = UnitStats.model_validate_json(meta[META_STATS])
                 shard_job = meta.get(META_JOB, b"").decode()
             except Exception:  # cannot happen with atomic commits, but a damaged disk must not stop a job
-                with contextlib.suppress(OSError):
-                    path.rename(path.with_name(path.name + ".damaged"))
+                if job_key is not None:  # not in a dry run, which writes nothing
+                    with contextlib.suppress(OSError):
+                        path.rename(path.with_name(path.name + ".damaged"))
                 continue
             if job_key is not None and shard_job != job_key:
                 raise UsageError(f"{path} belongs to another job than the rest of {self.path}; "

@@ -75,8 +75,10 @@ def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest
     pass it on (SIGTERM) and wait for the workers to commit what they finished, within the grace period."""
     procs = []
     for engine in engines(job, stop.grace_period_s):
+        # The workers share the folder's lock (the same open file): a rerun cannot start while a worker of
+        # a killed coordinator is still committing.
         procs.append(subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"]},
-                                      preexec_fn=_die_with_parent))
+                                      preexec_fn=_die_with_parent, pass_fds=job.output.lock_fds()))
     forwarded = False
     seen = {key: stats.rows for key, stats in committed.done.items()}
     seen.update({key: len(rows) for key, rows in committed.partial.items()})
