@@ -35,6 +35,15 @@ def set_verbose(on: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
+def new_log_file(kind: str) -> Path:
+    """A fresh log file under `$LLMOPS_HOME/logs/` (where serve keeps its logs too), e.g. batch-20261127-134502.log."""
+    import time
+
+    from llmops.paths import logs_dir
+
+    return logs_dir() / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
 def terminal() -> IO[str]:
     """Where llmops's own progress goes: the terminal's stderr, also while `engine_output` is active."""
     return _terminal or sys.stderr

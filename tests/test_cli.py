@@ -158,7 +158,7 @@ def test_hw_json_on_this_machine_and_on_fake_hardware(tmp_path):
     fake.write_text(json.dumps(EIGHT_80GIB_GPUS.to_dict()))
     data = json.loads(run_cli("hw", "--json", "-m", "llama-3.3-70b", env={"LLMOPS_HARDWARE": str(fake)}).stdout)
     assert len(data["hardware"]["gpus"]) == 8
-    assert data["plans"]["serve"]["tensor_parallel_size"] == 2
+    assert data["plans"]["serve"]["tensor_parallel_size"] == 4  # holds the whole context; 2 replicas (issue 9)
     assert data["plans"]["batch"]["data_parallel_size"] == 4
     text = run_cli("hw", "-m", "llama-3.3-70b", env={"LLMOPS_HARDWARE": str(fake)}).stdout
     assert "NVIDIA H100 80GB HBM3" in text and "tensor_parallel_size" in text
@@ -187,3 +187,24 @@ def test_wheel_ships_the_registry_recipes_and_their_training_data(tmp_path):
         assert f"llmops/recipes/{recipe.name}" in names
     # the CPU recipes point at ../examples/train/*.jsonl; the same relative path must hold inside the wheel
     assert {"llmops/examples/train/glimmerfox.jsonl", "llmops/examples/train/glimmerfox-eval.jsonl"} <= names
+
+
+@pytest.mark.engine
+def test_batch_prints_only_its_own_lines_and_logs_the_engine(default_model_dir, tmp_path):
+    """vLLM, torch and safetensors write start-up logs and bars (some from worker processes, straight to fd 2):
+    they belong in the log file, not between llmops's lines."""
+    from llmops.paths import logs_dir
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is the capital of France?"}\n{"prompt": "Name a colour."}\n')
+    before = set(logs_dir().glob("batch-*.log")) if logs_dir().is_dir() else set()
+    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--max-tokens", "8",
+                   "--set", "engine.cpu_kv_cache_gib=1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("llmops") for line in lines), proc.stderr
+    assert "rows: 2 ok" in proc.stdout
+    new_logs = set(logs_dir().glob("batch-*.log")) - before
+    assert len(new_logs) == 1
+    logged = new_logs.pop().read_text()
+    assert "Loading safetensors checkpoint shards" in logged  # written by vLLM's worker process
