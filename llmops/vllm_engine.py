@@ -9,44 +9,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import Field
-
-from llmops.config import StrictModel
 from llmops.errors import DoesNotFitError, LlmopsError
 from llmops.hardware import GIB, Hardware
-from llmops.plan import EnginePlan, ModelFacts, plan_engine
+from llmops.plan import EngineConfig, EnginePlan, ModelFacts, plan_engine
 
-Auto = Literal["auto"]
-
-
-class EngineConfig(StrictModel):
-    """How vLLM runs. Every field defaults to "auto": the planner picks it from the hardware and the model."""
-
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where the engine runs; auto uses the GPUs when there are any."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and activations; auto is bf16 where the hardware computes in it natively, else fp16/fp32."""
-    tensor_parallel_size: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
-    """GPUs per engine; auto is the smallest count the model fits on."""
-    data_parallel_size: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
-    """Engines side by side, one per group of GPUs (batch only); auto uses every GPU."""
-    max_model_len: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
-    """Longest prompt + completion in tokens; auto is the model's context, shortened to what the KV cache holds."""
-    gpu_memory_utilization: Union[Auto, float] = Field(default="auto", union_mode="left_to_right")
-    """Fraction of each GPU vLLM may use; auto is 0.9."""
-    cpu_kv_cache_gib: Union[Auto, int] = Field(default="auto", union_mode="left_to_right")
-    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); auto is half the RAM left after the weights, at most 8."""
-    enforce_eager: Union[Auto, bool] = Field(default="auto", union_mode="left_to_right")
-    """Skip torch.compile/CUDA graphs; auto is on for the CPU (compiling costs ~90 s there), off on GPUs."""
+__all__ = ["EngineConfig", "EnginePlan", "as_cli_flags", "engine_args", "engine_env", "explain_engine_failure",
+           "plan_for"]
 
 
 def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"], *,
-             tokens_per_row: int | None = None) -> EnginePlan:
-    """Resolve every "auto" in `config` for this model and hardware. `tokens_per_row` (batch: a typical
-    prompt + completion length) sizes the CPU KV cache to what the job can use."""
-    return plan_engine(facts, hw, workload=workload, tokens_per_row=tokens_per_row, **config.model_dump())
+             rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None) -> EnginePlan:
+    """Resolve every "auto" in `config` for this model and hardware (see `llmops.plan.plan_engine`). A batch job
+    passes its `rows`, a typical prompt length in tokens and `max_tokens`: they size the CPU KV cache and
+    decide whether compiling pays off."""
+    return plan_engine(config, facts, hw, workload=workload, rows=rows, prompt_tokens=prompt_tokens,
+                       max_tokens=max_tokens)
 
 
 def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
@@ -60,6 +39,12 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
     }
     if plan.gpu_memory_utilization is not None:
         args["gpu_memory_utilization"] = plan.gpu_memory_utilization
+    if plan.workload == "serve" and plan.data_parallel_size > 1:
+        # Offline batch runs one engine per GPU group itself; the server lets vLLM balance its replicas.
+        args["data_parallel_size"] = plan.data_parallel_size
+    for knob in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(plan, knob) is not None:
+            args[knob] = getattr(plan, knob)
     return args
 
 
@@ -69,6 +54,8 @@ def engine_env(plan: EnginePlan) -> dict[str, str]:
     if plan.device == "cpu":
         # Without it vLLM sizes the CPU KV cache from total RAM and fails when anything else uses memory.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)
+        if plan.cpu_reserved_cores is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(plan.cpu_reserved_cores)
     return env
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from llmops.errors import DoesNotFitError, UsageError
 from llmops.hardware import GIB
-from llmops.plan import estimate_params, model_facts, plan_engine, plan_train
+from llmops.plan import EngineConfig, estimate_params, model_facts, plan_engine, plan_train
 from llmops.registry import resolve
 from tests.fake_hardware import EIGHT_80GIB_GPUS, ONE_24GIB_GPU, cpu_only, gpus
 
@@ -11,6 +11,11 @@ pytestmark = pytest.mark.unit
 
 def facts(name):
     return model_facts(resolve(name))
+
+
+def plan_of(name, hw, workload, job=None, **config):
+    """The engine plan for registry model `name`; `config` holds EngineConfig fields, `job` a batch job's size."""
+    return plan_engine(EngineConfig(**config), facts(name), hw, workload=workload, **(job or {}))
 
 
 def test_param_estimate_matches_published_counts():
@@ -24,7 +29,7 @@ def test_param_estimate_matches_published_counts():
 
 
 def test_cpu_without_native_bf16_plans_fp32_eager_and_a_sized_kv_cache():
-    plan = plan_engine(facts("smollm2-135m"), cpu_only(24), workload="batch")
+    plan = plan_of("smollm2-135m", cpu_only(24), "batch")
     assert (plan.device, plan.dtype, plan.enforce_eager) == ("cpu", "float32", True)
     assert plan.tensor_parallel_size == plan.data_parallel_size == 1
     assert 1 <= plan.cpu_kv_cache_gib <= 8
@@ -34,13 +39,13 @@ def test_cpu_without_native_bf16_plans_fp32_eager_and_a_sized_kv_cache():
 
 
 def test_cpu_with_native_bf16_plans_bf16():
-    plan = plan_engine(facts("smollm2-135m"), cpu_only(24, ("avx2", "avx512f", "avx512_bf16")), workload="serve")
+    plan = plan_of("smollm2-135m", cpu_only(24, ("avx2", "avx512f", "avx512_bf16")), "serve")
     assert plan.dtype == "bfloat16"
 
 
 def test_cpu_model_too_big_exits_3_with_numbers():
     with pytest.raises(DoesNotFitError) as err:
-        plan_engine(facts("llama-3.1-8b"), cpu_only(24), workload="serve")
+        plan_of("llama-3.1-8b", cpu_only(24), "serve")
     msg = str(err.value)
     assert err.value.exit_code == 3
     assert "needs" in msg and "has" in msg and "GiB" in msg
@@ -48,37 +53,69 @@ def test_cpu_model_too_big_exits_3_with_numbers():
 
 
 def test_small_kv_cache_shortens_max_model_len():
-    plan = plan_engine(facts("llama-3.1-8b"), ONE_24GIB_GPU, workload="serve")
+    plan = plan_of("llama-3.1-8b", ONE_24GIB_GPU, "serve")
     assert (plan.device, plan.dtype, plan.tensor_parallel_size) == ("cuda", "bfloat16", 1)
-    # 24 GiB x 0.9 - 2 GiB overhead - 15 GiB of bf16 weights leaves ~4.6 GiB: ~37k tokens at 128 KiB each.
-    assert 2048 <= plan.max_model_len < 131072
-    assert plan.max_model_len % 256 == 0
-    assert any("max_model_len" in n for n in plan.notes)
+    # 24 GiB x 0.9 - 2 GiB overhead - the bf16 weights leaves ~4.6 GiB: ~37k tokens at 128 KiB each.
+    weights = resolve("llama-3.1-8b").spec.params * 2
+    kv_tokens = int((24 * GIB * 0.9 - 2 * GIB - weights) // (2 * 32 * 8 * 128 * 2))
+    assert plan.kv_cache_tokens == kv_tokens == pytest.approx(37_000, rel=0.03)
+    assert plan.max_model_len == kv_tokens // 256 * 256
+    assert any(f"max_model_len {plan.max_model_len}: the KV cache holds {kv_tokens} tokens" in n for n in plan.notes)
 
 
-def test_70b_on_eight_h100s_picks_smallest_tensor_parallel_and_data_parallel_for_batch():
-    serve = plan_engine(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, workload="serve")
-    assert serve.tensor_parallel_size == 2  # 131 GiB of bf16 weights need two 80 GiB cards
-    assert serve.data_parallel_size == 1
-    batch = plan_engine(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, workload="batch")
+def test_explicit_max_model_len_that_does_not_fit_a_gpu_exits_3_with_the_numbers():
+    # It was shortened silently to what the cache holds; an explicit value is never changed.
+    with pytest.raises(DoesNotFitError, match=r"max_model_len 131072 does not fit: .* cache holds 3\d{4}") as err:
+        plan_of("llama-3.1-8b", ONE_24GIB_GPU, "serve", max_model_len=131072)
+    assert err.value.exit_code == 3 and "at most 3" in err.value.hint
+    assert plan_of("llama-3.1-8b", ONE_24GIB_GPU, "serve", max_model_len=16384).max_model_len == 16384
+
+
+def test_gpu_memory_held_by_other_processes_lowers_gpu_memory_utilization():
+    from llmops.hardware import GPU
+
+    base = gpus(1, 80)
+    busy = base.__class__(cpu=base.cpu, ram=base.ram, disk=base.disk,
+                          gpus=(GPU(0, "NVIDIA H100", 80 * GIB, 50 * GIB, "9.0"),))  # 30 GiB held elsewhere
+    plan = plan_of("llama-3.1-8b", busy, "serve")
+    # vLLM refuses to start unless utilization x total is free: 50/80 = 0.625, less a 2% margin.
+    assert plan.gpu_memory_utilization == 0.60
+    assert any("other processes hold 30.0 GiB of GPU 0" in n for n in plan.notes)
+    expected = int((80 * GIB * 0.60 - 2 * GIB - resolve("llama-3.1-8b").spec.params * 2) // (2 * 32 * 8 * 128 * 2))
+    assert plan.kv_cache_tokens == expected
+    assert plan_of("llama-3.1-8b", ONE_24GIB_GPU, "serve").gpu_memory_utilization == 0.90  # 98% free: default
+
+
+def test_70b_on_eight_h100s_uses_every_gpu():
+    # serve: tensor parallel 2 fits the weights but holds only ~26k tokens; 4 holds the whole 131k context,
+    # and two such replicas use all 8 GPUs (vLLM's --data-parallel-size).
+    serve = plan_of("llama-3.3-70b", EIGHT_80GIB_GPUS, "serve")
+    assert (serve.tensor_parallel_size, serve.data_parallel_size, serve.max_model_len) == (4, 2, 131072)
+    assert any("whole 131072-token context" in n for n in serve.notes)
+    assert any("data_parallel_size 2" in n and "all 8 GPUs" in n for n in serve.notes)
+    from llmops.vllm_engine import as_cli_flags, engine_args
+
+    assert as_cli_flags(engine_args(serve, "/m"))[-2:] == ["--data-parallel-size", "2"]
+    batch = plan_of("llama-3.3-70b", EIGHT_80GIB_GPUS, "batch")
     assert (batch.tensor_parallel_size, batch.data_parallel_size) == (2, 4)
-    small = plan_engine(facts("llama-3.1-8b"), EIGHT_80GIB_GPUS, workload="batch")
+    assert "data_parallel_size" not in engine_args(batch, "/m")  # llmops runs one engine per GPU group
+    small = plan_of("llama-3.1-8b", EIGHT_80GIB_GPUS, "serve")
     assert (small.tensor_parallel_size, small.data_parallel_size) == (1, 8)
 
 
 def test_70b_on_one_24gib_gpu_does_not_fit():
     with pytest.raises(DoesNotFitError, match=r"needs about .* GiB per GPU"):
-        plan_engine(facts("llama-3.3-70b"), ONE_24GIB_GPU, workload="serve")
+        plan_of("llama-3.3-70b", ONE_24GIB_GPU, "serve")
 
 
 def test_old_gpu_gets_fp16_and_explicit_values_are_checked():
-    assert plan_engine(facts("qwen2.5-0.5b"), gpus(1, 16, "Tesla T4", "7.5"), workload="serve").dtype == "float16"
+    assert plan_of("qwen2.5-0.5b", gpus(1, 16, "Tesla T4", "7.5"), "serve").dtype == "float16"
     with pytest.raises(DoesNotFitError, match="needs 4 GPUs"):
-        plan_engine(facts("qwen2.5-7b"), ONE_24GIB_GPU, workload="serve", tensor_parallel_size=4)
+        plan_of("qwen2.5-7b", ONE_24GIB_GPU, "serve", tensor_parallel_size=4)
     with pytest.raises(UsageError, match="longer than"):
-        plan_engine(facts("smollm2-135m"), cpu_only(), workload="serve", max_model_len=100000)
+        plan_of("smollm2-135m", cpu_only(), "serve", max_model_len=100000)
     with pytest.raises(DoesNotFitError, match="no NVIDIA GPU"):
-        plan_engine(facts("smollm2-135m"), cpu_only(), workload="serve", device="cuda")
+        plan_of("smollm2-135m", cpu_only(), "serve", device="cuda")
 
 
 def test_train_plans():
@@ -106,35 +143,35 @@ AVX512_BF16 = ("avx2", "avx512f", "avx512_bf16")
 def test_cpu_kv_cache_fits_a_numa_node_smaller_than_half_the_ram():
     # The machine of issue 9: /proc/meminfo 23.5 GiB, node 0 with 6.48 GiB available; vLLM refused 8 GiB.
     hw = cpu_only(23.5, AVX512_BF16, node_available_gib=6.48)
-    plan = plan_engine(facts("smollm2-135m"), hw, workload="batch")
+    plan = plan_of("smollm2-135m", hw, "batch")
     weights = plan.weights_gib * GIB
     room = 6.48 * GIB * 0.9 - weights - 1.5 * GIB  # node less 10%, the weights and the engine's processes
     assert plan.cpu_kv_cache_gib == int(room // GIB) == 4
     assert plan.cpu_kv_cache_gib * GIB + weights < 6.48 * GIB
     assert any("NUMA node 0" in n and "6.5 GiB available" in n for n in plan.notes)
     # A node with 3.7 GiB still gets a 1 GiB cache, the most that fits beside the engine.
-    small = plan_engine(facts("smollm2-135m"), cpu_only(23.5, AVX512_BF16, node_available_gib=3.7), workload="serve")
+    small = plan_of("smollm2-135m", cpu_only(23.5, AVX512_BF16, node_available_gib=3.7), "serve")
     assert small.cpu_kv_cache_gib == 1
     with pytest.raises(DoesNotFitError, match="NUMA node 0") as err:
-        plan_engine(facts("smollm2-135m"), cpu_only(23.5, AVX512_BF16, node_available_gib=2.0), workload="serve")
+        plan_of("smollm2-135m", cpu_only(23.5, AVX512_BF16, node_available_gib=2.0), "serve")
     assert err.value.exit_code == 3
 
 
 def test_explicit_cpu_kv_cache_larger_than_the_node_exits_3():
     hw = cpu_only(23.5, AVX512_BF16, node_available_gib=6.48)
     with pytest.raises(DoesNotFitError, match=r"8 GiB does not fit on NUMA node 0.*6\.5 GiB available"):
-        plan_engine(facts("smollm2-135m"), hw, workload="batch", cpu_kv_cache_gib=8)
-    assert plan_engine(facts("smollm2-135m"), hw, workload="batch", cpu_kv_cache_gib=2).cpu_kv_cache_gib == 2
+        plan_of("smollm2-135m", hw, "batch", cpu_kv_cache_gib=8)
+    assert plan_of("smollm2-135m", hw, "batch", cpu_kv_cache_gib=2).cpu_kv_cache_gib == 2
 
 
 def test_cpu_kv_cache_is_no_bigger_than_the_workload_can_use():
     hw = cpu_only(64, AVX512_BF16, node_available_gib=60)
     # batch: 256 running sequences x the row length the caller expects (200 tokens: 1.1 GiB -> 2 GiB).
-    batch = plan_engine(facts("smollm2-135m"), hw, workload="batch", tokens_per_row=200)
+    batch = plan_of("smollm2-135m", hw, "batch", job={"prompt_tokens": 100, "max_tokens": 100})
     assert batch.cpu_kv_cache_gib == -(-256 * 200 * SMOLLM2_BF16_KV_PER_TOKEN // GIB) == 2
     assert any("256 sequences at once x 200 tokens" in n for n in batch.notes)
     # serve: 8 streams per core (16 on 2 cores) at the full 8192-token context: 2.8 GiB -> 3 GiB.
-    serve = plan_engine(facts("smollm2-135m"), hw, workload="serve")
+    serve = plan_of("smollm2-135m", hw, "serve")
     assert serve.cpu_kv_cache_gib == -(-16 * 8192 * SMOLLM2_BF16_KV_PER_TOKEN // GIB) == 3
     assert serve.kv_cache_tokens == 3 * GIB // SMOLLM2_BF16_KV_PER_TOKEN
 

