@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from llmops.config import StrictModel
 from llmops.errors import DoesNotFitError, UsageError
@@ -73,7 +73,26 @@ CPU_BATCH_FLOPS_PER_CORE = {"native_bf16": 85e9, "other": 37e9}
 # --- the config users write, and the plan it resolves to ---------------------------------------------
 
 Auto = Literal["auto"]
-PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _auto_or(kind: type, low: float, *, above: bool = False, high: float | None = None):
+    """A setting that is "auto" or a number in bounds, with one error message when it is out of them
+    (`tensor_parallel_size: 0` gave a ZeroDivisionError, `gpu_memory_utilization: 1.5` was accepted)."""
+    bound = (f"above {low:g}" if above else f"{low:g} or more") + (f" and at most {high:g}" if high else "")
+
+    def check(value):
+        if value == "auto":
+            return value
+        if (value <= low if above else value < low) or (high is not None and value > high):
+            raise ValueError(f"must be auto or a number {bound} (got {value})")
+        return value
+
+    return Annotated[Union[Auto, kind], Field(union_mode="left_to_right"), AfterValidator(check)]
+
+
+AutoPositiveInt = _auto_or(int, 1)
+AutoCount = _auto_or(int, 0)
+AutoFraction = _auto_or(float, 0, above=True, high=1)
 
 
 class EngineConfig(StrictModel):
@@ -83,27 +102,26 @@ class EngineConfig(StrictModel):
     """Where the engine runs; auto uses the GPUs when there are any."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations; auto is bf16 where the hardware computes in it natively, else fp16/fp32."""
-    tensor_parallel_size: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    tensor_parallel_size: AutoPositiveInt = "auto"
     """GPUs per engine; auto is the smallest count the model fits on (serve: that holds its whole context)."""
-    data_parallel_size: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    data_parallel_size: AutoPositiveInt = "auto"
     """Engines side by side, one per group of GPUs; auto uses every GPU."""
-    max_model_len: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    max_model_len: AutoPositiveInt = "auto"
     """Longest prompt + completion in tokens; auto is the model's context, shortened to what the KV cache holds."""
-    gpu_memory_utilization: Union[Auto, Annotated[float, Field(gt=0, le=1)]] = Field(
-        default="auto", union_mode="left_to_right")
+    gpu_memory_utilization: AutoFraction = "auto"
     """Fraction of each GPU vLLM may use; auto is 0.9, less what other processes already hold."""
-    cpu_kv_cache_gib: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    cpu_kv_cache_gib: AutoPositiveInt = "auto"
     """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); auto is what the workload can use, within the
     free memory of the NUMA node vLLM binds to."""
-    cpu_reserved_cores: Union[Auto, Annotated[int, Field(ge=0)]] = Field(default="auto", union_mode="left_to_right")
+    cpu_reserved_cores: AutoCount = "auto"
     """CPU only: cores kept free of compute for vLLM's front end (VLLM_CPU_NUM_OF_RESERVED_CPU); auto is 0 on
     machines of up to 4 cores, else 1 (2 for a server on 32 or more)."""
     enforce_eager: Union[Auto, bool] = Field(default="auto", union_mode="left_to_right")
     """Skip torch.compile/CUDA graphs; auto compiles on GPUs, and on the CPU when the work is long enough to
     win back the compile time."""
-    max_num_seqs: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    max_num_seqs: AutoPositiveInt = "auto"
     """Sequences in one engine step; auto is vLLM's default (CPU: 256 for batch, 128 for serve)."""
-    max_num_batched_tokens: Union[Auto, PositiveInt] = Field(default="auto", union_mode="left_to_right")
+    max_num_batched_tokens: AutoPositiveInt = "auto"
     """Tokens in one engine step; auto is vLLM's default (CPU: 4096 for batch, 2048 for serve)."""
 
 

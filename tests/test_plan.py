@@ -191,3 +191,49 @@ def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob():
         "(0.9, 71.3 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes."))
     assert gpu is not None and "engine.gpu_memory_utilization" in gpu.hint
     assert explain_engine_failure(RuntimeError("something else")) is None
+
+
+def test_cpu_cores_reserved_for_vllms_front_end_follow_the_core_count():
+    from llmops.vllm_engine import engine_env
+
+    two = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16, cores=2), "batch")
+    assert two.cpu_reserved_cores == 0  # vLLM's default of 1 leaves the engine one core of two
+    assert engine_env(two) == {"VLLM_CPU_KVCACHE_SPACE": str(two.cpu_kv_cache_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert any(n.startswith("cpu_reserved_cores 0:") and "1.52x" in n for n in two.notes)
+    assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=16), "serve").cpu_reserved_cores == 1
+    assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=64), "serve").cpu_reserved_cores == 2
+    assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=64), "batch").cpu_reserved_cores == 1
+    explicit = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch", cpu_reserved_cores=1)
+    assert explicit.cpu_reserved_cores == 1 and not any("cpu_reserved_cores" in n for n in explicit.notes)
+
+
+def test_batch_compiles_only_when_the_job_is_long_enough_to_win_back_the_compile_time():
+    hw = cpu_only(24, AVX512_BF16)
+    small = plan_of("smollm2-135m", hw, "batch", job={"rows": 300, "max_tokens": 64})
+    assert small.enforce_eager and any("compiling would cost" in n for n in small.notes)
+    large = plan_of("smollm2-135m", hw, "batch", job={"rows": 200_000, "max_tokens": 256})
+    assert not large.enforce_eager and any(n.startswith("torch.compile: the job is") for n in large.notes)
+    assert plan_of("smollm2-135m", hw, "batch").enforce_eager  # size unknown: start fast
+    assert not plan_of("smollm2-135m", hw, "batch", enforce_eager=False).enforce_eager
+
+
+@pytest.mark.parametrize("field,value", [("tensor_parallel_size", 0), ("tensor_parallel_size", -1),
+                                         ("data_parallel_size", 0), ("gpu_memory_utilization", 1.5),
+                                         ("gpu_memory_utilization", 0), ("cpu_kv_cache_gib", 0),
+                                         ("max_model_len", 0), ("cpu_reserved_cores", -1), ("max_num_seqs", 0)])
+def test_engine_settings_out_of_bounds_are_config_errors(field, value):
+    from llmops.config import validate
+    from llmops.errors import ConfigError
+    from llmops.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=f"engine.{field}") as err:
+        validate(ServeConfig, {"engine": {field: value}}, "serve.yaml")
+    assert err.value.exit_code == 2
+
+
+def test_a_compiled_cpu_engine_uses_inductors_cache_instead_of_vllms_broken_aot_loader():
+    from llmops.vllm_engine import engine_env
+
+    compiled = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch", enforce_eager=False)
+    assert engine_env(compiled)["VLLM_USE_AOT_COMPILE"] == "0"
+    assert "VLLM_USE_AOT_COMPILE" not in engine_env(plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch"))
