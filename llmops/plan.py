@@ -359,10 +359,10 @@ def _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wa
             "--set engine.cpu_kv_cache_gib=1 tries anyway")
     use_gib = max(need_min, math.ceil(use / GIB))
     kv_gib = max(need_min, min(use_gib, fits, MAX_AUTO_CPU_KV_CACHE_GIB))
-    limit = ("what the workload can use: " + use_why if kv_gib == use_gib
-             else "the memory there is room for: " + room_why if kv_gib == fits
-             else f"at most {MAX_AUTO_CPU_KV_CACHE_GIB} GiB by default")
-    notes.append(f"CPU KV cache {kv_gib} GiB: {limit}")
+    limit = ("what the workload can use" if kv_gib == use_gib
+             else "what memory allows" if kv_gib == fits else f"at most {MAX_AUTO_CPU_KV_CACHE_GIB} GiB by default")
+    notes.append(f"CPU KV cache {kv_gib} GiB, {limit}. Use: {use_gib} GiB for {use_why}. "
+                 f"Room: {fits} GiB, from {room_why}")
     return kv_gib
 
 
