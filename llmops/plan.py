@@ -244,7 +244,7 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
     weights = facts.weight_bytes(dtype)
     kv_per_token = facts.kv_bytes_per_token(dtype)
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
-    reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(hw.cpu.usable_cores, workload), notes)
+    reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(engine_cores(hw), workload), notes)
     eager = _resolved(config, "enforce_eager", compile_decision(facts, hw, workload, work, reserved), notes)
 
     if config.cpu_kv_cache_gib == "auto":
@@ -275,6 +275,13 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
         tuple(notes), workload, reserved, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
 
 
+def engine_cores(hw: Hardware) -> int:
+    """Cores a CPU engine computes on: vLLM binds one thread per physical core of the NUMA node it binds to
+    (SMT siblings left out on x86); without NUMA information, every usable core."""
+    node = hw.engine_numa_node
+    return node.physical_cores if node is not None and node.physical_cores else hw.cpu.usable_cores
+
+
 def reserved_cores(cores: int, workload: Workload) -> tuple[int, str]:
     """Cores vLLM's CPU engine leaves to its front end, and why. vLLM reserves one by default; on a machine of
     a few cores that core is a large share of the compute, and measured gains say compute on all of them."""
@@ -300,7 +307,7 @@ def compile_decision(facts: ModelFacts, hw: Hardware, workload: Workload, work: 
     if work.rows is None:
         return True, ("enforce_eager: the job's size is not known, and compiling costs "
                       f"~{CPU_COMPILE_COST_S:.0f} s at start-up for ~{gain:.0%} throughput")
-    compute_cores = max(1, hw.cpu.usable_cores - reserved)
+    compute_cores = max(1, engine_cores(hw) - reserved)
     tok_s = CPU_BATCH_FLOPS_PER_CORE[kind] * compute_cores / (2 * facts.params)
     job_s = work.rows * (work.max_tokens or 256) / tok_s
     saved_s = job_s * gain / (1 + gain)
@@ -345,7 +352,7 @@ def _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wa
         use_why = (f"{seqs} sequences at once x {seq_len} tokens"
                    + ("" if work.tokens_per_row else " (a guess: the job's row lengths are not known)"))
     else:
-        streams = min(CPU_DEFAULT_MAX_NUM_SEQS["serve"], SERVE_STREAMS_PER_CORE * hw.cpu.usable_cores)
+        streams = min(CPU_DEFAULT_MAX_NUM_SEQS["serve"], SERVE_STREAMS_PER_CORE * engine_cores(hw))
         use = streams * wanted_len * kv_per_token
         use_why = f"{streams} streams at the full {wanted_len}-token context ({SERVE_STREAMS_PER_CORE} per core)"
     need_min = max(1, math.ceil(min_len * kv_per_token / GIB))

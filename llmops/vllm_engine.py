@@ -93,15 +93,21 @@ _GPU_FREE_REFUSED = re.compile(r"Free memory on device \S+ \(([\d.]+)/([\d.]+) G
 _KV_TOO_SMALL = re.compile(r"max seq len \((\d+)\).*?estimated maximum model length is (\d+)", re.S)
 
 
-def explain_engine_failure(exc: BaseException, log_text: str = "", plan: EnginePlan | None = None) -> LlmopsError | None:
+def explain_engine_failure(exc: BaseException, log: str | Path = "",
+                           plan: EnginePlan | None = None) -> LlmopsError | None:
     """The known reasons vLLM refuses to start, as an error naming the knob to turn (exit 3), or None.
 
     vLLM raises these in its engine process; the caller usually sees only "Engine core initialization failed.
-    See root cause above." So pass what the engine logged (`log_text`: serve keeps the child's last lines) and
-    the `plan`: for a CPU plan with no message to read, the NUMA node is probed again, since its free memory
-    moves on VMs and it is the usual cause.
+    See root cause above." So pass what the engine logged (`log`: its text, e.g. the last lines serve keeps, or
+    the path of the log file batch writes) and the `plan`: for a CPU plan with no message to read, the NUMA
+    node is probed again, since its free memory moves on VMs and it is the usual cause.
     """
-    text = f"{exc}\n{log_text}"
+    if isinstance(log, Path):
+        try:
+            log = log.read_bytes()[-64 * 1024:].decode("utf-8", "replace")
+        except OSError:
+            log = ""
+    text = f"{exc}\n{log}"
     if m := _CPU_NODE_REFUSED.search(text):
         node, free, total, asked = m.groups()
         wanted = re.findall(r"[\d.]+", asked)[-1]  # "8.0 GiB", or "0.9, 7.6 GiB" for the start-up check

@@ -176,7 +176,7 @@ def test_cpu_kv_cache_is_no_bigger_than_the_workload_can_use():
     assert serve.kv_cache_tokens == 3 * GIB // SMOLLM2_BF16_KV_PER_TOKEN
 
 
-def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob():
+def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob(tmp_path):
     from llmops.vllm_engine import explain_engine_failure
 
     # The message of issue 9, logged by vLLM's engine process; the caller's exception says only "see above".
@@ -191,6 +191,9 @@ def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob():
         "(0.9, 71.3 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes."))
     assert gpu is not None and "engine.gpu_memory_utilization" in gpu.hint
     assert explain_engine_failure(RuntimeError("something else")) is None
+    # batch passes the path of the log its engine wrote to
+    (tmp_path / "batch.log").write_text("Loading weights...\n" + log + "\n")
+    assert explain_engine_failure(RuntimeError("see above"), tmp_path / "batch.log").exit_code == 3
 
 
 def test_cpu_cores_reserved_for_vllms_front_end_follow_the_core_count():
