@@ -374,3 +374,24 @@ def test_duplicate_and_missing_custom_ids_are_refused_at_plan_time(tmp_path, env
     proc = batch(path, "-o", tmp_path / "out", "--model", model, env=env)
     assert_refused(proc, 2, f"{path}: no custom_id on line 2")
     assert not (tmp_path / "out").exists()
+
+
+# --- preemption: the signal handling itself (the real runs are in test_batch_engine.py) -------------------
+
+
+@pytest.mark.unit
+def test_sigterm_stops_at_once_before_generation_and_winds_down_during_it():
+    from llmops.batch.engine import StopRequest, stop_on_signals
+    from llmops.errors import Stopped
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(StopRequest(20)):
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)  # planning or engine start: nothing to keep
+    assert stopped.value.exit_code == 75 and "stopped by SIGTERM" in str(stopped.value)
+    with stop_on_signals(StopRequest(20)) as stop:
+        stop.generating = True
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once again (Ctrl-C reaching a worker twice): the same stop
+        assert stop.signal_name == "SIGINT" and stop.finish_by - stop.received == 14
+    assert signal.getsignal(signal.SIGTERM) is previous

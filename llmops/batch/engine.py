@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -83,6 +84,9 @@ def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
         if again or not stop.generating:
             raise stop.stopped("stopped at once, unfinished rows dropped" if again else "nothing was generating")
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield stop
+        return
     saved = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield stop
