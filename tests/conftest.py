@@ -6,19 +6,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = Path(os.environ.get("LLMOPS_TEST_HOME", REPO / ".test-home"))
 
-# Set before anything imports huggingface_hub/datasets/vllm, so the whole session is offline and isolated.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HOME", str(TEST_HOME / "hf"))
-os.environ.setdefault("VLLM_CACHE_ROOT", str(TEST_HOME / "vllm-cache"))
+# Set (not setdefault) before anything imports huggingface_hub/datasets/vllm, so every session is offline
+# and isolated whatever the caller's shell exports: a user's HF_HOME or LLMOPS_HOME must not leak in.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HOME"] = str(TEST_HOME / "hf")
+os.environ["VLLM_CACHE_ROOT"] = str(TEST_HOME / "vllm-cache")
 os.environ["LLMOPS_HOME"] = str(TEST_HOME / "llmops")
+# The planner reads the machine from LLMOPS_HARDWARE when it is set, and serve takes its API key from
+# LLMOPS_API_KEY; -v would put the engines' logs back on stderr. Tests that need one of them set it.
+for name in ("LLMOPS_HARDWARE", "LLMOPS_API_KEY", "LLMOPS_VERBOSE"):
+    os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +33,24 @@ def default_model_dir() -> Path:
     from llmops.registry import ensure_local, resolve
 
     return ensure_local(resolve("smollm2-135m"), progress=lambda msg: print(msg, file=sys.stderr))
+
+
+@pytest.fixture()
+def cpu_machine(tmp_path, monkeypatch) -> Iterator[Path]:
+    """Plan for a CPU-only machine (2 AVX2 cores, 24 GiB, no GPU) whatever this one is: for tests that expect
+    CPU settings (VLLM_CPU_KVCACHE_SPACE, --enforce-eager, ACCELERATE_USE_CPU), which a GPU machine would not
+    plan. Applies to this process and to `run_cli`'s."""
+    import json
+
+    from llmops.hardware import detect
+    from tests.fake_hardware import cpu_only
+
+    path = tmp_path / "cpu-machine.json"
+    path.write_text(json.dumps(cpu_only(24).to_dict()))
+    monkeypatch.setenv("LLMOPS_HARDWARE", str(path))
+    detect.cache_clear()  # probed once per process otherwise
+    yield path
+    detect.cache_clear()
 
 
 @pytest.fixture()
