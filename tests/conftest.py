@@ -35,6 +35,39 @@ def default_model_dir() -> Path:
     return ensure_local(resolve("smollm2-135m"), progress=lambda msg: print(msg, file=sys.stderr))
 
 
+# SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), for the tiny tokenizer below.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer shaped like SmolLM2's (same special tokens, chat template and offsets), with a
+    1k vocabulary learned from the training examples: unit tests get a real tokenizer without the 538 MB
+    default model, and tiny models built on it are 1k-vocabulary fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [line for path in sorted((REPO / "examples" / "train").glob("*.jsonl"))
+              for line in path.read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def cpu_machine(tmp_path, monkeypatch) -> Iterator[Path]:
     """Plan for a CPU-only machine (2 AVX2 cores, 24 GiB, no GPU) whatever this one is: for tests that expect
