@@ -89,8 +89,9 @@ def engine_env(plan: EnginePlan) -> dict[str, str]:
             # AOT compile, Dynamo traces each start and Inductor's own cache hits: measured 71 s for the first
             # compiled start and 22.5 s for the next (eager: ~17 s), against 76 s and 54 s with AOT.
             env["VLLM_USE_AOT_COMPILE"] = "0"
-            if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-                env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir(plan.model))
+            # Always ours: importing torch sets TORCHINDUCTOR_CACHE_DIR to its /tmp default in os.environ, so a
+            # value found there says nothing about what the user chose.
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir(plan.model))
     return env
 
 

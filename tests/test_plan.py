@@ -250,7 +250,7 @@ def test_a_compiled_cpu_engine_uses_inductors_cache_instead_of_vllms_broken_aot_
     from llmops.vllm_engine import compile_cache_dir, compile_cache_warm, engine_env
 
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_x")  # what importing torch leaves behind
     compiled = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch", enforce_eager=False)
     env = engine_env(compiled)
     assert env["VLLM_USE_AOT_COMPILE"] == "0"
