@@ -83,7 +83,8 @@ def batch_vllm_defaults(model_dir: Path, prompts_file: Path, max_tokens: int, en
     os.unlink(script.name)
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
-        refused = re.search(r"(Available memory on node[^\n]*|ValueError[^\n]*)", proc.stderr)
+        # vLLM logs to stdout by default
+        refused = re.search(r"(Available memory on node[^\n]*|\w+Error[^\n]*)", proc.stdout + proc.stderr)
         return {"error": refused.group(1)[:300] if refused else f"exit {proc.returncode}"}
     return {**json.loads(result[7:]), "wall_s": wall}
 
@@ -94,13 +95,15 @@ def bench_batch(args, model_dir: Path, work: Path) -> dict:
         for prompt in make_prompts(args.rows, model_dir):
             f.write(json.dumps({"prompt": prompt}) + "\n")
     runs: dict[str, dict] = {}
+    # vLLM's defaults compile; empty caches make this its first start, as on a fresh machine.
+    fresh = {"VLLM_CACHE_ROOT": str(work / "vllm-cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
     contenders = {
         "llmops (planned)": lambda: batch_llmops(prompts_file, work / "planned", args.max_tokens, []),
         "llmops eager": lambda: batch_llmops(prompts_file, work / "eager", args.max_tokens,
                                              ["engine.enforce_eager=true"]),
         "llmops compiled": lambda: batch_llmops(prompts_file, work / "compiled", args.max_tokens,
                                                 ["engine.enforce_eager=false"]),
-        "vllm.LLM defaults": lambda: batch_vllm_defaults(model_dir, prompts_file, args.max_tokens, {}),
+        "vllm.LLM defaults": lambda: batch_vllm_defaults(model_dir, prompts_file, args.max_tokens, fresh),
     }
     for name in args.only or contenders:
         print(f"[batch] {name} ...", file=sys.stderr, flush=True)
@@ -110,7 +113,7 @@ def bench_batch(args, model_dir: Path, work: Path) -> dict:
             # refused. Then measure its other defaults with a KV cache of the planned size.
             print(f"[batch] vLLM's defaults failed: {runs[name]['error']}", file=sys.stderr)
             runs[name + " (KV 4 GiB)"] = batch_vllm_defaults(model_dir, prompts_file, args.max_tokens,
-                                                             {"VLLM_CPU_KVCACHE_SPACE": "4"})
+                                                             {**fresh, "VLLM_CPU_KVCACHE_SPACE": "4"})
         print(f"[batch] {name}: {runs[name]}", file=sys.stderr, flush=True)
     for figures in runs.values():
         if "tokens" in figures:
