@@ -14,14 +14,17 @@ everything on the terminal.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+from llmops.errors import Stopped
+
 VERBOSE_ENV = "LLMOPS_VERBOSE"
-TAIL_LINES = 40
-"""Lines of the log shown when the block fails: enough for a Python traceback and vLLM's error lines."""
+TAIL_LINES = 30
+"""Lines of the log shown when the block fails: about one Python traceback."""
 
 _terminal: IO[str] | None = None
 
@@ -76,8 +79,9 @@ def engine_output(log_path: str | Path) -> Iterator[Path]:
     failed = False
     try:
         yield log_path
-    except BaseException:
-        failed = True
+    except Exception as e:
+        # A stop that the user asked for (SIGTERM, Ctrl+C) is no failure: no log to read then.
+        failed = not isinstance(e, Stopped)
         raise
     finally:
         sys.stdout.flush()
@@ -93,21 +97,36 @@ def engine_output(log_path: str | Path) -> Iterator[Path]:
 
 
 def show_tail(log_path: Path, lines: int = TAIL_LINES) -> None:
-    """The last `lines` lines of the log on stderr, framed so they read as a quote, not as llmops's lines."""
+    """The last `lines` lines of the log on stderr, framed so they read as a quote, not as llmops's lines;
+    before them, the distinct exception lines of the whole log that the tail leaves out (vLLM's root cause
+    often sits above a second, longer traceback)."""
     try:
         with open(log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
+            f.seek(max(0, f.tell() - 256 * 1024))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return
     # Progress bars rewrite their line with \r: keep what the line said last.
-    tail = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()][-lines:]
+    all_lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines() if line.strip()]
+    tail = all_lines[-lines:]
     if not tail:
         return
+    causes: list[str] = []
+    for line in all_lines[:-lines]:
+        match = _EXCEPTION_LINE.search(line)
+        if match and match.group(0) not in causes and not any(match.group(0) in t for t in tail):
+            causes.append(match.group(0))
+    if causes:
+        print(f"--- errors in {log_path} ---", file=sys.stderr)
+        print("\n".join(causes[-5:]), file=sys.stderr)
     print(f"--- last {len(tail)} lines of {log_path} ---", file=sys.stderr)
     print("\n".join(tail), file=sys.stderr)
     print("--- end of log ---", file=sys.stderr, flush=True)
+
+
+# "ValueError: Available memory on node 0 ...", also behind vLLM's "(Worker pid=1) ERROR ... [file.py:1] " prefix.
+_EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+")
 
 
 def _quiet_libraries() -> None:

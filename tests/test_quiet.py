@@ -73,3 +73,20 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
         assert noise in proc.stderr
     assert "python stdout noise" in proc.stdout
     assert not log.exists() or log.read_text() == ""
+
+
+@pytest.mark.unit
+def test_the_root_cause_above_the_tail_is_shown_too(tmp_path, capsys):
+    from llmops.quiet import TAIL_LINES, show_tail
+
+    log = tmp_path / "engine.log"
+    log.write_text("starting\n(Worker pid=7) ERROR 11-27 13:29:59 [cpu_worker.py:219] ValueError: Available memory "
+                   "on node 0 (6.63/8.59 GiB) is less than requested\n"
+                   + "".join(f"  File \"x.py\", line {i}\n" for i in range(TAIL_LINES))
+                   + "RuntimeError: Engine core initialization failed\n")
+    show_tail(log)
+    shown = capsys.readouterr().err.splitlines()
+    assert shown[:2] == [f"--- errors in {log} ---",
+                         "ValueError: Available memory on node 0 (6.63/8.59 GiB) is less than requested"]
+    assert shown[2] == f"--- last {TAIL_LINES} lines of {log} ---"
+    assert shown[-2:] == ["RuntimeError: Engine core initialization failed", "--- end of log ---"]
