@@ -74,6 +74,8 @@ class Manifest(BaseModel):
     input_paths: list[str] = []
     engine_args: dict[str, Any] = {}
     engine_env: dict[str, str] = {}
+    nodes: dict[str, str] = {}
+    """With --ray: the Ray node id that committed each unit (also in the shard's `llmops.node` metadata)."""
 
 
 @dataclass

@@ -56,19 +56,26 @@ class BatchSummary:
 
 def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
               llm=None, progress: Progress | None = None,
-              grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> BatchSummary:
+              grace_period_s: float = DEFAULT_GRACE_PERIOD_S, ray_address: str | None = None) -> BatchSummary:
     """Run (or resume) a batch job. `llm` reuses an engine that was started with `load_engine`.
 
     SIGTERM or SIGINT stops it within `grace_period_s`, keeping every finished row; it then raises
-    `Stopped` (exit 75) and a rerun finishes the job."""
+    `Stopped` (exit 75) and a rerun finishes the job. `ray_address` places the engines on that Ray cluster
+    ("auto": the one this machine belongs to; `ray_engines.py`)."""
     with stop_on_signals(StopRequest(grace_period_s)) as stop:
-        return _run(config, input_path, output_dir, overwrite, llm, progress or Progress(), stop)
+        return _run(config, input_path, output_dir, overwrite, llm, progress or Progress(), stop, ray_address)
 
 
-def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, stop: StopRequest) -> BatchSummary:
+def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, stop: StopRequest,
+         ray_address: str | None = None) -> BatchSummary:
     from llmops.registry import ensure_local, resolve
 
     started = time.monotonic()
+    engines = 1
+    if ray_address is not None:
+        from llmops.batch.ray_engines import import_ray, run_ray
+
+        import_ray()  # not installed: exit 2 with the install command, before anything is planned
     # 1. Plan (refusals happen here, before any write), lock the folder, then check again under the lock.
     job = plan_batch(config, input_path, output_dir, overwrite=overwrite)
     out = job.output
@@ -87,7 +94,13 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         pending = [k for k in job.units if k not in committed.done]
         engine_start = generation = 0.0
         try:
-            if pending and job.plan.data_parallel_size > 1 and llm is None:
+            if pending and ray_address is not None:
+                progress.start(sum(job.row_counts), before.rows)
+                t0 = time.monotonic()
+                stop.generating = True
+                engines, engine_start = run_ray(job, committed, progress, stop, manifest, ray_address)
+                generation = time.monotonic() - t0 - engine_start
+            elif pending and job.plan.data_parallel_size > 1 and llm is None:
                 for warning in job.warnings():
                     progress.phase(f"warning: {warning}")
                 progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
@@ -139,7 +152,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         str(out.path), sum(job.row_counts), after.ok, after.failed, before.rows,
         after.prompt_tokens, after.completion_tokens, round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
-        job.plan.data_parallel_size, out.failed_rows(5) if after.failed else [], files)
+        engines if ray_address is not None else job.plan.data_parallel_size, out.failed_rows(5) if after.failed else [], files)
 
 
 def _counts(committed: Committed):
@@ -176,11 +189,13 @@ def load_engine(plan, model_path: str | Path):
 def start_llm(args: dict[str, Any], env: dict[str, str]):
     """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
     caller that goes on (a test session, a notebook) does not pass our settings to later processes."""
-    debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0")
+    from llmops.quiet import verbose
+
+    debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0") or verbose()
     engine_env = {
         "VLLM_LOGGING_STREAM": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stderr"),
         # vLLM warns once per weight when it casts a float32 checkpoint to bf16 (hundreds of lines): show
-        # its errors only, unless LLMOPS_DEBUG asks for everything.
+        # its errors only, unless LLMOPS_DEBUG or -v asks for everything.
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO" if debug else "ERROR"),
         **env,
     }

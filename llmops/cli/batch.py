@@ -46,6 +46,11 @@ def batch_command(
     ] = 20.0,
     show: Annotated[int, typer.Option(help="After the summary, print the first N prompt -> completion pairs "
                                            "(with --json: an `examples` list).", min=0)] = 0,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Place one engine per node (or GPU group) on a Ray cluster: HOST:PORT, or `auto` for the cluster "
+             "this machine belongs to. Needs `pip install 'llmops[ray]'` and the output on storage every node "
+             "sees.")] = None,
     json: JsonOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
@@ -67,9 +72,15 @@ def batch_command(
     cfg = load_config(BatchConfig, yaml_path=config, sets=set_, flags=flags,
                       source=str(config) if config else "batch config")
     if dry_run:
-        _print_plan(plan_text(plan_batch(cfg, input, output, overwrite=overwrite)), json)
+        if ray is not None:
+            from llmops.batch.ray_engines import import_ray, ray_dry_run
+
+            import_ray()
+        job = plan_batch(cfg, input, output, overwrite=overwrite)
+        _print_plan({**plan_text(job), **(ray_dry_run(job, ray) if ray is not None else {})}, json)
         return
-    summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar(), grace_period_s=grace_period)
+    summary = run_batch(cfg, input, output, overwrite=overwrite, progress=_Bar(), grace_period_s=grace_period,
+                        ray_address=ray)
     examples = OutputDir(output).examples(show) if show else []
     if json:
         out.print_json({**summary.to_dict(), **({"examples": examples} if show else {})})

