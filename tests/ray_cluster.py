@@ -96,6 +96,33 @@ class LocalRayCluster:
                 raise RuntimeError(f"the local Ray cluster did not reach {n} nodes: {r.stderr[-2000:]}")
             time.sleep(1)
 
+    def engine_processes(self) -> list:
+        """This cluster's engine replicas and their vLLM processes that are still running."""
+        import psutil
+
+        found = []
+        for p in self.procs:
+            try:
+                tree = psutil.Process(p.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            for proc in tree:
+                try:
+                    title = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                if "EngineReplica" in title or "EngineCore" in title:
+                    found.append(proc)
+        return found
+
+    def wait_for_engines_gone(self, timeout_s: float = 120) -> None:
+        """Block until a finished or killed driver's engines have exited (each holds ~3.5 GB)."""
+        deadline = time.monotonic() + timeout_s
+        while (left := self.engine_processes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if left:
+            raise RuntimeError(f"{len(left)} engine processes outlived their driver: {left}")
+
     def kill_node(self, i: int) -> None:
         """SIGKILL node `i` and everything it started, as if its machine had died."""
         _kill_tree(self.procs[i].pid, signal.SIGKILL)

@@ -1,0 +1,211 @@
+"""`llmops batch --ray` on a real 2-node Ray cluster on this host (1 CPU each, token auth) with real vLLM.
+
+The cluster is started once for the module (tests/ray_cluster.py) and stopped by pid. The tests run in file
+order: the last one kills a node. Each engine start is ~25 s and ~3.5 GB, so a test waits for the previous
+driver's engines to be gone before starting its own."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmops.batch.ray_engines import Replica, host_cores, plan_replicas, replica_env
+from llmops.errors import UsageError
+from tests.conftest import REPO, run_cli
+
+SMALL_ENGINE = ["--set", "engine.cpu_kv_cache_gib=1"]
+
+
+# --- planning (no cluster) ------------------------------------------------------------------------------
+
+
+class _Plan:
+    def __init__(self, device="cpu", tp=1):
+        self.device, self.tensor_parallel_size = device, tp
+
+
+def _node(node_id, ip="10.0.0.1", cpus=8.0, gpus=0, alive=True):
+    return {"NodeID": node_id, "NodeManagerAddress": ip, "Alive": alive,
+            "Resources": {"CPU": cpus, **({"GPU": float(gpus)} if gpus else {})}}
+
+
+@pytest.mark.unit
+def test_one_replica_per_cpu_node_and_per_gpu_group():
+    nodes = [_node("a", "10.0.0.1"), _node("b", "10.0.0.2"), _node("c", "10.0.0.3", alive=False),
+             _node("d", "10.0.0.4", cpus=0)]
+    cpu = plan_replicas(nodes, _Plan())
+    assert [(r.node_id, r.cpus, r.gpus, r.host_replicas) for r in cpu] == [("a", 8.0, 0, 1), ("b", 8.0, 0, 1)]
+    gpu_nodes = [_node("a", gpus=8), _node("b", "10.0.0.2", gpus=3)]
+    gpu = plan_replicas(gpu_nodes, _Plan("cuda", tp=2))
+    assert [(r.node_id, r.gpus) for r in gpu] == [("a", 2)] * 4 + [("b", 2)]  # b's third GPU stays idle
+    with pytest.raises(UsageError, match="no live node with 4 GPU"):
+        plan_replicas(gpu_nodes[1:], _Plan("cuda", tp=4))
+
+
+@pytest.mark.unit
+def test_replicas_sharing_a_host_get_their_own_cores():
+    # Two Ray nodes on one machine: vLLM's automatic binding would put both engines on the same cores.
+    replicas = plan_replicas([_node("a", "127.0.0.1", 1), _node("b", "127.0.0.1", 1)], _Plan())
+    assert [(r.host_slot, r.host_replicas) for r in replicas] == [(0, 2), (1, 2)]
+    binds = [replica_env({"VLLM_CPU_KVCACHE_SPACE": "1"}, r, [0, 1])["VLLM_CPU_OMP_THREADS_BIND"] for r in replicas]
+    assert binds == ["0", "1"]
+    assert host_cores(list(range(8)), 2, 3) == [5, 6, 7]
+    assert [host_cores([0, 1], slot, 3) for slot in range(3)] == [[0], [0], [1]]  # more engines than cores
+    alone = Replica(0, "a", "10.0.0.1", 8, 0)
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in replica_env({}, alone, [0, 1])
+
+
+@pytest.mark.unit
+def test_ray_missing_or_unreachable_exits_2_with_the_fix(tmp_path):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    fake = tmp_path / "no-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    missing = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--ray", "auto",
+                      env={"PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}"})
+    assert missing.returncode == 2, missing.stderr
+    assert "pip install 'llmops[ray]'" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "out").exists()
+    unreachable = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--ray", "127.0.0.1:1", "--dry-run")
+    assert unreachable.returncode == 2 and "cannot reach a Ray cluster at 127.0.0.1:1" in unreachable.stderr
+
+
+# --- a real cluster ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    pytest.importorskip("ray")
+    from tests.ray_cluster import LocalRayCluster
+
+    with LocalRayCluster(cpus_per_node=1, nodes=2) as c:
+        yield c
+
+
+def write_prompts(path, rows, words=("story", "poem", "list")):
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(rows)],
+                             "prompt": [f"Write a long {words[i % len(words)]} about the number {i}." for i in
+                                        range(rows)]}), path)
+    return path
+
+
+def batch_args(cluster, path, out, *extra):
+    return ["batch", str(path), "-o", str(out), "--ray", cluster.address, *SMALL_ENGINE, *extra]
+
+
+def start_driver(cluster, args, log):
+    return subprocess.Popen([sys.executable, "-m", "llmops", *args], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), start_new_session=True, cwd=REPO,
+                            env={**os.environ, **cluster.env})
+
+
+def wait_for_shards(out, proc, more_than=0, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(out.glob("results/*.parquet"))) > more_than:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no new shard (exit {proc.poll()})")
+
+
+def assert_exactly_once(out, rows):
+    table = pq.read_table(out / "results").sort_by("row")
+    assert table.column("row").to_pylist() == list(range(rows))  # none lost, none twice
+    assert table.column("error").null_count == rows and table.column("generated_text").null_count == 0
+    assert not list(out.glob("results/*.tmp"))
+    return table
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
+    path = write_prompts(tmp_path / "in.parquet", 8)
+    out = tmp_path / "out"
+    args = batch_args(cluster, path, out, "--max-tokens", "8", "--set", "chunk_rows=2")
+
+    plan = run_cli(*args, "--dry-run", "--json", env=cluster.env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    planned = json.loads(plan.stdout)
+    assert len(planned["ray"]["nodes"]) == 2 and len(planned["engines"]) == 2
+    assert {e["host_slot"] for e in planned["engines"]} == {0, 1}  # one host: each engine its own cores
+    assert not out.exists()
+
+    done = run_cli(*args, "--json", env=cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["rows_ok"], summary["engines"]) == (8, 2)
+    assert_exactly_once(out, 8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and sorted(manifest["nodes"]) == sorted(manifest["units"])
+    assert len(set(manifest["nodes"].values())) == 2  # both nodes committed units
+    assert all(line.startswith("llmops") for line in done.stderr.splitlines() if line.strip())
+    cluster.wait_for_engines_gone()
+
+    again = run_cli(*args, "--json", env=cluster.env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["rows_skipped"] == 8 and "starting" not in again.stderr
+    assert json.loads((out / "manifest.json").read_text())["nodes"] == manifest["nodes"]
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_killing_the_driver_mid_job_then_rerun_gives_every_row_once(cluster, tmp_path, default_model_dir):
+    rows = 24
+    path = write_prompts(tmp_path / "in.parquet", rows)
+    out = tmp_path / "out"
+    args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
+    driver = start_driver(cluster, args, tmp_path / "driver.log")
+    try:
+        wait_for_shards(out, driver)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
+    assert 0 < len(before) < rows // 2, "the kill must land mid-job"
+    cluster.wait_for_engines_gone()  # Ray ends a dead driver's actors, and vLLM's processes with them
+
+    done = run_cli(*args, "--json", env=cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["rows_skipped"] >= 2 * len(before)
+    assert_exactly_once(out, rows)
+    after = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
+    assert all(after[name] == t for name, t in before.items())  # committed work was not redone
+    cluster.wait_for_engines_gone()
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_killing_a_node_mid_job_finishes_on_the_other_and_rerun_gives_every_row_once(cluster, tmp_path,
+                                                                                     default_model_dir):
+    # Last in the module: the cluster keeps one node afterwards.
+    rows = 24
+    path = write_prompts(tmp_path / "in.parquet", rows)
+    out = tmp_path / "out"
+    args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
+    log = tmp_path / "driver.log"
+    driver = start_driver(cluster, args, log)
+    try:
+        wait_for_shards(out, driver)
+        cluster.kill_node(1)  # the worker node, with its raylet, engine actor and vLLM processes
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    stderr = log.read_text()
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "was lost" in stderr and "1 of 2 engines left" in stderr
+    assert_exactly_once(out, rows)
+    cluster.wait_for_engines_gone()
+
+    again = run_cli(*args, "--json", env=cluster.env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["rows_skipped"] == rows
+    assert_exactly_once(out, rows)
