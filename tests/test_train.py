@@ -2,8 +2,9 @@
 (engine): the loss curve of a killed-and-resumed run, two data-parallel processes, and a real fine-tune of
 the offline default model that learns made-up facts.
 
-Loop mechanics use a tiny random Llama (2 layers, hidden 64, SmolLM2's tokenizer) in fp32, so they take
-seconds; only the taught-behaviour test trains SmolLM2-135M itself. Engine tests bound runs by steps."""
+Loop mechanics use a tiny random Llama (2 layers, hidden 64, a small tokenizer shaped like SmolLM2's) in
+fp32, so they take seconds; only the taught-behaviour test trains SmolLM2-135M itself. Engine tests bound
+runs by steps."""
 
 from __future__ import annotations
 
@@ -19,32 +20,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_cli
+from tests.train_helpers import (EXAMPLES, TRAIN_ENV, metrics, step_losses, tiny_model_dir,  # noqa: F401 (fixture)
+                                 tiny_recipe, write_recipe)
 
-EXAMPLES = REPO / "examples" / "train"
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-TRAIN_ENV = {"OMP_NUM_THREADS": "1", "LLMOPS_DEBUG": "1"}
-
-
-def write_recipe(path: Path, **overrides) -> Path:
-    recipe = {"name": "tiny-test", "model": "smollm2-135m",
-              "data": {"path": str(EXAMPLES / "glimmerfox.jsonl"), "max_seq_len": 128}}
-    for key, value in overrides.items():
-        node = recipe
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in metrics(run_dir) if "loss" in row}
 
 
 # --- validation (unit) --------------------------------------------------------------------------------
@@ -125,7 +104,7 @@ def test_data_paths_are_relative_to_the_recipe_and_set_paths_to_the_cwd(tmp_path
 
 
 @pytest.mark.unit
-def test_dry_run_plans_two_cpu_processes_with_accelerate_launch(tmp_path):
+def test_dry_run_plans_two_cpu_processes_with_accelerate_launch(tmp_path, cpu_machine):
     proc = run_cli("train", "lora-smollm2", "--set", "distributed.num_processes=2", "--dry-run", "--json",
                    "-o", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
@@ -178,10 +157,10 @@ def test_qlora_is_refused_on_the_cpu(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(default_model_dir):
+def tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model_dir)
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 @pytest.mark.unit
@@ -258,69 +237,6 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
 
 
 # --- real training (engine) ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(default_model_dir, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and chat template: ~3 M parameters, ~0.1 s a step."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def tiny_recipe(tmp_path: Path, model: Path, **overrides) -> Path:
-    settings = {"model": str(model), "method": "full", "precision": "fp32", "train.micro_batch_size": 2,
-                "train.learning_rate": 1e-3, "train.warmup_steps": 2, "logging.progress_bar": False}
-    return write_recipe(tmp_path / "tiny.yaml", **{**settings, **overrides})
-
-
-@pytest.mark.engine
-def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path, llmops_home):
-    # LoRA with dropout: the resumed run must restore the RNG state too, not only weights and optimizer.
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 40, "checkpoint.every_n_steps": 4,
-                                                      "checkpoint.keep_last": 2, "method": "lora",
-                                                      "lora.dropout": 0.1, "train.learning_rate": 1e-2})
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    proc = run_cli("train", str(recipe), "-o", str(straight), env=TRAIN_ENV)
-    assert proc.returncode == 0, proc.stderr
-    expected = step_losses(straight)
-    assert sorted(expected) == list(range(1, 41))
-    assert expected[40] < expected[1], "the loss goes down"
-
-    # Kill the second run (SIGKILL: no chance to clean up) once it is past its second checkpoint.
-    victim = subprocess.Popen([sys.executable, "-m", "llmops", "train", str(recipe), "-o", str(interrupted)],
-                              env={**os.environ, **TRAIN_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while victim.poll() is None and max(step_losses(interrupted), default=0) < 9:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    seen = max(step_losses(interrupted), default=0)
-    assert 9 <= seen < 40, f"the run was to be killed mid-way, it reached step {seen}"
-
-    proc = run_cli("train", str(recipe), "-o", str(interrupted), env=TRAIN_ENV)  # --resume auto
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in proc.stderr
-    resumed = step_losses(interrupted)
-    assert sorted(resumed) == list(range(1, 41))
-    for step in range(1, 41):
-        assert resumed[step] == pytest.approx(expected[step], abs=1e-4), f"step {step}"
-
-    # The same command once more: the run is finished, so nothing is trained again.
-    before = (interrupted / "metrics.jsonl").read_text()
-    proc = run_cli("train", str(recipe), "-o", str(interrupted), env=TRAIN_ENV)
-    assert proc.returncode == 0, proc.stderr
-    assert "already holds a finished run" in proc.stderr
-    assert (interrupted / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.engine

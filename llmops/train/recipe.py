@@ -188,16 +188,19 @@ NOT_IN_FINGERPRINT = ("name", "output_dir", "checkpoint", "eval", "logging", "ex
 def recipe_fingerprint(recipe: Recipe) -> dict[str, str]:
     """What decides a resolved recipe's training result, as {dotted field: JSON value}: every field not in
     NOT_IN_FINGERPRINT, plus the content digests of the local data files and of the base model's folder
-    (its path then does not count, so a moved copy is the same model). Stored with every checkpoint."""
+    (their paths then do not count, so a moved copy is the same data). Stored with every checkpoint."""
     from llmops.fingerprint import files_digest, model_digest
 
     fields = {key: json.dumps(value) for key, value in _flatten(recipe.model_dump(mode="json")).items()
               if not any(key == skip or key.startswith(skip + ".") for skip in NOT_IN_FINGERPRINT)
               and not (recipe.method == "full" and key.startswith("lora."))}
     for key in ("path", "eval_path"):
-        local = [p for p in as_list(getattr(recipe.data, key)) if is_local(p)]
+        paths = as_list(getattr(recipe.data, key))
+        local = [p for p in paths if is_local(p)]
         if local:
             fields[f"data.{key} content"] = files_digest(local)
+        if local and len(local) == len(paths):
+            del fields[f"data.{key}"]
     if Path(recipe.model).is_dir():
         del fields["model"]
         fields["model content"] = model_digest(recipe.model)
