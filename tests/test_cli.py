@@ -102,6 +102,20 @@ def test_verbose_means_the_same_in_every_command():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("args", [["models", "list", "-v"], ["train", "recipes", "--verbose"], ["hw", "-v", "--json"]])
+def test_verbose_flag_reaches_the_quiet_switch(args, monkeypatch, capsys):
+    """-v sets LLMOPS_VERBOSE, which llmops.quiet (and worker processes, through the environment) read."""
+    from llmops import quiet
+    from llmops.cli.app import main
+
+    monkeypatch.delenv("LLMOPS_VERBOSE", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 0
+    assert quiet.verbose()
+
+
+@pytest.mark.unit
 def test_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("llmops ")
