@@ -9,21 +9,17 @@ runs by steps."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import yaml
 
+from llmops.hardware import probe_gpus
 from tests.conftest import REPO, run_cli
-from tests.train_helpers import (EXAMPLES, TRAIN_ENV, metrics, step_losses, tiny_model_dir,  # noqa: F401 (fixture)
-                                 tiny_recipe, write_recipe)
+from tests.train_helpers import (TRAIN_ENV, metrics, step_losses, tiny_model_dir,  # noqa: F401 (fixture)
+                                 sigterm_after_step, tiny_recipe, write_recipe)
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# Tests that need CUDA carry the `gpu` marker (run them on a lent GPU machine with `-m gpu`) and skip here.
+needs_gpu = pytest.mark.skipif(not probe_gpus(), reason="needs an NVIDIA GPU")
 
 
 # --- validation (unit) --------------------------------------------------------------------------------
@@ -236,25 +232,175 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert find_checkpoint(tmp_path, "never") is None
 
 
+@pytest.mark.unit
+def test_metrics_file_on_resume_drops_a_torn_last_line_and_rows_past_the_checkpoint(tmp_path):
+    from llmops.train.loop import MetricsFile
+
+    kept = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.9}, {"step": 2, "eval_loss": 1.8}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*kept, {"step": 3, "loss": 1.7}]) + '{"step": 4, "lo')
+    MetricsFile(path, main=True, keep_until=2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == kept
+
+
+@pytest.mark.unit
+def test_recipe_fingerprint_counts_what_decides_training_and_nothing_else(tmp_path, llmops_home):
+    from llmops.train.recipe import fingerprint_changes, load_recipe, recipe_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", model=str(model), **{"data.path": str(data)})
+    first = recipe_fingerprint(load_recipe(recipe))
+
+    def changes(*sets: str) -> list[str]:
+        return fingerprint_changes(first, recipe_fingerprint(load_recipe(recipe, list(sets))))
+
+    assert changes("name=other", f"output_dir={tmp_path / 'elsewhere'}", "logging.every_n_steps=5",
+                   "checkpoint.every_n_steps=3", "eval.every_n_steps=2", "export.merge_lora=false",
+                   "distributed.main_process_port=1234") == []
+    assert changes("train.learning_rate=0.1", "seed=1") == ["seed: 42 -> 1", "train.learning_rate: 2e-05 -> 0.1"]
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(data.read_text())
+    assert changes(f"data.path={moved}") == [], "the same data in another place"
+    data.write_text(json.dumps({"text": "hellO"}) + "\n")  # edited in place, same size
+    assert changes() == ["data.path content differs"]
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    assert changes() == ["data.path content differs", "model content differs"]
+
+
+@pytest.mark.unit
+def test_multi_node_recipes_need_the_main_address_and_a_rank_below_the_machine_count(tmp_path):
+    no_address = write_recipe(tmp_path / "a.yaml", **{"distributed.num_machines": 2})
+    proc = run_cli("train", "validate", str(no_address))
+    assert proc.returncode == 2
+    assert "`distributed.main_process_ip` is required when num_machines > 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    rank_too_high = write_recipe(tmp_path / "b.yaml", **{"distributed.num_machines": 2, "distributed.machine_rank": 2,
+                                                         "distributed.main_process_ip": "10.0.0.1"})
+    proc = run_cli("train", "validate", str(rank_too_high))
+    assert proc.returncode == 2
+    assert "`distributed.machine_rank` must be below num_machines (2)" in proc.stderr
+
+    second_machine = write_recipe(tmp_path / "c.yaml", **{"distributed.num_machines": 2,
+                                                          "distributed.machine_rank": 1,
+                                                          "distributed.main_process_ip": "10.0.0.1"})
+    assert run_cli("train", "validate", str(second_machine)).returncode == 0
+
+
+@pytest.mark.unit
+def test_train_exits_3_when_the_run_does_not_fit_and_writes_nothing(tmp_path):
+    from tests.fake_hardware import cpu_only
+
+    small = tmp_path / "small-machine.json"
+    small.write_text(json.dumps(cpu_only(ram_gib=1).to_dict()))
+    proc = run_cli("train", "full-smollm2", "-o", str(tmp_path / "run"), env={"LLMOPS_HARDWARE": str(small)})
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("llmops: error: training smollm2-135m does not fit")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 # --- real training (engine) ---------------------------------------------------------------------------
 
 
 @pytest.mark.engine
-def test_two_cpu_processes_train_data_parallel(tiny_model_dir, tmp_path, llmops_home):
+def test_two_cpu_processes_train_on_disjoint_batches_and_stop_together_on_sigterm(tiny_model_dir, tmp_path,
+                                                                                  llmops_home):
     # Also the other batching: length-grouped (no packing) batches, sharded over the ranks, with accumulation.
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "distributed.num_processes": 2,
+    # 180 training rows; 2 ranks x 2 accumulated micro-batches x 2 rows = 8 rows a step, so 20 steps stay
+    # within the first epoch, where no row may be seen twice.
+    steps = 20
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": steps, "distributed.num_processes": 2,
                                                       "data.eval_fraction": 0.1, "data.packing": False,
-                                                      "train.gradient_accumulation_steps": 2})
+                                                      "train.gradient_accumulation_steps": 2,
+                                                      "checkpoint.every_n_steps": 5, "logging.row_indices": True})
+    run_dir = tmp_path / "run"
+    # SIGTERM to llmops reaches both ranks (through accelerate's launcher); they stop at the same step.
+    returncode, stderr = sigterm_after_step(recipe, run_dir, 2)
+    assert returncode == 75, stderr
+    assert "launching 2 processes: accelerate launch" in stderr
+    stopped_at = metrics(run_dir)[-1]["step"]
+    assert 2 <= stopped_at < steps, "SIGTERM was sent mid-run"
+    assert f"training stopped by SIGTERM at step {stopped_at}" in stderr
+    progress = json.loads((run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "progress.json").read_text())
+    assert progress["step"] == stopped_at
+    assert len(list((run_dir / "checkpoints" / f"step-{stopped_at:08d}").glob("random_states_*.pkl"))) == 2
+
+    proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert {r["num_processes"] for r in rows} == {2}
+    for row in rows:
+        first, second = row["rows"]  # what each rank trained on in that step
+        assert len(first) == len(second) == 4
+        assert not set(first) & set(second), f"step {row['step']}: both ranks trained on the same rows"
+    seen = [i for row in rows for rank in row["rows"] for i in rank]
+    assert len(seen) == len(set(seen)) == steps * 8, "no row twice in an epoch, the resumed part included"
+    summary = json.loads(proc.stdout)
+    assert summary["num_processes"] == 2 and summary["registered"] == "tiny-test"
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / f"step-{stopped_at:08d}")
+    assert summary["eval_loss"] is not None
+
+
+@pytest.mark.engine
+def test_lora_without_merging_exports_the_adapter_alone_and_registers_nothing(tiny_model_dir, tmp_path,
+                                                                              llmops_home):
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"method": "lora", "train.max_steps": 2,
+                                                      "export.merge_lora": False})
     run_dir = tmp_path / "run"
     proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)
     assert proc.returncode == 0, proc.stderr
-    assert "launching 2 processes: accelerate launch" in proc.stderr
-    rows = [r for r in metrics(run_dir) if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert {r["num_processes"] for r in rows} == {2}
     summary = json.loads(proc.stdout)
-    assert summary["num_processes"] == 2 and summary["registered"] == "tiny-test"
-    assert summary["eval_loss"] is not None
+    assert summary["model_dir"] == str(run_dir / "adapter") and summary["registered"] is None
+    assert not (run_dir / "model").exists()
+    adapter = run_dir / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "llmops-recipe.yaml"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    listed = run_cli("models", "list", "--json")
+    assert "tiny-test" not in [m["name"] for m in json.loads(listed.stdout)], "the registry holds whole models"
+
+    # The adapter applies to its base model and changes its output (it was trained).
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter)).eval()(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.gpu
+@pytest.mark.engine
+@needs_gpu
+def test_a_gpu_run_trains_on_the_gpu_and_resumes_exactly(tiny_model_dir, tmp_path, llmops_home):
+    """For a lent GPU machine: the planner picks CUDA and bf16 (where supported), and a SIGTERM-stopped run
+    continues on the uninterrupted run's curve. bf16 compute is not bit-stable across kernels: 1e-3."""
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"precision": "auto", "train.max_steps": 300,
+                                                      "checkpoint.every_n_steps": 50})
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    proc = run_cli("train", str(recipe), "-o", str(straight), env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((straight / "plan.json").read_text())["device"] == "cuda"
+    expected = step_losses(straight)
+    assert expected[300] < expected[1]
+
+    returncode, stderr = sigterm_after_step(recipe, stopped, 5)
+    assert returncode == 75, stderr
+    proc = run_cli("train", str(recipe), "-o", str(stopped), env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    resumed = step_losses(stopped)
+    assert sorted(resumed) == list(range(1, 301))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], abs=1e-3), f"step {step}"
 
 
 @pytest.mark.engine

@@ -11,18 +11,15 @@ next epoch. Runs are bounded by steps."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.train_helpers import EXAMPLES, TRAIN_ENV, metrics, tiny_model_dir, tiny_recipe  # noqa: F401 (fixture)
+from tests.train_helpers import (EXAMPLES, TRAIN_ENV, metrics, sigterm_after_step, start_training,
+                                 tiny_model_dir, tiny_recipe, wait_for_step)  # noqa: F401 (a fixture)
 
 STEPS = 120
 STEPS_PER_EPOCH = 10
@@ -68,35 +65,13 @@ def assert_same_rows(rows: list[dict], expected: list[dict]) -> None:
         assert timeless == {k: v for k, v in want.items() if k not in ("loss", "tokens_per_s")}
 
 
-def start(recipe: Path, run_dir: Path) -> subprocess.Popen:
-    """`llmops train` as a user runs it (no LLMOPS_DEBUG: a known stop prints no traceback)."""
-    env = {**os.environ, **TRAIN_ENV}
-    env.pop("LLMOPS_DEBUG")
-    return subprocess.Popen([sys.executable, "-m", "llmops", "train", str(recipe), "-o", str(run_dir)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
-    """Until the run has logged `step` (the file is read while being written: a torn line is skipped)."""
-    from llmops.train.loop import read_jsonl
-
-    path = run_dir / "metrics.jsonl"
-    while proc.poll() is None:
-        if path.exists() and max((r["step"] for r in read_jsonl(path)), default=0) >= step:
-            return
-        time.sleep(0.02)
-
-
 @pytest.mark.engine
 def test_sigterm_checkpoints_the_current_step_exits_75_and_the_rerun_continues_the_curve(
         straight, tiny_model_dir, data, tmp_path, llmops_home):  # noqa: F811
     recipe = resume_recipe(tmp_path, tiny_model_dir, data)
     run_dir = tmp_path / "run"
-    victim = start(recipe, run_dir)
-    wait_for_step(victim, run_dir, 3)
-    victim.send_signal(signal.SIGTERM)
-    _, stderr = victim.communicate(timeout=600)
-    assert victim.returncode == 75, stderr
+    returncode, stderr = sigterm_after_step(recipe, run_dir, 3)
+    assert returncode == 75, stderr
 
     rows = metrics(run_dir)  # the run logged its last step before it stopped: no torn line
     stopped_at = rows[-1]["step"]
@@ -118,7 +93,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_across_an_epoch_boundary(
         straight, tiny_model_dir, data, tmp_path, llmops_home):  # noqa: F811
     recipe = resume_recipe(tmp_path, tiny_model_dir, data)
     run_dir = tmp_path / "run"
-    victim = start(recipe, run_dir)
+    victim = start_training(recipe, run_dir)
     wait_for_step(victim, run_dir, STEPS_PER_EPOCH + 2)  # past its first checkpoint, at an epoch's end
     victim.send_signal(signal.SIGKILL)  # no chance to clean up
     victim.communicate(timeout=60)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +64,32 @@ def tiny_recipe(tmp_path: Path, model: Path, **overrides) -> Path:
     settings = {"model": str(model), "method": "full", "precision": "fp32", "train.micro_batch_size": 2,
                 "train.learning_rate": 1e-3, "train.warmup_steps": 2, "logging.progress_bar": False}
     return write_recipe(tmp_path / "tiny.yaml", **{**settings, **overrides})
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Until the run has logged `step` (the file is read while being written: a torn line is skipped)."""
+    from llmops.train.loop import read_jsonl
+
+    path = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        if path.exists() and max((r["step"] for r in read_jsonl(path)), default=0) >= step:
+            return
+        time.sleep(0.02)
+
+
+def start_training(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    """`llmops train RECIPE -o RUN_DIR` in the background, as a user runs it (without LLMOPS_DEBUG, so a known
+    stop prints no traceback); its stderr is piped."""
+    env = {**os.environ, **TRAIN_ENV}
+    env.pop("LLMOPS_DEBUG")
+    return subprocess.Popen([sys.executable, "-m", "llmops", "train", str(recipe), "-o", str(run_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def sigterm_after_step(recipe: Path, run_dir: Path, step: int) -> tuple[int, str]:
+    """Start a run, send it SIGTERM once it has logged `step`; its exit code and stderr."""
+    proc = start_training(recipe, run_dir)
+    wait_for_step(proc, run_dir, step)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    return proc.returncode, stderr
