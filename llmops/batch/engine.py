@@ -103,7 +103,8 @@ class _InFlight:
 
 
 def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDir, job: JobIdentity,
-             progress: Progress, stop: StopRequest | None = None) -> Iterator[tuple[str, UnitStats]]:
+             progress: Progress, stop: StopRequest | None = None, writer: str = "engine 0"
+             ) -> Iterator[tuple[str, UnitStats]]:
     """Run every unit through the engine; yield (key, stats) as each unit's shard (or piece) is committed.
     With `stop` requested, returns early after committing the finished rows of the units in flight."""
     from jinja2 import TemplateError
@@ -154,7 +155,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                 failed += 1
             progress.advance(failed, 0)
             if state.remaining == 0:
-                yield _commit(inflight.pop(unit.key), out, job)
+                yield _commit(inflight.pop(unit.key), out, job, writer)
         if stop.requested and (not inflight or time.monotonic() >= stop.finish_by):
             break
         if not engine.has_unfinished_requests():
@@ -184,7 +185,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             rows += 1
             tokens += len(completion.token_ids)
             if state.remaining == 0:
-                yield _commit(inflight.pop(key), out, job)
+                yield _commit(inflight.pop(key), out, job, writer)
         if rows:
             progress.advance(rows, tokens)
     if inflight and stop.requested:
@@ -193,7 +194,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             engine.abort_request(list(where))
         for state in inflight.values():
             if any(r is not None for r in state.results):
-                yield _commit(state, out, job)
+                yield _commit(state, out, job, writer)
     elif inflight:  # cannot happen: every request of a unit ends finished or failed
         raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
 
@@ -211,7 +212,7 @@ def _failure(row: Row) -> dict[str, Any]:
             "error": row.error}
 
 
-def _commit(state: _InFlight, out: OutputDir, job: JobIdentity) -> tuple[str, UnitStats]:
+def _commit(state: _InFlight, out: OutputDir, job: JobIdentity, writer: str = "engine 0") -> tuple[str, UnitStats]:
     """Commit the finished rows of a unit: all of them (a shard), or some (a piece, when stopping or when
     an earlier run committed the others)."""
     import pyarrow as pa
@@ -233,5 +234,6 @@ def _commit(state: _InFlight, out: OutputDir, job: JobIdentity) -> tuple[str, Un
     stats = UnitStats(rows=len(results), ok=len(results) - failed, failed=failed,
                       prompt_tokens=sum(r["prompt_tokens"] or 0 for r in results),
                       completion_tokens=sum(r["completion_tokens"] or 0 for r in results))
-    out.commit(unit.key, pa.table(arrays), stats, job, piece=unit.piece or len(positions) < len(unit.rows))
+    out.commit(unit.key, pa.table(arrays), stats, job, piece=unit.piece or len(positions) < len(unit.rows),
+               writer=writer)
     return unit.key, stats

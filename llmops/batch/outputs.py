@@ -41,6 +41,7 @@ META_STATS = b"llmops.stats"
 META_UNIT = b"llmops.unit"
 META_JOB = b"llmops.job"
 META_IDENTITY = b"llmops.identity"
+META_WRITER = b"llmops.writer"
 _SHARD = re.compile(r"part-(\d{5}-\d{6})(?:\.(\d+))?\.parquet")
 
 
@@ -166,7 +167,8 @@ class OutputDir:
             return None
 
     def our_shards(self) -> list[Path]:
-        """Shards llmops wrote here: named like ours and carrying our Parquet metadata."""
+        """Shards llmops wrote here: named like ours and carrying our Parquet metadata (unit, job, stats,
+        identity, and which engine wrote it)."""
         import pyarrow.parquet as pq
 
         found = []
@@ -347,14 +349,16 @@ class OutputDir:
 
     # --- commit -------------------------------------------------------------------------------------
 
-    def commit(self, key: str, table, stats: UnitStats, job: JobIdentity, piece: bool = False) -> bool:
+    def commit(self, key: str, table, stats: UnitStats, job: JobIdentity, piece: bool = False,
+               writer: str = "engine 0") -> bool:
         """Write one unit's shard (or a piece of it) atomically; after this returns its rows are done for
         good. False when another writer committed the unit first (ours is dropped)."""
         import pyarrow.parquet as pq
 
         table = table.replace_schema_metadata({
             **(table.schema.metadata or {}), META_STATS: stats.model_dump_json(), META_UNIT: key,
-            META_JOB: job.key(), META_IDENTITY: job.model_dump_json()})
+            META_JOB: job.key(), META_IDENTITY: job.model_dump_json(),
+            META_WRITER: f"{writer} (pid {os.getpid()} on host {socket.gethostname()})"})
         with storage_errors("write"):
             if not piece:
                 return write_atomic(self.results / shard_name(key), lambda f: pq.write_table(table, f),

@@ -45,7 +45,8 @@ def run_worker(output_dir: str | Path, rank: int, world: int, llm=None, stop: St
     if stop is not None:
         stop.generating = True
     units = iter_units(spec, counts, config.chunk_rows, mine, committed.partial)
-    return sum(1 for _ in generate(llm, units, config.sampling, out, manifest.job, Progress(), stop))
+    return sum(1 for _ in generate(llm, units, config.sampling, out, manifest.job, Progress(), stop,
+                                  writer=f"worker {rank}"))
 
 
 def main(argv: list[str] | None = None) -> None:
