@@ -84,7 +84,7 @@ def batch_vllm_defaults(model_dir: Path, prompts_file: Path, max_tokens: int, en
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
         # vLLM logs to stdout by default
-        refused = re.search(r"(Available memory on node[^\n]*|\w+Error[^\n]*)", proc.stdout + proc.stderr)
+        refused = re.search(r"(Available memory on node[^\n]*|\w+Error: [^\n]*)", proc.stdout + proc.stderr)
         return {"error": refused.group(1)[:300] if refused else f"exit {proc.returncode}"}
     return {**json.loads(result[7:]), "wall_s": wall}
 
