@@ -52,7 +52,8 @@ class LocalRayCluster:
         gcs_port, client_port = free_ports(2)
         self.address = f"127.0.0.1:{gcs_port}"
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0"}
+        # The marker lets engine_processes() find this cluster's engines even where one was orphaned.
+        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0", "LLMOPS_TEST_RAY_CLUSTER": str(self.root)}
         for i in range(self.nodes):
             ports = free_ports(len(_NODE_PORT_OPTIONS) + 2)
             # Ray's temp dir path must stay short (a Unix socket path lives under it).
@@ -101,18 +102,14 @@ class LocalRayCluster:
         import psutil
 
         found = []
-        for p in self.procs:
+        for proc in psutil.process_iter():
             try:
-                tree = psutil.Process(p.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            for proc in tree:
-                try:
-                    title = " ".join(proc.cmdline())
-                except psutil.Error:
-                    continue
-                if "EngineReplica" in title or "EngineCore" in title:
+                title = " ".join(proc.cmdline())
+                if ("EngineReplica" in title or "EngineCore" in title) and \
+                        proc.environ().get("LLMOPS_TEST_RAY_CLUSTER") == str(self.root):
                     found.append(proc)
+            except psutil.Error:
+                continue
         return found
 
     def wait_for_engines_gone(self, timeout_s: float = 120) -> None:

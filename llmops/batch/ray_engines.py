@@ -38,6 +38,7 @@ UNITS_PER_ACTOR = 2
 META_NODE = b"llmops.node"
 MANIFEST_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 20.0
 
 
 def import_ray():
@@ -133,7 +134,9 @@ def host_cores(cores: list[int], slot: int, replicas: int) -> list[int]:
 
 
 def replica_env(engine_env: dict[str, str], replica: Replica, cores: list[int] | None) -> dict[str, str]:
-    env = dict(engine_env)
+    # vLLM's engine core in the actor's own process: Ray ends an actor with SIGKILL (its driver died, the job
+    # ended), and a separate engine core process would live on as an orphan holding its memory.
+    env = {**engine_env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if replica.gpus == 0 and replica.host_replicas > 1 and cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in host_cores(cores, replica.host_slot,
                                                                               replica.host_replicas))
@@ -201,6 +204,11 @@ class EngineReplica:
             raise
         return {"node": self.node, "start_s": round(time.monotonic() - t0, 1),
                 "cores": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
     def run_unit(self, key: str, done_rows: list[int]) -> dict[str, Any]:
         """Generate and commit one unit (the rows not in `done_rows`); an exception fails this unit only."""
@@ -277,6 +285,7 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
     every committed shard."""
     ray = connect(address)
     out = job.output
+    state = None
     try:
         replicas = plan_replicas(ray.nodes(), job.plan)
         remote = ray.remote(max_restarts=0, max_concurrency=1)(EngineReplica)
@@ -295,7 +304,10 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         started = _dispatch(ray, state, job, committed, progress, stop, manifest)
         return len(replicas), round(max(started, t0) - t0, 2)
     finally:
-        ray.shutdown()  # ends this job's actors and their engines
+        if state is not None and not stop.requested:
+            ray.wait([state.actors[i].close.remote() for i in state.alive], num_returns=len(state.alive),
+                     timeout=CLOSE_TIMEOUT_S)
+        ray.shutdown()  # ends this job's actors (and with them their engines)
 
 
 def _check_shared_output(ray, state: _Replicas, out: OutputDir) -> None:
