@@ -167,9 +167,9 @@ class _NodeOutputDir(OutputDir):
         super().__init__(path)
         self.node = node
 
-    def commit(self, key, table, stats, job, piece=False):
+    def commit(self, key, table, *args, **kwargs):
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_NODE: self.node})
-        return super().commit(key, table, stats, job, piece)
+        return super().commit(key, table, *args, **kwargs)
 
 
 class EngineReplica:
@@ -220,8 +220,9 @@ class EngineReplica:
         w = self.work
         try:
             units = iter_units(w.spec, w.row_counts, w.chunk_rows, {key}, {key: set(done_rows)} if done_rows else {})
+            writer = f"ray engine {self.replica.rank} on node {self.node[:12]}"
             stats = [s.model_dump() for _, s in generate(self.llm, units, w.sampling, self.out, w.identity,
-                                                           Progress())]
+                                                           Progress(), writer=writer)]
         except Exception as e:
             return {"key": key, "node": self.node, "error": f"{type(e).__name__}: {e}".strip()}
         return {"key": key, "node": self.node, "stats": stats, "error": None}
