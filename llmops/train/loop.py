@@ -136,12 +136,10 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
             if eval_dl is not None and due(recipe.eval.every_n_steps, step, total_steps):
                 metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator,
                                                                     recipe.eval.max_batches)})
-            saved = due(recipe.checkpoint.every_n_steps, step, total_steps)
-            if saved:
+            stop = any_process(accelerator, stop_requested())
+            if stop or due(recipe.checkpoint.every_n_steps, step, total_steps):
                 checkpoint = save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
-            if any_process(accelerator, stop_requested()):
-                if not saved:
-                    checkpoint = save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
+            if stop:
                 bar.close()
                 raise stopped(checkpoint)
             if step >= total_steps:
