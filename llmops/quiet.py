@@ -39,7 +39,7 @@ def set_verbose(on: bool) -> None:
 
 
 def new_log_file(kind: str) -> Path:
-    """A fresh log file under `$LLMOPS_HOME/logs/` (where serve keeps its logs too), e.g. batch-20261127-134502.log."""
+    """A fresh log file under `$LLMOPS_HOME/logs/`, where serve keeps its logs too: batch-DATE-TIME-PID.log."""
     import time
 
     from llmops.paths import logs_dir
