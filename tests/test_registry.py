@@ -225,11 +225,11 @@ def test_a_converted_folder_gets_the_recommended_sampling_and_show_displays_it(l
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     assert ensure_local(resolve(DEFAULT_MODEL)) == folder  # a folder converted before this: patched in place
     config = json.loads((folder / "generation_config.json").read_text())
-    assert config == {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    assert config == {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.5}
     proc = run_cli("models", "show", DEFAULT_MODEL, env={"LLMOPS_HOME": str(llmops_home)})
-    assert "sampling.temperature: 0.2" in proc.stdout and "sampling.top_p: 0.9" in proc.stdout
+    assert "sampling.temperature: 0.2" in proc.stdout and "sampling.top_p: 0.5" in proc.stdout
     proc = run_cli("models", "show", DEFAULT_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
-    assert json.loads(proc.stdout)["sampling"] == {"temperature": 0.2, "top_p": 0.9}
+    assert json.loads(proc.stdout)["sampling"] == {"temperature": 0.2, "top_p": 0.5}
 
 
 @pytest.mark.unit
