@@ -300,7 +300,6 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         hosts = len({r.node_ip for r in replicas})
         progress.phase(f"starting {len(replicas)} vLLM engines on {len({r.node_id for r in replicas})} Ray nodes "
                        f"({hosts} host{'s' if hosts > 1 else ''}); engine logs are in each node's Ray log folder")
-        manifest.nodes = _nodes_of(out, committed)
         t0 = time.monotonic()
         started = _dispatch(ray, state, job, committed, progress, stop, manifest)
         return len(replicas), round(max(started, t0) - t0, 2)
@@ -327,7 +326,7 @@ def _check_shared_output(ray, state: _Replicas, out: OutputDir) -> None:
                          "folder on shared storage (NFS, a mounted bucket) every node sees at the same path")
 
 
-def _nodes_of(out: OutputDir, committed: Committed) -> dict[str, str]:
+def nodes_of(out: OutputDir, committed: Committed) -> dict[str, str]:
     """The node that committed each unit already done (from its shard's metadata), for the manifest."""
     import pyarrow.parquet as pq
 

@@ -73,7 +73,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
     started = time.monotonic()
     engines = 1
     if ray_address is not None:
-        from llmops.batch.ray_engines import import_ray, run_ray
+        from llmops.batch.ray_engines import import_ray, nodes_of, run_ray
 
         import_ray()  # not installed: exit 2 with the install command, before anything is planned
     # 1. Plan (refusals happen here, before any write), lock the folder, then check again under the lock.
@@ -86,6 +86,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
             job.with_model(ensure_local(resolve(config.model), progress=progress.phase))
         manifest = job.manifest()
         committed = out.prepare(job.identity, job.unit_sizes, overwrite, manifest)
+        if ray_address is not None:
+            manifest.nodes = nodes_of(out, committed)
         with storage_errors("write"):
             dump_config(resolved_config(config, job.plan), out.path / CONFIG)
         before = _counts(committed)
