@@ -250,13 +250,13 @@ def assert_exactly_once(out, rows):
 
 def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row_once(tmp_path,
                                                                                       default_model_dir):
-    rows, grace = 120, 6
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Tell a short story about the number {i}."}
+    rows, grace, chunk = 600, 20, 50
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a sentence about the number {i}."}
                                               for i in range(rows)])
     out = tmp_path / "out"
-    # Units of 40 rows x 48 tokens take longer than the grace period: the units in flight when SIGTERM
-    # arrives cannot finish, so their finished rows are committed as pieces (short shards).
-    args = ["batch", path, "-o", out, "--max-tokens", "48", "--set", "chunk_rows=40", "--grace-period", grace,
+    # More rows than the engine's queue (2 x max_num_seqs), so units commit one by one; the units in flight
+    # when SIGTERM arrives cannot all finish in the grace period, so some are committed in part (pieces).
+    args = ["batch", path, "-o", out, "--max-tokens", "24", "--set", f"chunk_rows={chunk}", "--grace-period", grace,
             *(a for s in SMALL_ENGINE for a in ("--set", s))]
     proc = start_batch(args, tmp_path / "first.log")
     try:
@@ -293,7 +293,7 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     again = assert_exactly_once(out, rows)
     assert max(again.column("completion_tokens").to_pylist()) <= 4 < max(first.column("completion_tokens").to_pylist())
     assert (out / "notes.txt").read_text() == "mine"
-    assert len(list(out.glob("results/*.parquet"))) == rows // 40  # no piece of the old job is left
+    assert len(list(out.glob("results/*.parquet"))) == rows // chunk  # no piece of the old job is left
 
 
 # Runs the CLI with two engines planned on the CPU (the CPU plan has one), as on a machine with two GPU groups.

@@ -131,6 +131,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
     where: dict[str, tuple[str, int]] = {}  # request id -> (unit key, position in unit)
     units = iter(units)
     more = True
+    step_s = 0.0
     while True:
         # 1. Top the queue up with whole units before it runs low (none once a stop is requested).
         while more and not stop.requested and engine.get_num_unfinished_requests() < depth:
@@ -156,7 +157,8 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             progress.advance(failed, 0)
             if state.remaining == 0:
                 yield _commit(inflight.pop(unit.key), out, job, writer)
-        if stop.requested and (not inflight or time.monotonic() >= stop.finish_by):
+        # A step can take seconds on a CPU (a long prefill): stop before one that would end past finish_by.
+        if stop.requested and (not inflight or time.monotonic() + step_s >= stop.finish_by):
             break
         if not engine.has_unfinished_requests():
             if not more or stop.requested:
@@ -165,7 +167,9 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
         # 2. One engine step; record what finished and commit every unit that is complete.
         rows = tokens = 0
         try:
+            started = time.monotonic()
             outputs = engine.step()
+            step_s = max(step_s * 0.9, time.monotonic() - started)  # recent steps, the longest weighing most
         except Exception as e:
             if stop.requested:  # the signal reached the engine too (Ctrl-C): keep what finished
                 break
