@@ -57,6 +57,12 @@ def cpu_flags() -> str:
     return ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
 
 
+def vllm_error(log: str) -> str | None:
+    """The line that says why vLLM did not start: its memory refusal first, else its first `...Error: ` line."""
+    found = re.search(r"Available memory on node[^\n]*", log) or re.search(r"\w+Error: (?!.*ulimit)[^\n]*", log)
+    return found.group(0)[:300] if found else None
+
+
 # --- batch --------------------------------------------------------------------------------------------
 
 
@@ -83,9 +89,7 @@ def batch_vllm_defaults(model_dir: Path, prompts_file: Path, max_tokens: int, en
     os.unlink(script.name)
     result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
-        # vLLM logs to stdout by default
-        refused = re.search(r"(Available memory on node[^\n]*|\w+Error: [^\n]*)", proc.stdout + proc.stderr)
-        return {"error": refused.group(1)[:300] if refused else f"exit {proc.returncode}"}
+        return {"error": vllm_error(proc.stdout + proc.stderr) or f"exit {proc.returncode}"}  # vLLM logs to stdout
     return {**json.loads(result[7:]), "wall_s": wall}
 
 
@@ -169,8 +173,7 @@ def bench_serve(args, model_dir: Path, work: Path) -> dict:
         print(f"[serve] {name}, start {start} ...", file=sys.stderr, flush=True)
         figures = serve_once([*command, "--port", str(port)], env, port, model_dir, "bench", log)
         if "error" in figures:
-            refused = re.search(r"(Available memory on node[^\n]*|\w+Error: [^\n]*)", log.read_text())
-            figures["error"] = refused.group(1)[:300] if refused else figures["error"]
+            figures["error"] = vllm_error(log.read_text()) or figures["error"]
         print(f"[serve] {name}, start {start}: {figures}", file=sys.stderr, flush=True)
         runs.setdefault(name, []).append(figures)
         return figures

@@ -190,6 +190,11 @@ def test_vllm_refusing_its_kv_allocation_becomes_exit_3_naming_the_knob(tmp_path
         "Free memory on device cuda:0 (30.1/79.2 GiB) on startup is less than desired GPU memory utilization "
         "(0.9, 71.3 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes."))
     assert gpu is not None and "engine.gpu_memory_utilization" in gpu.hint
+    # vLLM's own default (no KV size given) is refused at start-up instead, as seen on this machine
+    startup = explain_engine_failure(RuntimeError("see above"), (
+        "ValueError: Available memory on node 0 (14.01/20.34 GiB) on startup is less than desired CPU memory "
+        "utilization (0.92, 18.71 GiB). On the CPU backend, the `--gpu-memory-utilization` flag controls ..."))
+    assert "node 0 had 14.01 of 20.34 GiB available when 18.71 GiB were asked for" in startup.message
     assert explain_engine_failure(RuntimeError("something else")) is None
     # batch passes the path of the log its engine wrote to
     (tmp_path / "batch.log").write_text("Loading weights...\n" + log + "\n")
