@@ -105,6 +105,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_across_an_epoch_boundary(
     assert progress["batches_in_epoch"] == STEPS_PER_EPOCH, "the checkpoint is at the end of an epoch"
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 99, "loss": 1.2')  # a crash mid-write leaves a torn last line
+    (run_dir / "finished.json").write_text('{"recipe": {"name": "tin')  # as a non-atomic write could leave it
 
     proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)  # --resume auto
     assert proc.returncode == 0, proc.stderr
