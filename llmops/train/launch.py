@@ -157,7 +157,8 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     is resumed from only if it was written under the same recipe fingerprint (`recipe_fingerprint`), unless
     `allow_changed_recipe`. SIGTERM checkpoints the step in progress and raises `Stopped` (exit 75)."""
     from llmops.train.export import export, register
-    from llmops.train.loop import catch_sigterm, checkpoints, find_checkpoint, stopped, train
+    from llmops.quiet import engine_output
+    from llmops.train.loop import TRAIN_LOG, catch_sigterm, checkpoints, find_checkpoint, stopped, train
     from llmops.train.recipe import recipe_fingerprint
 
     # 1. Which checkpoint, if any, and is it one of this recipe's?
@@ -194,7 +195,7 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     # 3. Train, here or in launched processes; SIGTERM is relayed to them, and they checkpoint and stop.
     resume_arg = str(checkpoint) if checkpoint else "never"
     if not run.command:
-        with catch_sigterm() as stop_requested:
+        with catch_sigterm() as stop_requested, engine_output(run.run_dir / TRAIN_LOG):
             summary = train(run.recipe, run.run_dir, resume=resume_arg, stop_requested=stop_requested)
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:], resume_arg]
@@ -217,7 +218,8 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     #    (a CI retry, say) does not train again.
     if run.recipe.distributed.machine_rank != 0:
         return {**summary, "run_dir": str(run.run_dir)}
-    exported = export(run, log=log)
+    with engine_output(run.run_dir / TRAIN_LOG):  # loading and saving weights is chatty too
+        exported = export(run, log=log)
     write_json_atomic(finished, {"recipe": recipe_as_given, "fingerprint": fingerprint, "summary": summary,
                                  "export": exported})
     return {**summary, **exported}

@@ -7,7 +7,8 @@ local folder) and writes, under the run folder:
 - `metrics.jsonl`: one JSON line per logged step (loss, lr, tokens/s, processes) and per evaluation;
 - `checkpoints/step-NNNNNNNN/`: `accelerator.save_state` plus `progress.json` (step, epoch, batches seen) and
   copies of the run's `recipe.yaml` and `fingerprint.json` (what a resume checks against);
-- `final/`: the trained weights (the whole model, or the LoRA adapter) for `llmops.train.export`.
+- `final/`: the trained weights (the whole model, or the LoRA adapter) for `llmops.train.export`;
+- `train.log`: what torch, datasets, accelerate and peft print (`llmops.quiet`; on screen with -v).
 
 SIGTERM (a preempted spot machine's notice) stops a run cleanly: every process finishes its step, they all
 checkpoint it and `train` raises `Stopped` (exit 75), so rerunning the same command continues the curve.
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from llmops.errors import Stopped
+from llmops.quiet import engine_output, terminal
 from llmops.train.data import build_dataloaders
 from llmops.train.recipe import Recipe
 
+TRAIN_LOG = "train.log"
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
@@ -88,14 +91,14 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
         accelerator.load_state(str(checkpoint))
         progress = json.loads((checkpoint / "progress.json").read_text())
         if main:
-            print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})", file=sys.stderr)
+            print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})", file=terminal())
     metrics = MetricsFile(run_dir / "metrics.jsonl", main, keep_until=progress["step"])
     if any_process(accelerator, stop_requested()):  # stopped while loading: nothing new to save
         raise stopped(checkpoint)
 
     # 7. The loop. A stop request is honoured at the end of a step, by every process at the same step.
     bar = tqdm(total=total_steps, initial=progress["step"], desc=recipe.name, unit="step", dynamic_ncols=True,
-               disable=not (main and recipe.logging.progress_bar), file=sys.stderr)
+               disable=not (main and recipe.logging.progress_bar), file=terminal())
     model.train()
     window = Window()
     last = None
@@ -389,8 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     with catch_sigterm() as stop_requested:
         recipe = load_config(Recipe, yaml_path=args[0])
         try:
-            train(recipe, Path(recipe.output_dir), resume=args[1] if len(args) > 1 else "auto",
-                  stop_requested=stop_requested)
+            with engine_output(Path(recipe.output_dir) / TRAIN_LOG):
+                train(recipe, Path(recipe.output_dir), resume=args[1] if len(args) > 1 else "auto",
+                      stop_requested=stop_requested)
         except Stopped as e:
             print(f"llmops: {e.message}", file=sys.stderr)
             sys.exit(Stopped.exit_code)
