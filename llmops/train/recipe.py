@@ -105,11 +105,31 @@ class LoggingConfig(StrictModel):
     """How often a line goes to the metrics file."""
     progress_bar: bool = True
     """A progress bar on stderr (main process only): step, loss, learning rate, tokens/s, ETA."""
-    tensorboard: bool = False
-    """Also log to TensorBoard under OUTPUT/tensorboard (needs the `tensorboard` package)."""
+    log_with: list[Literal["tensorboard", "mlflow"]] = []
+    """Trackers that also get the metrics, offline in the run folder: `tensorboard` (`tensorboard --logdir
+    OUTPUT/tensorboard`) and `mlflow` (a file store: `mlflow ui --backend-store-uri OUTPUT/mlruns`). Each
+    needs its package: `pip install 'llmops[track]'`."""
     row_indices: bool = False
     """Add to each step's metrics line the training rows each process trained on (`rows`: one list of row
     indices per process), to check data-parallel sharding and that a resumed run sees the same data."""
+
+    @field_validator("log_with")
+    @classmethod
+    def _trackers_are_installed(cls, value: list[str]) -> list[str]:
+        from importlib.util import find_spec
+
+        # The `mlflow` module comes from the mlflow or the lighter mlflow-skinny distribution.
+        missing = [name for name in dict.fromkeys(value) if find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{' and '.join(missing)} not installed: pip install 'llmops[track]' (or "
+                             f"{' '.join('mlflow-skinny' if m == 'mlflow' else m for m in missing)}), or drop "
+                             f"{'them' if len(missing) > 1 else 'it'} from logging.log_with")
+        return list(dict.fromkeys(value))
+
+    @property
+    def tensorboard(self) -> bool:
+        # Read by launch.plan_recipe's older package check, which the validator above now makes redundant.
+        return "tensorboard" in self.log_with
 
 
 class DistributedConfig(StrictModel):
