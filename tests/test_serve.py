@@ -39,7 +39,7 @@ def dry_run_json(*args: str, env: dict[str, str] | None = None) -> dict:
 
 
 @pytest.mark.unit
-def test_dry_run_prints_plan_and_exact_command_with_pass_through_flags():
+def test_dry_run_prints_plan_and_exact_command_with_pass_through_flags(cpu_machine):
     proc = run_cli("serve", "smollm2-135m", "--port", "8123", *SMALL_KV, "--dry-run",
                    "--", "--enable-prefix-caching", "--max-num-seqs", "4")
     assert proc.returncode == 0, proc.stderr
@@ -73,7 +73,7 @@ def test_dry_run_json_with_default_model_pass_through_and_api_key_kept_secret():
 
 
 @pytest.mark.unit
-def test_config_file_set_and_flags_merge_in_order(tmp_path):
+def test_config_file_set_and_flags_merge_in_order(tmp_path, cpu_machine):
     config = tmp_path / "serve.yaml"
     config.write_text("model: smollm2-135m\nport: 9000\nhost: 0.0.0.0\nallow_unauthenticated: true\n"
                       "served_model_name: tiny\n"
