@@ -6,7 +6,7 @@ checkpointing, and sums the bytes of the distinct tensors autograd saves for the
 (`torch.autograd.graph.saved_tensors_hooks`). It prints them beside what `llmops.train.plan` counts for the
 same tensors. CPU only; a few seconds. Run under the shared lock:
 
-    flock /tmp/llmops-heavy.lock .venv/bin/python scripts/measure_train_activations.py [MODEL_DIR]
+    flock /tmp/llmops-heavy.lock .venv/bin/python scripts/measure_train_activations.py [MODEL_DIR] [--bf16]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def saved_bytes(model, batch) -> int:
     return sum(storages.values())
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, precision: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -48,10 +48,14 @@ def main(model_dir: str) -> None:
     seq, micro = 512, 2
     ids = torch.randint(0, facts.shape.vocab_size, (micro, seq))
     batch = {"input_ids": ids, "labels": ids}
-    print(f"{'method':6} {'ckpt':5} {'measured MiB':>13} {'planned MiB':>12}")
+    # As llmops.train.loop runs (LoRA dropout masks are fp32 on the CPU: 4 bytes): full fine-tuning keeps fp32 weights under bf16 autocast; LoRA loads bf16.
+    bf16 = precision == "bf16"
+    compute_bytes = 2 if bf16 else 4
+    print(f"{precision}: {'method':6} {'ckpt':5} {'measured MiB':>13} {'planned MiB':>12}")
     for method in ("full", "lora"):
         for ckpt in (False, True):
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            dtype = torch.bfloat16 if bf16 and method == "lora" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             if ckpt:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if method == "lora":
@@ -60,17 +64,24 @@ def main(model_dir: str) -> None:
                 if ckpt:
                     model.enable_input_require_grads()
             model.train()
-            measured = saved_bytes(model, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                measured = saved_bytes(model, batch)
             # What stays saved through the forward pass: every layer's tensors (or, with checkpointing, each
             # layer's input: the hooks do not see inside checkpointed layers), plus the fp32 log-softmax.
             # The planner's figure adds the peaks on top (one recomputed layer, the logits' other copies).
             tokens, s = micro * seq, facts.shape
-            layers = (s.num_layers * tokens * s.hidden_size * 4 if ckpt else
-                      s.num_layers * tokens * activation_bytes_per_token(facts, 4, method == "lora"))
+            stream_bytes = 4 if method == "full" else compute_bytes
+            layers = (s.num_layers * tokens * s.hidden_size * stream_bytes if ckpt else
+                      s.num_layers * tokens * activation_bytes_per_token(facts, method, compute_bytes, 4))
             planned = layers + tokens * s.vocab_size * 4
-            print(f"{method:6} {'on' if ckpt else 'off':5} {measured / 2**20:13.1f} {planned / 2**20:12.1f}")
+            if bf16 and method == "full":  # the hooks also see autocast's bf16 weight copies (the planner
+                # counts them as weights); inside checkpointed layers only the head's
+                planned += 2 * (s.vocab_size * s.hidden_size if ckpt else facts.params)
+            print(f"{precision}: {method:6} {'on' if ckpt else 'off':5} {measured / 2**20:13.1f} {planned / 2**20:12.1f}")
 
 
 if __name__ == "__main__":
     here = Path(__file__).resolve().parents[1]
-    main(sys.argv[1] if len(sys.argv) > 1 else str(here / ".test-home/llmops/models/smollm2-135m"))
+    args = [a for a in sys.argv[1:] if a != "--bf16"]
+    main(args[0] if args else str(here / ".test-home/llmops/models/smollm2-135m"),
+         "bf16" if "--bf16" in sys.argv else "fp32")

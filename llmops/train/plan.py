@@ -22,14 +22,16 @@ Memory per device (`training_memory`), for P parameters over S shards (FSDP/ZeRO
   layers (the one computing and the one prefetched), plus their full gradients for full fine-tuning.
 - activations, counted per token per layer the way Korthikanti et al. count them ("Reducing Activation
   Recomputation in Large Transformer Models", 2022, eq. 1: 34·s·b·h + 5·a·s²·b bytes for a GPT layer in
-  16-bit) but for a Llama layer: two RMSNorms (each saves its fp32 input and two normed copies), q/k/v and
-  the attention output,
-  four MLP tensors of the intermediate width, and, with LoRA dropout, each adapted linear layer's dropped
-  input and mask. Attention is memory-efficient (SDPA/flash, transformers' default), so the 5·a·s²·b
+  16-bit) but for a Llama layer, tensor by tensor as autograd saves them (`activation_bytes_per_token`):
+  the RMSNorms' fp32 inputs, q/k/v and the attention output, the MLP's tensors of the intermediate width,
+  and either every linear layer's input (full) or only the adapters' inputs and dropout masks (LoRA and
+  QLoRA: frozen layers need no weight gradients, so they keep no inputs). Attention is memory-efficient
+  (SDPA/flash, transformers' default), so the 5·a·s²·b
   score term is not there. With gradient checkpointing only each layer's input is kept (their 2·s·b·h,
   in the residual stream's dtype), plus one layer recomputed at a time in the backward pass.
   `scripts/measure_train_activations.py` checks this count against the tensors autograd really saves:
-  within 1% for SmolLM2-135M (fp32, 2 x 512 tokens, CPU), full and LoRA, with and without checkpointing.
+  within 1% for SmolLM2-135M (2 x 512 tokens, CPU, fp32 and bf16 autocast), full and LoRA, with and
+  without checkpointing.
 - logits: bf16 logits, their fp32 upcast and fp32 log-softmax, tokens x vocab x (2 + 4 + 4) bytes.
 
 Checked against published figures in tests/test_train_plan.py: QLoRA fine-tunes a 65B model on one 48 GB
@@ -129,25 +131,30 @@ class Layout:
         return cls(layer, outer, inter, per_layer_rank * s.num_layers)
 
 
-def activation_bytes_per_token(facts: ModelFacts, compute_bytes: int, lora_dropout: bool) -> int:
-    """Bytes one decoder layer saves for the backward pass, per token, without checkpointing."""
+def activation_bytes_per_token(facts: ModelFacts, method: str, compute_bytes: int, dropout_mask_bytes: int) -> int:
+    """Bytes one decoder layer saves for the backward pass, per token, without checkpointing (counted from
+    the tensors autograd saves: scripts/measure_train_activations.py)."""
     s, inter = facts.shape, Layout.of(facts).intermediate_size
     h, q, kv = s.hidden_size, s.num_attention_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    # Llama's RMSNorm saves its fp32 input, x * rsqrt(var) cast back, and its output (the projections' input).
-    norms = 2 * (4 * h + 2 * compute_bytes * h)
-    attention = compute_bytes * (q + 2 * kv) + compute_bytes * q  # q, k, v for SDPA; its output for o_proj
-    mlp = 4 * compute_bytes * inter  # gate, up, act(gate), act(gate) * up
-    total = norms + attention + mlp
-    if lora_dropout:
-        # peft feeds each adapter dropout(x): a copy (and a one-byte mask) per adapted linear layer.
-        dropped = 3 * h + q + 2 * h + inter  # inputs of q, k, v; o; gate, up; down
-        total += (compute_bytes + 1) * dropped
-    return total
+    attention = compute_bytes * (q + 2 * kv) + compute_bytes * q  # q, k, v and the output, saved by SDPA
+    if method == "full":
+        if compute_bytes == 4:  # fp32: each RMSNorm saves its input, the normed x and its output
+            norms = 2 * 3 * 4 * h
+        else:  # fp32 weights under autocast: the norms' fp32 input and normed x, a bf16 cast per linear layer
+            norms = 2 * 2 * 4 * h + compute_bytes * 5 * h  # q, k, v; gate, up
+        return norms + attention + 4 * compute_bytes * inter  # gate, up, act(gate), act(gate) * up
+    # Frozen base layers save no inputs (their weight gradients are not needed); the adapters save theirs.
+    norms = 2 * 4 * h  # the fp32 input, for the rsqrt's gradient
+    mlp = 3 * compute_bytes * inter  # gate, up, act(gate)
+    adapted = 3 * h + q + 2 * h + inter  # the inputs of q, k, v; o; gate, up; down
+    # Each adapter keeps its own copy of its input, and with dropout a mask: a bool on CUDA (native_dropout),
+    # on the CPU one of the input's dtype, fp32 (peft casts the input to the adapters' fp32 first).
+    return norms + attention + mlp + (compute_bytes + dropout_mask_bytes) * adapted
 
 
 def training_memory(facts: ModelFacts, *, method: str, strategy: str, shards: int, precision: str,
                     micro_batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                    lora_rank: int = 16, lora_dropout: float = 0.05) -> dict[str, int]:
+                    lora_rank: int = 16, lora_dropout: float = 0.05, on_gpu: bool = True) -> dict[str, int]:
     """Peak bytes per device, by part (see the module docstring for the model and its sources)."""
     layout, s = Layout.of(facts), facts.shape
     p = facts.params
@@ -180,7 +187,8 @@ def training_memory(facts: ModelFacts, *, method: str, strategy: str, shards: in
     if sharded and shards > 1:
         parts["fsdp_gathered"] = gathered
     tokens = micro_batch_size * seq_len
-    per_layer = tokens * activation_bytes_per_token(facts, compute_bytes, method != "full" and lora_dropout > 0)
+    mask_bytes = 0 if lora_dropout == 0 else 1 if on_gpu else 4
+    per_layer = tokens * activation_bytes_per_token(facts, method, compute_bytes, mask_bytes)
     if gradient_checkpointing:
         # Full fine-tuning (fp32 weights) and QLoRA (fp32 embeddings) keep the residual stream in fp32.
         stream_bytes = 4 if method != "lora" else compute_bytes
@@ -296,7 +304,7 @@ def plan_train(
     options = [
         _Option(m, st, gc, mb, training_memory(
             facts, method=m, strategy=st, shards=total, precision=precision, micro_batch_size=mb, seq_len=seq_len,
-            gradient_checkpointing=gc, lora_rank=lora_rank, lora_dropout=lora_dropout),
+            gradient_checkpointing=gc, lora_rank=lora_rank, lora_dropout=lora_dropout, on_gpu=use_gpu),
             relative_step_time(m, st, gc, mb * seq_len))
         for m in methods for st in strategies for gc in checkpointing for mb in micro_batches]
     fitting = [o for o in options if o.need <= capacity]
@@ -358,7 +366,7 @@ def _does_not_fit(facts, options, capacity, where, method, hw, use_gpu, precisio
             need = min(sum(training_memory(facts, method=other, strategy=o.strategy, shards=total,
                                            precision=precision, micro_batch_size=1, seq_len=seq_len,
                                            gradient_checkpointing=True, lora_rank=lora_rank,
-                                           lora_dropout=lora_dropout).values()) for o in options)
+                                           lora_dropout=lora_dropout, on_gpu=use_gpu).values()) for o in options)
             if need <= capacity:
                 hints.append(f"method {other} fits ({need / GIB:.1f} GiB per device): --set method={other}")
                 break
