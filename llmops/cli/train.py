@@ -1,5 +1,6 @@
 """`llmops train RECIPE`: fine-tune with accelerate from a validated recipe; `llmops train validate RECIPE`
-checks a recipe without loading anything; `llmops train recipes` lists the shipped ones."""
+checks a recipe without loading anything; `llmops train recipes` lists the shipped ones; `llmops train show RUN`
+draws a run's loss curves."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from llmops.cli._options import DryRunOpt, JsonOpt, OutputOpt, SetOpt
 
 
 class _RunByDefault(TyperGroup):
-    """`llmops train RECIPE ...` means `llmops train run RECIPE ...`; `validate` and `recipes` stay commands."""
+    """`llmops train RECIPE ...` means `llmops train run RECIPE ...`; the other subcommands stay commands."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
@@ -72,6 +73,7 @@ def run_command(
                    else "(one process: trains inside llmops, no accelerate launch)")
         return
     summary = run(run_plan, resume=resume, allow_changed_recipe=allow_changed_recipe, log=out.log)
+    _draw_on_stderr(run_plan.recipe.name, run_plan.run_dir)
     if json:
         out.print_json(summary)
         return
@@ -100,6 +102,44 @@ def recipes_command(json: JsonOpt = False) -> None:
         out.print_json({name: str(path) for name, path in found.items()})
         return
     out.table("Recipes", ["name", "command"], [(name, _command_line(path)) for name, path in found.items()])
+
+
+@app.command("show")
+def show_command(
+    run: Annotated[str, typer.Argument(metavar="RUN", show_default=False,
+                                       help="Run folder, or the name of a run under $LLMOPS_HOME/runs.")],
+    json: JsonOpt = False,
+) -> None:
+    """Draw the loss and eval-loss curves of a run (finished or not). Piped, it prints the numbers as
+    tab-separated columns (step, loss, eval_loss, lr); --json gives them as lists."""
+    from llmops.train import report
+
+    run_dir = report.find_run(run)
+    curves = report.read_curves(run_dir)
+    if json:
+        out.print_json(curves)
+    elif out.stdout.is_terminal:
+        out.result(report.plot_curves(curves, run_dir.name, width=min(out.stdout.width, 100)))
+        out.result(report.summary(curves))
+    else:
+        out.table(None, ["step", "loss", "eval_loss", "lr"],
+                  [[None if v is None else f"{v:.6g}" for v in row] for row in report.rows_by_step(curves)])
+
+
+def _draw_on_stderr(title: str, run_dir: Path) -> None:
+    """The loss curves after a run, for the person watching: stderr, and only when it is a terminal (stdout
+    keeps the run's summary for scripts)."""
+    from llmops.errors import UsageError
+    from llmops.train import report
+
+    if not out.stderr.is_terminal or not (run_dir / report.METRICS).is_file():
+        return
+    try:
+        picture = report.plot_curves(report.read_curves(run_dir), title, width=min(out.stderr.width, 100))
+    except UsageError as e:  # plotext missing: the run itself succeeded
+        out.log(f"(no loss picture: {e.message}; `llmops train show {run_dir}` draws it later)")
+        return
+    out.stderr.print(picture, markup=False, highlight=False)
 
 
 def _command_line(path: Path) -> str:

@@ -5,6 +5,7 @@ It runs in-process for one process, or in each process started by `accelerate la
 RUN_DIR/recipe.yaml` (see `llmops.train.launch`). It takes a fully resolved recipe (no `auto` left, `model` a
 local folder) and writes, under the run folder:
 - `metrics.jsonl`: one JSON line per logged step (loss, lr, tokens/s, processes) and per evaluation;
+- `tensorboard/NAME/` and `mlruns/` when `logging.log_with` names them: the same numbers for those trackers;
 - `checkpoints/step-NNNNNNNN/`: `accelerator.save_state` plus `progress.json` (step, epoch, batches seen) and
   copies of the run's `recipe.yaml` and `fingerprint.json` (what a resume checks against);
 - `final/`: the trained weights (the whole model, or the LoRA adapter) for `llmops.train.export`;
@@ -44,7 +45,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
     `catch_sigterm`), the step in progress is finished and checkpointed, then `Stopped` is raised."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_scheduler
 
@@ -57,8 +58,8 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
         mixed_precision=MIXED_PRECISION[recipe.precision],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps or 1,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with="tensorboard" if recipe.logging.tensorboard else None,
-        project_dir=str(run_dir),
+        log_with=recipe.logging.log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
     set_seed(recipe.seed)
     main = accelerator.is_main_process
@@ -81,8 +82,6 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    if recipe.logging.tensorboard:
-        accelerator.init_trackers("llmops", config={"name": recipe.name})
 
     # 6. Resume: model, optimizer, scheduler and RNG states, and where in which epoch we were.
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
@@ -92,11 +91,16 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
         progress = json.loads((checkpoint / "progress.json").read_text())
         if main:
             print(f"resuming from {checkpoint} (step {progress['step']}, epoch {progress['epoch']})", file=terminal())
-    metrics = MetricsFile(run_dir / "metrics.jsonl", main, keep_until=progress["step"])
     if any_process(accelerator, stop_requested()):  # stopped while loading: nothing new to save
         raise stopped(checkpoint)
 
-    # 7. The loop. A stop request is honoured at the end of a step, by every process at the same step.
+    # 7. Metrics: `metrics.jsonl`, and the trackers the recipe names. Both start after the resume, so that
+    #    the steps an interrupted run logged past its checkpoint are replaced, not repeated.
+    if recipe.logging.log_with:
+        start_trackers(accelerator, recipe, run_dir, resumed_step=progress["step"])
+    metrics = MetricsFile(run_dir / "metrics.jsonl", main, keep_until=progress["step"], also=accelerator.log)
+
+    # 8. The loop. A stop request is honoured at the end of a step, by every process at the same step.
     bar = tqdm(total=total_steps, initial=progress["step"], desc=recipe.name, unit="step", dynamic_ncols=True,
                disable=not (main and recipe.logging.progress_bar), file=terminal())
     model.train()
@@ -133,8 +137,6 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % recipe.logging.every_n_steps == 0 or step == total_steps:
                 metrics.write(row)
-                if recipe.logging.tensorboard:
-                    accelerator.log({k: row[k] for k in ("loss", "lr", "tokens_per_s")}, step=step)
             # The last step is evaluated and saved after the loop.
             if eval_dl is not None and due(recipe.eval.every_n_steps, step, total_steps):
                 metrics.write({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator,
@@ -144,6 +146,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
                 checkpoint = save_checkpoint(accelerator, run_dir, progress, recipe.checkpoint.keep_last)
             if stop:
                 bar.close()
+                accelerator.end_training()  # flush the trackers
                 raise stopped(checkpoint)
             if step >= total_steps:
                 break
@@ -152,7 +155,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
             progress["batches_in_epoch"] = 0
     bar.close()
 
-    # 8. Evaluate and save the trained weights (the adapter alone for LoRA; export merges it).
+    # 9. Evaluate and save the trained weights (the adapter alone for LoRA; export merges it).
     eval_loss = None
     if eval_dl is not None:
         eval_loss = evaluate(model, eval_dl, accelerator, recipe.eval.max_batches)
@@ -166,6 +169,30 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
 
 def due(every: int | None, step: int, total_steps: int) -> bool:
     return bool(every) and step % every == 0 and step < total_steps
+
+
+def start_trackers(accelerator, recipe: Recipe, run_dir: Path, resumed_step: int) -> None:
+    """Start accelerate's trackers offline in the run folder: TensorBoard in `tensorboard/NAME`, MLflow in the
+    file store `mlruns` (experiment NAME). A resumed run purges the TensorBoard events past its checkpoint and
+    continues the latest MLflow run."""
+    init_kwargs: dict = {}
+    if resumed_step:
+        init_kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
+    if "mlflow" in recipe.logging.log_with and accelerator.is_main_process:
+        import mlflow
+
+        # A file store: offline, and readable without a database (mlflow-skinny has no SQL store). MLflow 3
+        # keeps it in maintenance mode and refuses it unless told this opt-out.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((run_dir / "mlruns").as_uri())
+        previous = mlflow.search_runs(experiment_names=[recipe.name], order_by=["attributes.start_time DESC"],
+                                      max_results=1, output_format="list") if resumed_step else []
+        init_kwargs["mlflow"] = {"run_id": previous[0].info.run_id if previous else None}
+    # Trackers take flat scalars (TensorBoard's hparams refuse lists and None).
+    hparams = {"model": recipe.model, "method": recipe.method, "precision": recipe.precision, "seed": recipe.seed,
+               **{f"train.{k}": v for k, v in recipe.train.model_dump().items()
+                  if isinstance(v, (bool, int, float, str))}}
+    accelerator.init_trackers(recipe.name, config=hparams, init_kwargs=init_kwargs)
 
 
 # --- stopping early -----------------------------------------------------------------------------------
@@ -354,10 +381,13 @@ def save_final(accelerator, model, out: Path) -> None:
 class MetricsFile:
     """`metrics.jsonl`, written by the main process. On resume, lines past the checkpoint's step (logged by
     the interrupted run before it died) are dropped, so the file tells one consistent story; so is a torn
-    last line (a crash mid-write). The trimmed file replaces the old one by a rename."""
+    last line (a crash mid-write). The trimmed file replaces the old one by a rename. Each row's TRACKED
+    numbers also go to `also(values, step=)` (`accelerator.log`: the trackers)."""
 
-    def __init__(self, path: Path, main: bool, keep_until: int):
-        self.path, self.main = path, main
+    TRACKED = ("loss", "eval_loss", "lr", "tokens_per_s")
+
+    def __init__(self, path: Path, main: bool, keep_until: int, also: Callable[..., None] = lambda values, step: None):
+        self.path, self.main, self.also = path, main, also
         if main and path.exists():
             keep = [row for row in read_jsonl(path) if row.get("step", 0) <= keep_until] if keep_until else []
             tmp = path.with_name(f".tmp-{path.name}")
@@ -368,6 +398,7 @@ class MetricsFile:
         if self.main:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.also({k: row[k] for k in self.TRACKED if k in row}, step=row["step"])
 
 
 def read_jsonl(path: Path) -> list[dict]:
