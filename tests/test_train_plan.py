@@ -11,7 +11,7 @@ import pytest
 
 from llmops.errors import DoesNotFitError, UsageError
 from llmops.hardware import GIB
-from llmops.plan import ModelFacts, model_facts
+from llmops.facts import ModelFacts, model_facts
 from llmops.registry import ModelShape, resolve
 from llmops.train.plan import plan_train, training_memory
 from tests.fake_hardware import EIGHT_80GIB_GPUS, ONE_24GIB_GPU, cpu_only, gpus

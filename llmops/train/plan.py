@@ -54,8 +54,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from llmops.errors import DoesNotFitError, UsageError
+from llmops.facts import ModelFacts
 from llmops.hardware import GIB, Hardware
-from llmops.plan import ModelFacts
+from llmops.plan import choose_dtype
 
 # Of the free memory of each GPU, what training may plan to use: the rest is the CUDA context, cuBLAS and
 # NCCL workspaces and the caching allocator's fragmentation.
@@ -228,17 +229,6 @@ class _Option:
                 f"{'on' if self.gradient_checkpointing else 'off'}, micro-batch {self.micro_batch_size}")
 
 
-def choose_precision(hw: Hardware, use_gpu: bool) -> tuple[str, str | None]:
-    """The training precision and, when it is not the obvious one, why."""
-    if use_gpu:
-        if all(g.supports_bf16 for g in hw.gpus):
-            return "bf16", None
-        return "fp16", "precision fp16: a GPU older than Ampere has no bf16"
-    if hw.cpu.has_native_bf16:
-        return "bf16", "precision bf16: this CPU has AVX512-BF16/AMX"
-    return "fp32", "precision fp32: this CPU has no native bf16 (bf16 autocast measured ~9x slower)"
-
-
 def plan_train(
     facts: ModelFacts,
     hw: Hardware,
@@ -281,9 +271,9 @@ def plan_train(
 
     # 2. Precision.
     if precision == "auto":
-        precision, why = choose_precision(hw, use_gpu)
-        if why:
-            notes.append(why)
+        dtype, why = choose_dtype(hw, "cuda" if use_gpu else "cpu")  # the one dtype decision (llmops.plan)
+        precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+        notes.append(f"precision {precision}: {why}")
 
     # 3. The global batch every plan keeps, and the micro-batches that divide it.
     if global_batch_size is None:
