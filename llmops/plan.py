@@ -3,7 +3,8 @@
 Every "auto" in a workload config is resolved here, separately from validation, and each decision carries
 a note that says why, so `--dry-run` and `llmops hw` can show the reasoning. A model that cannot fit raises
 `DoesNotFitError` (exit 3) with the numbers and what would make it fit. `plan_engine` owns "resolve the
-engine"; `llmops.vllm_engine` maps its result to vLLM's arguments and environment.
+engine"; `llmops.vllm_engine` maps its result to vLLM's arguments and environment. Training is planned in
+`llmops.train.plan`, which shares `choose_dtype` with the engine.
 
 Memory model (deliberately simple, and on the safe side):
 - weights: parameters x bytes per parameter of the dtype;
@@ -14,7 +15,7 @@ Memory model (deliberately simple, and on the safe side):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, Field
@@ -155,6 +156,10 @@ class EnginePlan:
     """VLLM_CPU_NUM_OF_RESERVED_CPU."""
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    max_lora_rank: int | None = None
+    """Set when LoRA adapters are served or batched (vLLM's --enable-lora): the largest rank they need."""
+    max_loras: int | None = None
+    """LoRA adapters one engine step may use at once (vLLM's --max-loras)."""
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -200,11 +205,11 @@ def choose_dtype(hw: Hardware, device: Literal["cuda", "cpu"]) -> tuple[Dtype, s
 
 def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *, workload: Workload,
                 rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None,
-                compile_cache_warm: bool = False) -> EnginePlan:
+                compile_cache_warm: bool = False, lora_ranks: tuple[int, ...] = ()) -> EnginePlan:
     """Resolve every "auto" in `config` for this model, hardware and workload. `rows`, `prompt_tokens` (a
     typical prompt length) and `max_tokens` describe a batch job when known: they size the CPU KV cache to
     what the job can use and weigh its length against the time compiling takes, which is shorter when
-    `compile_cache_warm`."""
+    `compile_cache_warm`. `lora_ranks` are the ranks of the LoRA adapters loaded on the model, if any."""
     config = config or EngineConfig()
     work = JobSize(rows, prompt_tokens, max_tokens, compile_cache_warm)
     notes: list[str] = []
@@ -228,7 +233,29 @@ def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *,
                          f"{facts.context_length} tokens", f"use at most {facts.context_length}")
 
     plan_device = _plan_gpu if device == "cuda" else _plan_cpu
-    return plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes)
+    plan = plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes)
+    return plan_lora(plan, lora_ranks) if lora_ranks else plan
+
+
+# vLLM accepts only these as --max-lora-rank (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def plan_lora(plan: EnginePlan, ranks: tuple[int, ...]) -> EnginePlan:
+    """Turn on vLLM's LoRA support for adapters of these ranks: the smallest rank vLLM accepts that holds
+    the largest adapter (its LoRA buffers are sized by it), and room for every adapter in one step."""
+    largest = max(ranks)
+    rank = next((r for r in VLLM_LORA_RANKS if r >= largest), None)
+    if rank is None:
+        raise UsageError(f"a LoRA adapter of rank {largest} is larger than vLLM supports ({VLLM_LORA_RANKS[-1]})",
+                         "merge it into its base instead (export.merge_lora: true)")
+    notes = [*plan.notes, f"max_lora_rank {rank}: the smallest rank vLLM accepts that holds the largest adapter "
+                          f"(r={largest}); max_loras {len(ranks)}: every adapter can be in the same step"]
+    eager = plan.enforce_eager
+    if plan.device == "cpu" and not eager:
+        # vllm/platforms/cpu.py sets CompilationMode.NONE whenever a LoRA config is present.
+        eager, notes = True, [*notes, "enforce_eager: vLLM's CPU platform does not compile models with LoRA"]
+    return replace(plan, max_lora_rank=rank, max_loras=len(ranks), enforce_eager=eager, notes=tuple(notes))
 
 
 def _resolved(config: EngineConfig, name: str, decision: tuple, notes: list[str]):
@@ -495,108 +522,3 @@ def _fit_len(wanted_len: int, kv_tokens: int, explicit: int | str, raise_hint: s
 
 def _explicit(value):
     return None if value == "auto" else value
-
-
-# --- training -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    device: Literal["cuda", "cpu"]
-    num_processes: int
-    precision: Literal["bf16", "fp16", "fp32"]
-    method: Literal["full", "lora", "qlora"]
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"]
-    memory_per_device_gib: float
-    """Estimated peak memory per process (weights, gradients, optimizer, activations)."""
-    memory_available_gib: float
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
-def training_memory_bytes(facts: ModelFacts, method: str, precision: str, shards: int, micro_batch: int,
-                          seq_len: int, gradient_checkpointing: bool) -> int:
-    """Peak bytes per device. Full: fp32 master weights + grads + two Adam moments = 16 B/param (sharded by
-    FSDP/ZeRO); LoRA: frozen weights in the compute dtype, adapters negligible; QLoRA: ~0.55 B/param."""
-    p, s = facts.params, facts.shape
-    if method == "full":
-        states = 16 * p / shards
-    elif method == "lora":
-        states = p * (4 if precision == "fp32" else 2) + 0.02 * p * 16
-    else:
-        states = p * 0.55 + 0.02 * p * 16
-    act_bytes = 2 if precision != "fp32" else 4
-    tokens = micro_batch * seq_len
-    # Saved activations per token per layer: ~12 hidden-sized tensors without checkpointing, 1 with it.
-    per_layer = (1 if gradient_checkpointing else 12) * s.hidden_size * act_bytes
-    activations = tokens * s.num_layers * per_layer
-    logits = tokens * s.vocab_size * 4 * 2  # fp32 logits and their gradient
-    return int(states + activations + logits + GIB // 2)
-
-
-def plan_train(
-    facts: ModelFacts,
-    hw: Hardware,
-    *,
-    method: str = "auto",
-    precision: str = "auto",
-    num_processes: int | str = "auto",
-    strategy: str = "auto",
-    micro_batch_size: int = 4,
-    seq_len: int = 1024,
-    gradient_checkpointing: bool = False,
-) -> TrainPlan:
-    notes: list[str] = []
-    use_gpu = hw.has_gpu
-    if use_gpu:
-        capacity = min(g.memory_total_bytes for g in hw.gpus) * 0.92
-        procs = len(hw.gpus) if num_processes == "auto" else int(num_processes)
-        if procs > len(hw.gpus):
-            raise DoesNotFitError(f"num_processes {procs} needs {procs} GPUs, this machine has {len(hw.gpus)}")
-    else:
-        capacity = hw.ram.available_bytes * 0.85
-        # One process per machine on the CPU: a second one halves the cores each gets and doubles memory.
-        procs = 1 if num_processes == "auto" else int(num_processes)
-        capacity /= procs
-    if precision == "auto":
-        dtype, why = choose_dtype(hw, "cuda" if use_gpu else "cpu")
-        precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-        if precision == "fp32":
-            notes.append(f"precision fp32: {why}")
-    if method == "qlora" and not use_gpu:
-        raise UsageError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)", "use method: lora on the CPU")
-
-    def need(m: str, strat: str) -> int:
-        shards = procs if strat in ("fsdp", "deepspeed") else 1
-        return training_memory_bytes(facts, m, precision, shards, micro_batch_size, seq_len, gradient_checkpointing)
-
-    if strategy == "auto":
-        if procs == 1:
-            strategy = "none"
-        elif need(method if method != "auto" else "full", "ddp") <= capacity:
-            strategy = "ddp"
-        else:
-            strategy = "fsdp"
-    if method == "auto":
-        for m in ("full", "lora", "qlora") if use_gpu else ("full", "lora"):
-            if need(m, strategy) <= capacity:
-                method = m
-                break
-        else:
-            method = "qlora" if use_gpu else "lora"
-        if method != "full":
-            notes.append(f"method {method}: full fine-tuning needs {need('full', strategy) / GIB:.1f} GiB "
-                         f"per device, {capacity / GIB:.1f} GiB available")
-    required = need(method, strategy)
-    if required > capacity:
-        raise DoesNotFitError(
-            f"training {facts.name} with method {method} needs about {required / GIB:.1f} GiB per device, "
-            f"has {capacity / GIB:.1f} GiB",
-            "use method lora/qlora, gradient checkpointing, a smaller micro-batch or seq length, "
-            "or more GPUs with strategy fsdp")
-    return TrainPlan("cuda" if use_gpu else "cpu", procs, precision, method, strategy,  # type: ignore[arg-type]
-                     round(required / GIB, 2), round(capacity / GIB, 2), tuple(notes))

@@ -2,7 +2,7 @@ import pytest
 
 from llmops.errors import DoesNotFitError, UsageError
 from llmops.hardware import GIB
-from llmops.plan import EngineConfig, estimate_params, model_facts, plan_engine, plan_train
+from llmops.plan import EngineConfig, estimate_params, model_facts, plan_engine
 from llmops.registry import resolve
 from tests.fake_hardware import EIGHT_80GIB_GPUS, ONE_24GIB_GPU, cpu_only, gpus
 
@@ -116,22 +116,6 @@ def test_old_gpu_gets_fp16_and_explicit_values_are_checked():
         plan_of("smollm2-135m", cpu_only(), "serve", max_model_len=100000)
     with pytest.raises(DoesNotFitError, match="no NVIDIA GPU"):
         plan_of("smollm2-135m", cpu_only(), "serve", device="cuda")
-
-
-def test_train_plans():
-    cpu = plan_train(facts("smollm2-135m"), cpu_only(24), micro_batch_size=4, seq_len=256)
-    assert (cpu.device, cpu.num_processes, cpu.precision, cpu.method) == ("cpu", 1, "fp32", "full")
-    one = plan_train(facts("llama-3.1-8b"), ONE_24GIB_GPU, micro_batch_size=1, seq_len=2048,
-                     gradient_checkpointing=True)
-    assert one.method in ("lora", "qlora") and one.precision == "bf16"
-    assert "full fine-tuning needs" in one.notes[0]
-    eight = plan_train(facts("llama-3.1-8b"), EIGHT_80GIB_GPUS, method="full", micro_batch_size=1,
-                       seq_len=2048, gradient_checkpointing=True)
-    assert (eight.num_processes, eight.strategy) == (8, "fsdp")  # 16 B/param x 8B = 120 GiB: must shard
-    with pytest.raises(DoesNotFitError):
-        plan_train(facts("llama-3.1-8b"), ONE_24GIB_GPU, method="full")
-    with pytest.raises(UsageError, match="qlora needs a CUDA GPU"):
-        plan_train(facts("smollm2-135m"), cpu_only(), method="qlora")
 
 
 # --- the CPU KV cache: the NUMA node vLLM binds to, and what the workload can use ----------------------
