@@ -10,6 +10,10 @@ Sources:
   with pip (no dependencies) and the GGUF converted once into a normal Hugging Face folder in the llmops
   cache, so vLLM and transformers load it like any other model.
 
+An entry with a `base` is a LoRA adapter (written by `llmops train` with `export.merge_lora: false`): its
+source is the adapter's folder (PEFT's `adapter_config.json` and weights), served and batched on top of its
+base model with vLLM's LoRA support, never merged (`resolve_adapters`).
+
 Both files are validated on load (a problem names the file and line). The user file is changed only as a
 read-modify-write under a lock, replaced atomically. `models rm` deletes only inside the models folder or the
 Hugging Face cache, and only files no remaining entry uses.
@@ -88,6 +92,15 @@ class ModelSpec(StrictModel):
     """For models made by `llmops train`: the base model and recipe."""
     sampling: SamplingDefaults | None = None
     """Recommended sampling, applied by the server to requests that do not choose their own."""
+    base: str | None = None
+    """For a LoRA adapter: the model it was trained on (a registry alias, a folder or hf:ORG/NAME); the
+    source is then the adapter's folder."""
+    lora_rank: int | None = Field(default=None, ge=1)
+    """For a LoRA adapter: its rank `r` (vLLM's --max-lora-rank must be at least the largest served)."""
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
 
     @field_validator("source")
     @classmethod
@@ -125,7 +138,8 @@ class ResolvedModel:
         kind = self.spec.kind
         if kind == "local":
             path = Path(self.spec.source).expanduser()
-            return path if (path / "config.json").exists() else None
+            marker = "adapter_config.json" if self.spec.is_adapter else "config.json"
+            return path if (path / marker).exists() else None
         if kind == "pypi":
             path = packaged_model_dir(self.name)
             return path if (path / "config.json").exists() else None
@@ -258,6 +272,40 @@ def add_model(name: str, source: str, *, description: str = "", chat: bool | Non
     return spec
 
 
+def add_adapter(name: str, adapter_dir: str | Path, base: str, *, description: str = "",
+                trained_from: str | None = None, replace: bool = False) -> ModelSpec:
+    """Register the LoRA adapter in `adapter_dir` (a PEFT folder) as `name`, to be served on top of `base`.
+
+    `base` is stored as a registry alias when it is one, else as the absolute folder or hf:ORG/NAME, so the
+    entry keeps meaning the same model wherever it is used from. The rank is read from the adapter's config.
+    """
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"invalid model name {name!r}", NAME_RULE)
+    folder = Path(adapter_dir).expanduser().resolve()
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{folder} does not hold a LoRA adapter (no adapter_config.json)",
+                         "point at a folder written by PEFT's save_pretrained or `llmops train`") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {folder / 'adapter_config.json'}: {e}", "check the adapter folder") from None
+    base_model = resolve(base)
+    if base_model.spec.is_adapter:
+        raise UsageError(f"{base!r} is itself an adapter", "give the model the adapter was trained on as its base")
+    stored_base = base_model.name if base_model.origin in ("builtin", "user") else base_model.spec.source
+    spec = validate(ModelSpec, {"source": str(folder), "description": description, "chat": True,
+                                "trained_from": trained_from, "base": stored_base,
+                                "lora_rank": adapter_config.get("r")}, f"adapter {name}")
+    record_digest(folder)
+    if name in builtin_entries() and not replace:
+        raise UsageError(f"{name!r} is a built-in model", "pick another name, or pass --replace to shadow it")
+    with _user_registry_locked() as entries:
+        if name in entries and not replace:
+            raise UsageError(f"model {name!r} is already in your registry", "pass --replace to overwrite it")
+        entries[name] = spec
+    return spec
+
+
 def remove_model(name: str) -> list[str]:
     """Remove a user entry and the files llmops downloaded or converted for it; returns what went.
 
@@ -346,6 +394,42 @@ def resolve(model: str | None) -> ResolvedModel:
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise UsageError(f"unknown model {model!r}: not a registry alias, a local folder or a Hugging Face id",
                      hint + "`llmops models list` shows the registered models")
+
+
+def resolve_adapters(model: str | None, adapters: list[str] = ()) -> tuple[ResolvedModel, list[ResolvedModel]]:
+    """The base model and the LoRA adapters to load on it, for `serve MODEL --adapter A ...` and batch.
+
+    MODEL may itself be an adapter: its base is then served, with MODEL first among the adapters. Every
+    adapter must be a registered adapter of that same base (an adapter only fits the weights it was
+    trained on); anything else is a `UsageError` naming what to fix.
+    """
+    first = resolve(model)
+    base = resolve(first.spec.base) if first.spec.is_adapter else first
+    if base.spec.is_adapter:
+        raise UsageError(f"{first.name!r} names another adapter ({first.spec.base!r}) as its base",
+                         "re-register it with the base model it was trained on")
+    chosen = [first] if first.spec.is_adapter else []
+    for name in adapters:
+        if any(a.name == name for a in chosen):
+            continue  # named twice: served once
+        adapter = resolve(name)
+        if not adapter.spec.is_adapter:
+            raise UsageError(f"--adapter {name}: {name!r} is a model, not a LoRA adapter",
+                             "`llmops models list` shows adapters with their base; serve a model on its own")
+        if not same_model(resolve(adapter.spec.base), base):
+            raise UsageError(f"adapter {name!r} was trained on {adapter.spec.base!r}, not on {base.name!r}",
+                             "serve or batch adapters of one base model together; start another server for "
+                             "the other base")
+        chosen.append(adapter)
+    return base, chosen
+
+
+def same_model(a: ResolvedModel, b: ResolvedModel) -> bool:
+    """Whether two resolved names mean the same weights (an alias and the folder it points at do)."""
+    if a.name == b.name and a.origin == b.origin or a.spec.source == b.spec.source:
+        return True
+    path_a, path_b = a.local_path(), b.local_path()
+    return path_a is not None and path_b is not None and path_a.resolve() == path_b.resolve()
 
 
 def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lambda msg: None) -> Path:

@@ -21,12 +21,14 @@ __all__ = ["EngineConfig", "EnginePlan", "as_cli_flags", "engine_args", "engine_
 
 
 def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"], *,
-             rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None) -> EnginePlan:
+             rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None,
+             lora_ranks: tuple[int, ...] = ()) -> EnginePlan:
     """Resolve every "auto" in `config` for this model and hardware (see `llmops.plan.plan_engine`). A batch job
     passes its `rows`, a typical prompt length in tokens and `max_tokens`: they size the CPU KV cache and
-    decide whether compiling pays off."""
+    decide whether compiling pays off. `lora_ranks`: the LoRA adapters loaded on the model."""
     return plan_engine(config, facts, hw, workload=workload, rows=rows, prompt_tokens=prompt_tokens,
-                       max_tokens=max_tokens, compile_cache_warm=compile_cache_warm(facts.name))
+                       max_tokens=max_tokens, compile_cache_warm=compile_cache_warm(facts.name),
+                       lora_ranks=lora_ranks)
 
 
 def compile_cache_dir(model_name: str) -> Path:
@@ -70,7 +72,14 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
     for knob in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(plan, knob) is not None:
             args[knob] = getattr(plan, knob)
+    if plan.max_lora_rank is not None:
+        args.update(enable_lora=True, max_lora_rank=plan.max_lora_rank, max_loras=plan.max_loras)
     return args
+
+
+def lora_modules_flags(adapters: dict[str, str]) -> list[str]:
+    """`--lora-modules NAME=PATH ...` for the OpenAI server: each adapter is served as its own model name."""
+    return ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())] if adapters else []
 
 
 def engine_env(plan: EnginePlan) -> dict[str, str]:

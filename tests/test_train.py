@@ -348,22 +348,23 @@ def test_two_cpu_processes_train_on_disjoint_batches_and_stop_together_on_sigter
 
 
 @pytest.mark.engine
-def test_lora_without_merging_exports_the_adapter_alone_and_registers_nothing(tiny_model_dir, tmp_path,
-                                                                              llmops_home):
+def test_lora_without_merging_exports_the_adapter_alone_and_registers_it_as_an_adapter(tiny_model_dir, tmp_path,
+                                                                                       llmops_home):
     recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"method": "lora", "train.max_steps": 2,
                                                       "export.merge_lora": False})
     run_dir = tmp_path / "run"
     proc = run_cli("train", str(recipe), "-o", str(run_dir), "--json", env=TRAIN_ENV)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["model_dir"] == str(run_dir / "adapter") and summary["registered"] is None
+    assert summary["model_dir"] == str(run_dir / "adapter") and summary["registered"] == "tiny-test"
     assert not (run_dir / "model").exists()
     adapter = run_dir / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "llmops-recipe.yaml"):
         assert (adapter / name).is_file(), name
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
-    listed = run_cli("models", "list", "--json")
-    assert "tiny-test" not in [m["name"] for m in json.loads(listed.stdout)], "the registry holds whole models"
+    listed = {m["name"]: m for m in json.loads(run_cli("models", "list", "--json").stdout)}
+    assert (listed["tiny-test"]["kind"], listed["tiny-test"]["base"]) == ("adapter", str(tiny_model_dir))
+    assert listed["tiny-test"]["path"] == str(adapter)
 
     # The adapter applies to its base model and changes its output (it was trained).
     import torch

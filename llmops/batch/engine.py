@@ -124,6 +124,11 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             return {"prompt_token_ids": ids}
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
+    lora_request = None
+    if job.model.adapter is not None:  # the adapter rides on every request; the base weights stay as they are
+        from vllm.lora.request import LoRARequest
+
+        lora_request = LoRARequest(job.model.adapter, 1, job.model.adapter_path)
     # One SamplingParams for every row without overrides, as LLM.generate does (the engine copies it).
     job_params = sampling_params(sampling)
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
@@ -146,7 +151,8 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                     request_id = f"{unit.key}/{pos}"
                     try:
                         params = sampling_params(sampling, row.body) if row.body else job_params
-                        engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params)
+                        engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params,
+                                           lora_request=lora_request)
                         where[request_id] = (unit.key, pos)
                         continue
                     except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template

@@ -32,6 +32,11 @@ class ModelIdentity(BaseModel):
     """Where the weights were, for messages only."""
     digest: Optional[str] = None
     """llmops.fingerprint.model_digest; None until a model from the hub is downloaded."""
+    adapter: Optional[str] = None
+    """A LoRA adapter generating on the model (vLLM's LoRARequest, never merged): its registry name."""
+    adapter_path: Optional[str] = None
+    adapter_digest: Optional[str] = None
+    """The adapter folder's model_digest: part of the job's identity, as the base's digest is."""
 
 
 class EngineIdentity(BaseModel):
@@ -50,6 +55,8 @@ class JobIdentity(BaseModel):
         """A short digest of what decides the output (names and paths left out); stored in every shard."""
         deciding = {"input": self.input.model_dump(exclude={"files"}), "model": self.model.digest,
                     "sampling": self.sampling, "engine": self.engine.model_dump(), "chunk_rows": self.chunk_rows}
+        if self.model.adapter is not None:  # only then, so jobs without an adapter keep their key
+            deciding["adapter"] = self.model.adapter_digest
         text = json.dumps(deciding, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
@@ -67,6 +74,10 @@ class JobIdentity(BaseModel):
             before, after = old.model.path or old.model.name, self.model.path or self.model.name
             changes.append(f"model changed: {before} -> {after}" if before != after
                            else f"model changed: the files in {after} differ")
+        if old.model.adapter_digest != self.model.adapter_digest:
+            before, after = old.model.adapter or "no adapter", self.model.adapter or "no adapter"
+            changes.append(f"adapter changed: {before} -> {after}" if before != after
+                           else f"adapter changed: the files in {self.model.adapter_path} differ")
         for key in sorted(set(old.sampling) | set(self.sampling)):
             if old.sampling.get(key) != self.sampling.get(key):
                 changes.append(f"sampling.{key} changed: {old.sampling.get(key)!r} -> {self.sampling.get(key)!r}")

@@ -12,6 +12,7 @@ from llmops.batch.config import BatchConfig
 from llmops.batch.identity import EngineIdentity, JobIdentity, ModelIdentity
 from llmops.batch.inputs import InputSpec, check_custom_ids, count_rows, open_input, unit_sizes
 from llmops.batch.outputs import Manifest, OutputDir
+from llmops.errors import UsageError
 
 
 @dataclass
@@ -30,6 +31,8 @@ class BatchJob:
     identity: JobIdentity
     output: OutputDir
     overwrite: bool
+    base_model: str | None = None
+    """When `model_name` is a LoRA adapter: the model it runs on (what `model_path` holds)."""
 
     @property
     def units(self) -> list[str]:
@@ -40,8 +43,8 @@ class BatchJob:
         from llmops.fingerprint import model_digest
 
         self.model_path = model_path
-        self.identity.model = ModelIdentity(name=self.model_name, path=str(model_path),
-                                            digest=model_digest(model_path))
+        self.identity.model = self.identity.model.model_copy(update={"path": str(model_path),
+                                                                     "digest": model_digest(model_path)})
 
     def manifest(self) -> Manifest:
         from llmops.vllm_engine import engine_args, engine_env
@@ -66,21 +69,32 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
     folder; no writes. A model that is already local is digested here (cached after its first time)."""
     from llmops.hardware import detect
     from llmops.plan import model_facts
-    from llmops.registry import resolve
+    from llmops.registry import resolve_adapters
     from llmops.vllm_engine import plan_for
 
-    resolved = resolve(config.model)
+    resolved, adapters = resolve_adapters(config.model)  # an adapter name gives its base and itself
     spec = open_input(input_path, config.input)
     if spec.format == "openai":
         check_custom_ids(spec)
     counts = count_rows(spec)
-    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch")
-    identity = JobIdentity(input=spec.identity(), model=ModelIdentity(name=resolved.name),
+    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch",
+                    lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
+    adapter = adapters[0] if adapters else None
+    model = ModelIdentity(name=resolved.name)
+    if adapter is not None:
+        if adapter.local_path() is None:
+            raise UsageError(f"the adapter folder {adapter.spec.source} of {adapter.name!r} is missing",
+                             f"train it again, or remove the entry with `llmops models rm {adapter.name}`")
+        from llmops.fingerprint import model_digest
+
+        model = ModelIdentity(name=adapter.name, adapter=adapter.name, adapter_path=str(adapter.local_path()),
+                              adapter_digest=model_digest(adapter.local_path()))
+    identity = JobIdentity(input=spec.identity(), model=model,
                            sampling=config.sampling.model_dump(mode="json"),
                            engine=EngineIdentity(dtype=plan.dtype, max_model_len=plan.max_model_len),
                            chunk_rows=config.chunk_rows)
-    job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, resolved.name, None,
-                   identity, OutputDir(output_dir), overwrite)
+    job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, model.name, None,
+                   identity, OutputDir(output_dir), overwrite, adapter.spec.base if adapter is not None else None)
     if (path := resolved.local_path()) is not None:
         job.with_model(path)
     job.output.check(job.identity, overwrite)

@@ -83,7 +83,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
     try:
         if job.model_path is None:
             progress.phase(f"fetching {job.model_name}")
-            job.with_model(ensure_local(resolve(config.model), progress=progress.phase))
+            job.with_model(ensure_local(resolve(job.base_model or config.model), progress=progress.phase))
         manifest = job.manifest()
         committed = out.prepare(job.identity, job.unit_sizes, overwrite, manifest)
         if ray_address is not None:

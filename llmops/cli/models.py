@@ -21,7 +21,7 @@ def _status(resolved) -> str:
 
 @app.command("list")
 def list_models(json: JsonOpt = False) -> None:
-    """List registered models and whether their weights are here."""
+    """List registered models and adapters (with their base), and whether their files are here."""
     from llmops.registry import ResolvedModel, all_entries
 
     rows = []
@@ -30,13 +30,15 @@ def list_models(json: JsonOpt = False) -> None:
         path = resolved.local_path()
         rows.append({"name": name, "origin": origin, "source": spec.source, "params": spec.params,
                      "context_length": spec.context_length, "chat": spec.chat, "status": _status(resolved),
-                     "path": str(path) if path else None, "description": spec.description})
+                     "path": str(path) if path else None, "description": spec.description,
+                     "kind": "adapter" if spec.is_adapter else "model", "base": spec.base,
+                     "lora_rank": spec.lora_rank})
     if json:
         out.print_json(rows)
         return
-    out.table("Models", ["name", "origin", "params", "context", "status", "source"],
-              [(r["name"], r["origin"], _human_params(r["params"]), r["context_length"], r["status"], r["source"])
-               for r in rows])
+    out.table("Models", ["name", "origin", "params", "context", "base", "status", "source"],
+              [(r["name"], r["origin"], f"LoRA r{r['lora_rank']}" if r["kind"] == "adapter" else _human_params(r["params"]),
+                r["context_length"], r["base"] or "", r["status"], r["source"]) for r in rows])
 
 
 @app.command("show")
@@ -47,7 +49,8 @@ def show(name: NameArg, json: JsonOpt = False) -> None:
 
     resolved = resolve(name)
     path = resolved.local_path()
-    facts = model_facts(resolved) if path is not None or resolved.spec.shape is not None else None
+    has_shape = (path is not None or resolved.spec.shape is not None) and not resolved.spec.is_adapter
+    facts = model_facts(resolved) if has_shape else None
     data = {"name": resolved.name, "origin": resolved.origin, **resolved.spec.model_dump(mode="json"),
             "sampling": default_sampling(resolved) or None,
             "status": _status(resolved), "path": str(path) if path else None}

@@ -24,6 +24,8 @@ def serve_command(
     model_arg: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", show_default=False, help=_FIELDS["model"].description)] = None,
     model: ModelOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", show_default=False, help=_FIELDS["adapters"].description + " Repeatable.")] = None,
     host: Annotated[Optional[str], typer.Option(help=_FIELDS["host"].description + _default("host"))] = None,
     port: Annotated[Optional[int], typer.Option(help=_FIELDS["port"].description + _default("port"))] = None,
     api_key: Annotated[Optional[str], typer.Option(
@@ -38,6 +40,7 @@ def serve_command(
     """Serve MODEL with vLLM's OpenAI-compatible server until Ctrl+C or SIGTERM.
 
     Flags after `--` go to vLLM unchanged: `llmops serve smollm2-135m -- --enable-prefix-caching`.
+    LoRA adapters: `llmops serve ADAPTER`, or `llmops serve BASE --adapter A --adapter B`.
     """
     from llmops.config import load_config
     from llmops.errors import UsageError
@@ -54,6 +57,8 @@ def serve_command(
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
         cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
+    if adapter:
+        cfg = cfg.model_copy(update={"adapters": [*cfg.adapters, *adapter]})
 
     if dry_run:
         plan = plan_server(cfg, download=False)
@@ -62,8 +67,9 @@ def serve_command(
             return
         engine = plan.engine.to_dict()
         notes = engine.pop("notes", ())
-        out.key_values(f"serve plan for {plan.served_model_name}", [
-            ("model path", plan.model_path), ("url", plan.url + "/v1"),
+        out.key_values(f"serve plan for {', '.join(plan.model_names)}", [
+            ("model path", plan.model_path), *((f"adapter {n}", p) for n, p in plan.adapters.items()),
+            ("url", plan.url + "/v1"),
             ("api key", "required" if plan.api_key else "none"),
             *engine.items(), *(("why", n) for n in notes)])
         env = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else shlex.quote(v)}" for k, v in plan.env.items())
@@ -78,7 +84,7 @@ def serve_command(
     def ready(plan) -> None:
         if json:  # for scripts: the server is ready once this appears on stdout
             out.print_json({"url": plan.url + "/v1", "served_model_name": plan.served_model_name,
-                            "api_key": plan.api_key is not None})
+                            "adapters": list(plan.adapters), "api_key": plan.api_key is not None})
         else:
             out.result(ready_text(plan))
 

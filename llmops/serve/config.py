@@ -23,8 +23,11 @@ class ServeConfig(StrictModel):
     """When set, requests must send `Authorization: Bearer KEY` (else 401). Also read from LLMOPS_API_KEY."""
     allow_unauthenticated: bool = False
     """Serve on a non-loopback host without an API key: anyone who reaches the port can use the model."""
+    adapters: list[str] = []
+    """Registered LoRA adapters of the model to serve beside it, each under its own name (vLLM's
+    --lora-modules). The model may itself be an adapter: its base is then served with it."""
     served_model_name: Optional[str] = None
-    """The model name clients ask for; default: the registry alias (or the folder name)."""
+    """The name clients ask for the base model by; default: its registry alias (or the folder name)."""
     engine: EngineConfig = EngineConfig()
     """How vLLM runs; every "auto" is planned from the hardware and the model."""
     vllm_args: list[str] = []

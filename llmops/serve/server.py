@@ -50,6 +50,14 @@ class ServerPlan:
     host: str
     port: int
     api_key: str | None = field(default=None, repr=False)
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served on the model: name -> folder."""
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a client may ask for: the adapters first (`serve ADAPTER` is about the adapter), then
+        the base model."""
+        return [*self.adapters, self.served_model_name]
 
     @property
     def url(self) -> str:
@@ -59,7 +67,7 @@ class ServerPlan:
     def to_dict(self) -> dict:
         env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in self.env.items()}
         return {"served_model_name": self.served_model_name, "model_path": self.model_path,
-                "url": self.url + "/v1", "api_key": self.api_key is not None, "plan": self.engine.to_dict(),
+                "adapters": self.adapters, "url": self.url + "/v1", "api_key": self.api_key is not None, "plan": self.engine.to_dict(),
                 "command": redacted(self.command), "env": env}
 
 
@@ -107,27 +115,32 @@ def plan_server(config: ServeConfig, *, download: bool = True,
     """
     from llmops.hardware import detect
     from llmops.plan import model_facts
-    from llmops.registry import ensure_local, resolve
-    from llmops.vllm_engine import as_cli_flags, engine_args, engine_env, plan_for
+    from llmops.registry import ensure_local, resolve_adapters
+    from llmops.vllm_engine import as_cli_flags, engine_args, engine_env, lora_modules_flags, plan_for
 
     check_access(config)
-    resolved = resolve(config.model)
+    resolved, adapters = resolve_adapters(config.model, config.adapters)
     facts = model_facts(resolved)
-    engine = plan_for(config.engine, facts, detect(), "serve")
+    engine = plan_for(config.engine, facts, detect(), "serve",
+                      lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
     if download:
         path = str(ensure_local(resolved, progress))
     else:
         local = resolved.local_path()
         path = str(local) if local is not None else (resolved.hf_id or resolved.spec.source)
+    lora = {a.name: str(ensure_local(a)) if download else a.spec.source for a in adapters}
     name = config.served_model_name or resolved.name
+    if name in lora:
+        raise UsageError(f"the model and an adapter would both be served as {name!r}",
+                         "give the model another name (--set served_model_name=NAME)")
     command = [sys.executable, "-m", ENTRY_MODULE, "serve", path, "--served-model-name", name,
                "--host", config.host, "--port", str(config.port),
-               *as_cli_flags(engine_args(engine, path)), *config.vllm_args]
+               *as_cli_flags(engine_args(engine, path)), *lora_modules_flags(lora), *config.vllm_args]
     env = engine_env(engine)
     if config.api_key:
         # Through the environment rather than --api-key, so the key does not show in `ps`.
         env["VLLM_API_KEY"] = config.api_key
-    return ServerPlan(name, path, engine, command, env, config.host, config.port, config.api_key)
+    return ServerPlan(name, path, engine, command, env, config.host, config.port, config.api_key, lora)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -390,9 +403,10 @@ def ready_text(plan: ServerPlan) -> str:
     base = plan.url + "/v1"
     auth_header = ' -H "Authorization: Bearer $LLMOPS_API_KEY"' if plan.api_key else ""
     key = 'os.environ["LLMOPS_API_KEY"]' if plan.api_key else '"none"'
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % plan.served_model_name)
+    model = plan.model_names[0]
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Hello!"}]}' % model)
     return "\n".join([
-        f"Serving {plan.served_model_name} at {base}" + ("  (API key required)" if plan.api_key else ""),
+        f"Serving {', '.join(plan.model_names)} at {base}" + ("  (API key required)" if plan.api_key else ""),
         "",
         "  curl:",
         f"    curl {base}/chat/completions -H 'Content-Type: application/json'{auth_header} \\",
@@ -400,7 +414,7 @@ def ready_text(plan: ServerPlan) -> str:
         "  Python:",
         "    " + ("import os; " if plan.api_key else "") + "from openai import OpenAI",
         f"    client = OpenAI(base_url=\"{base}\", api_key={key})",
-        f"    print(client.chat.completions.create(model=\"{plan.served_model_name}\", "
+        f"    print(client.chat.completions.create(model=\"{model}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
         "  Chat:",
         f"    llmops chat --url {plan.url}" + (" --api-key \"$LLMOPS_API_KEY\"" if plan.api_key else ""),

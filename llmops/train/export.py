@@ -2,7 +2,8 @@
 
 `RUN/final/` holds what the loop saved: the whole model, or a LoRA adapter. Export writes `RUN/model/`: the
 adapter merged into the base weights (or `RUN/adapter/` alone when `export.merge_lora` is false), with the
-tokenizer and its chat template and the resolved recipe, then registers it under the recipe's `name`.
+tokenizer and its chat template and the resolved recipe, then registers it under the recipe's `name`: a
+model, or an adapter entry naming its base, which serve and batch load on the base with vLLM's LoRA support.
 Folders are written under a temporary name and renamed, so a crash never leaves a half-written model.
 """
 
@@ -45,16 +46,22 @@ def export(run, log: Callable[[str], None] = lambda m: None) -> dict:
 
 
 def register(run, model_dir: Path, log: Callable[[str], None] = lambda m: None) -> str | None:
-    """Add the exported model to the user registry under the recipe's name; returns that name, or None
-    when the recipe asks not to or only an adapter was saved (the registry holds whole models)."""
-    from llmops.registry import add_model
+    """Add the exported model (or adapter, when it was not merged) to the user registry under the recipe's
+    name; returns that name, or None when the recipe asks not to."""
+    from llmops.registry import add_adapter, add_model
 
     recipe = run.recipe
-    if not recipe.export.add_to_registry or (recipe.method != "full" and not recipe.export.merge_lora):
+    if not recipe.export.add_to_registry:
         return None
+    trained_from = f"{run.base_model} ({recipe.method}, recipe {run.run_dir / 'recipe.yaml'})"
+    if recipe.method != "full" and not recipe.export.merge_lora:
+        add_adapter(recipe.name, model_dir, run.base_model, replace=True, trained_from=trained_from,
+                    description=f"LoRA adapter for {run.base_model}, by llmops train")
+        log(f"registered the adapter {recipe.name!r} on {run.base_model}: `llmops serve {recipe.name}`, "
+            f"`llmops batch ... --model {recipe.name}`")
+        return recipe.name
     add_model(recipe.name, str(model_dir), chat=True, replace=True,
-              description=f"fine-tuned from {run.base_model} by llmops train",
-              trained_from=f"{run.base_model} ({recipe.method}, recipe {run.run_dir / 'recipe.yaml'})")
+              description=f"fine-tuned from {run.base_model} by llmops train", trained_from=trained_from)
     log(f"registered {recipe.name!r}: `llmops serve {recipe.name}`, `llmops batch ... --model {recipe.name}`")
     return recipe.name
 
