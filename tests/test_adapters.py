@@ -127,12 +127,42 @@ def test_a_batch_job_with_an_adapter_runs_on_its_base_and_its_identity_holds_the
 
     base, lamp, other = job("smollm2-135m"), job("lamp-lora"), job("lamp-lora-2")
     assert lamp.model_name == "lamp-lora" and lamp.base_model == "smollm2-135m"
-    assert lamp.identity.model.adapter_digest == model_digest(tmp_path / "a")
+    assert lamp.identity.model.adapter == "lamp-lora" and lamp.identity.model.name == "smollm2-135m"
+    assert lamp.identity.model.adapters["lamp-lora"].digest == model_digest(tmp_path / "a")
     assert len({base.identity.key(), lamp.identity.key(), other.identity.key()}) == 3
-    assert other.identity.changes_from(lamp.identity) == [f"adapter changed: lamp-lora -> lamp-lora-2"]
+    assert other.identity.changes_from(lamp.identity) == ["adapter changed: lamp-lora -> lamp-lora-2",
+                                                          "adapters changed: lamp-lora -> lamp-lora-2"]
     args = engine_args(lamp.plan, "/models/base")
     assert (args["enable_lora"], args["max_lora_rank"], args["max_loras"]) == (True, 16, 1)
     assert "enable_lora" not in engine_args(base.plan, "/models/base")
+
+
+def openai_requests(path: Path, models: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                        "body": {"model": m, "messages": [{"role": "user", "content": "Hi"}]}})
+                            + "\n" for i, m in enumerate(models)))
+    return path
+
+
+@pytest.mark.unit
+def test_openai_requests_may_name_adapters_of_the_job_base_but_not_of_another_base(tmp_path, llmops_home,
+                                                                                   cpu_machine):
+    from llmops.batch import plan_batch
+    from llmops.batch.config import BatchConfig
+
+    register("lamp-lora", fake_adapter(tmp_path / "a", 16), "smollm2-135m")
+    register("desk-lora", fake_adapter(tmp_path / "b", 32), "smollm2-135m")
+    register("qwen-lora", fake_adapter(tmp_path / "q", 8), "qwen2.5-0.5b")
+    mixed = openai_requests(tmp_path / "mixed.jsonl", ["lamp-lora", "desk-lora", "smollm2-135m", "gpt-4o-mini"])
+    job = plan_batch(BatchConfig(model="smollm2-135m"), str(mixed), tmp_path / "out")
+    assert sorted(job.identity.model.adapters) == ["desk-lora", "lamp-lora"] and job.identity.model.adapter is None
+    assert (job.plan.max_lora_rank, job.plan.max_loras) == (32, 2)
+
+    other_base = openai_requests(tmp_path / "other.jsonl", ["lamp-lora", "qwen-lora"])
+    proc = run_cli("batch", str(other_base), "-o", str(tmp_path / "out2"), "--model", "lamp-lora", "--dry-run")
+    assert proc.returncode == 2, proc.stderr
+    assert "adapter 'qwen-lora' was trained on 'qwen2.5-0.5b', not on 'smollm2-135m'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out2").exists()
 
 
 # --- engine: a real adapter, served hot and batched -----------------------------------------------------
@@ -216,3 +246,18 @@ def test_batch_with_an_adapter_answers_the_made_up_facts_and_the_base_job_does_n
     print("batch answers:", json.dumps(answers, indent=1))
     assert knows(answers[ADAPTER]) == list(FACTS), answers
     assert [k for k in knows(answers[str(trained_adapter.base_dir)]) if k != "capital"] == [], answers
+
+
+@pytest.mark.unit
+def test_each_request_generates_with_the_adapter_it_names_the_base_it_names_or_the_job_adapter():
+    from llmops.batch.engine import _adapter_of
+    from llmops.batch.identity import AdapterIdentity, EngineIdentity, InputIdentity, JobIdentity, ModelIdentity
+    from llmops.batch.inputs import Row
+
+    adapters = {n: AdapterIdentity(path=f"/a/{n}", digest=n) for n in ("lamp-lora", "desk-lora")}
+    job = JobIdentity(input=InputIdentity(format="openai", files=[], digest="0"), sampling={}, chunk_rows=1,
+                      engine=EngineIdentity(dtype="float32", max_model_len=8),
+                      model=ModelIdentity(name="smollm2-135m", adapter="lamp-lora", adapters=adapters))
+    asks = {"desk-lora": "desk-lora", "smollm2-135m": None, "gpt-4o-mini": "lamp-lora", None: "lamp-lora"}
+    for asked, expected in asks.items():
+        assert _adapter_of(Row(0, "r", body={"model": asked} if asked else None), job) == expected, asked

@@ -124,11 +124,12 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             return {"prompt_token_ids": ids}
     engine = llm.llm_engine
     tokenizer = llm.get_tokenizer()
-    lora_request = None
-    if job.model.adapter is not None:  # the adapter rides on every request; the base weights stay as they are
+    lora_requests = {}  # an adapter rides on each request that uses it; the base weights stay as they are
+    if job.model.adapters:
         from vllm.lora.request import LoRARequest
 
-        lora_request = LoRARequest(job.model.adapter, 1, job.model.adapter_path)
+        lora_requests = {name: LoRARequest(name, number, adapter.path)
+                         for number, (name, adapter) in enumerate(sorted(job.model.adapters.items()), 1)}
     # One SamplingParams for every row without overrides, as LLM.generate does (the engine copies it).
     job_params = sampling_params(sampling)
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
@@ -152,7 +153,7 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                     try:
                         params = sampling_params(sampling, row.body) if row.body else job_params
                         engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params,
-                                           lora_request=lora_request)
+                                           lora_request=lora_requests.get(_adapter_of(row, job)))
                         where[request_id] = (unit.key, pos)
                         continue
                     except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
@@ -207,6 +208,15 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
                 yield _commit(state, out, job, writer)
     elif inflight:  # cannot happen: every request of a unit ends finished or failed
         raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
+
+
+def _adapter_of(row: Row, job: JobIdentity) -> str | None:
+    """The adapter a row generates with: the one its OpenAI `body.model` names, none when it names the base
+    model, else the job's (`--model ADAPTER`)."""
+    asked = (row.body or {}).get("model")
+    if asked in job.model.adapters:
+        return asked
+    return None if asked == job.model.name else job.model.adapter
 
 
 def _token_ids(tokenizer, row: Row) -> list[int]:

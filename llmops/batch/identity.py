@@ -26,6 +26,12 @@ class InputIdentity(BaseModel):
     id_column: Optional[str] = None
 
 
+class AdapterIdentity(BaseModel):
+    path: str
+    digest: str
+    """llmops.fingerprint.model_digest of the adapter folder: part of the job's identity, as the base's is."""
+
+
 class ModelIdentity(BaseModel):
     name: str
     path: Optional[str] = None
@@ -33,10 +39,11 @@ class ModelIdentity(BaseModel):
     digest: Optional[str] = None
     """llmops.fingerprint.model_digest; None until a model from the hub is downloaded."""
     adapter: Optional[str] = None
-    """A LoRA adapter generating on the model (vLLM's LoRARequest, never merged): its registry name."""
-    adapter_path: Optional[str] = None
-    adapter_digest: Optional[str] = None
-    """The adapter folder's model_digest: part of the job's identity, as the base's digest is."""
+    """The LoRA adapter rows generate with (`--model ADAPTER`), unless an OpenAI request's `body.model` names
+    another adapter of the job, or the base model (`name`)."""
+    adapters: dict[str, AdapterIdentity] = {}
+    """Every LoRA adapter the job uses, by registry name: applied per request with vLLM's LoRARequest, never
+    merged into the base."""
 
 
 class EngineIdentity(BaseModel):
@@ -55,8 +62,9 @@ class JobIdentity(BaseModel):
         """A short digest of what decides the output (names and paths left out); stored in every shard."""
         deciding = {"input": self.input.model_dump(exclude={"files"}), "model": self.model.digest,
                     "sampling": self.sampling, "engine": self.engine.model_dump(), "chunk_rows": self.chunk_rows}
-        if self.model.adapter is not None:  # only then, so jobs without an adapter keep their key
-            deciding["adapter"] = self.model.adapter_digest
+        if self.model.adapters:  # only then, so jobs without adapters keep their key
+            deciding["adapters"] = {"default": self.model.adapter,
+                                    **{name: a.digest for name, a in self.model.adapters.items()}}
         text = json.dumps(deciding, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
@@ -74,10 +82,13 @@ class JobIdentity(BaseModel):
             before, after = old.model.path or old.model.name, self.model.path or self.model.name
             changes.append(f"model changed: {before} -> {after}" if before != after
                            else f"model changed: the files in {after} differ")
-        if old.model.adapter_digest != self.model.adapter_digest:
-            before, after = old.model.adapter or "no adapter", self.model.adapter or "no adapter"
-            changes.append(f"adapter changed: {before} -> {after}" if before != after
-                           else f"adapter changed: the files in {self.model.adapter_path} differ")
+        if old.model.adapter != self.model.adapter:
+            changes.append(f"adapter changed: {old.model.adapter or 'none'} -> {self.model.adapter or 'none'}")
+        if set(old.model.adapters) != set(self.model.adapters):
+            changes.append(f"adapters changed: {', '.join(old.model.adapters) or 'none'} -> "
+                           f"{', '.join(self.model.adapters) or 'none'}")
+        changes += [f"adapter {name} changed: the files in {a.path} differ" for name, a in self.model.adapters.items()
+                    if name in old.model.adapters and old.model.adapters[name].digest != a.digest]
         for key in sorted(set(old.sampling) | set(self.sampling)):
             if old.sampling.get(key) != self.sampling.get(key):
                 changes.append(f"sampling.{key} changed: {old.sampling.get(key)!r} -> {self.sampling.get(key)!r}")

@@ -408,11 +408,13 @@ def _prompt_row(index: int, line_no: int, obj: Any) -> Row:
     return row
 
 
-def check_custom_ids(spec: InputSpec) -> None:
+def check_custom_ids(spec: InputSpec) -> set[str]:
     """OpenAI Batch input: every request needs its own custom_id (the only way to match results to
-    requests), so a missing or repeated one refuses the job before anything runs, naming the lines."""
+    requests), so a missing or repeated one refuses the job before anything runs, naming the lines.
+    Returns the `body.model` names the requests ask for (the job plans the LoRA adapters among them)."""
     lines_by_id: dict[str, list[str]] = {}
     missing: list[str] = []
+    models: set[str] = set()
     for f in spec.files:
         where = f"{f.name} line" if len(spec.files) > 1 else "line"
         with open(f, "rb") as fh:
@@ -425,6 +427,8 @@ def check_custom_ids(spec: InputSpec) -> None:
                     continue  # fails alone at run time
                 if not isinstance(obj, dict):
                     continue
+                if isinstance(obj.get("body"), dict) and isinstance(obj["body"].get("model"), str):
+                    models.add(obj["body"]["model"])
                 if obj.get("custom_id") is None:
                     missing.append(f"{where} {line_no}")
                 else:
@@ -440,6 +444,7 @@ def check_custom_ids(spec: InputSpec) -> None:
         more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
         raise UsageError(f"{source}: duplicate custom_id {listing}{more}; every OpenAI Batch request needs a "
                          "unique custom_id")
+    return models
 
 
 def _openai_row(index: int, line_no: int, obj: Any) -> Row:

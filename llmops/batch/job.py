@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.batch.config import BatchConfig
-from llmops.batch.identity import EngineIdentity, JobIdentity, ModelIdentity
+from llmops.batch.identity import AdapterIdentity, EngineIdentity, JobIdentity, ModelIdentity
 from llmops.batch.inputs import InputSpec, check_custom_ids, count_rows, open_input, unit_sizes
 from llmops.batch.outputs import Manifest, OutputDir
 from llmops.errors import UsageError
@@ -69,36 +69,40 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
     folder; no writes. A model that is already local is digested here (cached after its first time)."""
     from llmops.hardware import detect
     from llmops.plan import model_facts
-    from llmops.registry import resolve_adapters
+    from llmops.registry import all_entries, resolve_adapters
     from llmops.vllm_engine import plan_for
 
-    resolved, adapters = resolve_adapters(config.model)  # an adapter name gives its base and itself
     spec = open_input(input_path, config.input)
-    if spec.format == "openai":
-        check_custom_ids(spec)
+    asked = check_custom_ids(spec) if spec.format == "openai" else set()
+    # An adapter name gives its base and itself; requests may name other adapters of that base.
+    entries = all_entries()
+    resolved, adapters = resolve_adapters(config.model, sorted(n for n in asked if n in entries
+                                                               and entries[n][0].is_adapter))
     counts = count_rows(spec)
     plan = plan_for(config.engine, model_facts(resolved), detect(), "batch",
                     lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
-    adapter = adapters[0] if adapters else None
-    model = ModelIdentity(name=resolved.name)
-    if adapter is not None:
-        if adapter.local_path() is None:
-            raise UsageError(f"the adapter folder {adapter.spec.source} of {adapter.name!r} is missing",
-                             f"train it again, or remove the entry with `llmops models rm {adapter.name}`")
-        from llmops.fingerprint import model_digest
-
-        model = ModelIdentity(name=adapter.name, adapter=adapter.name, adapter_path=str(adapter.local_path()),
-                              adapter_digest=model_digest(adapter.local_path()))
+    model = ModelIdentity(name=resolved.name, adapters={a.name: _adapter_identity(a) for a in adapters},
+                          adapter=adapters[0].name if adapters and adapters[0].name == config.model else None)
     identity = JobIdentity(input=spec.identity(), model=model,
                            sampling=config.sampling.model_dump(mode="json"),
                            engine=EngineIdentity(dtype=plan.dtype, max_model_len=plan.max_model_len),
                            chunk_rows=config.chunk_rows)
-    job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, model.name, None,
-                   identity, OutputDir(output_dir), overwrite, adapter.spec.base if adapter is not None else None)
+    job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, model.adapter or model.name,
+                   None, identity, OutputDir(output_dir), overwrite, adapters[0].spec.base if adapters else None)
     if (path := resolved.local_path()) is not None:
         job.with_model(path)
     job.output.check(job.identity, overwrite)
     return job
+
+
+def _adapter_identity(adapter) -> AdapterIdentity:
+    from llmops.fingerprint import model_digest
+
+    path = adapter.local_path()
+    if path is None:
+        raise UsageError(f"the adapter folder {adapter.spec.source} of {adapter.name!r} is missing",
+                         f"train it again, or remove the entry with `llmops models rm {adapter.name}`")
+    return AdapterIdentity(path=str(path), digest=model_digest(path))
 
 
 def resolved_config(config: BatchConfig, plan) -> BatchConfig:
