@@ -91,12 +91,18 @@ def add(
     chat: Annotated[Optional[bool], typer.Option("--chat/--base", help="Chat (instruct) or base model.")] = None,
     replace: Annotated[bool, typer.Option(
         "--replace", help="Overwrite your entry of that name, or shadow the built-in one.")] = False,
+    base: Annotated[Optional[str], typer.Option(
+        help="SOURCE is a LoRA adapter folder (PEFT) trained on this model: register it as an adapter, "
+             "served with `llmops serve NAME` on its base.")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Register a model under NAME in your registry."""
-    from llmops.registry import add_model
+    """Register a model (or, with --base, a LoRA adapter) under NAME in your registry."""
+    from llmops.registry import add_adapter, add_model
 
-    spec = add_model(name, source, description=description, chat=chat, replace=replace)
+    if base is not None:
+        spec = add_adapter(name, source, base, description=description, replace=replace)
+    else:
+        spec = add_model(name, source, description=description, chat=chat, replace=replace)
     if json:
         out.print_json({"name": name, **spec.model_dump(mode="json", exclude_none=True)})
     else:
