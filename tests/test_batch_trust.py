@@ -395,3 +395,29 @@ def test_sigterm_stops_at_once_before_generation_and_winds_down_during_it():
         os.kill(os.getpid(), signal.SIGTERM)  # at once again (Ctrl-C reaching a worker twice): the same stop
         assert stop.signal_name == "SIGINT" and stop.finish_by - stop.received == 14
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.unit
+def test_a_unit_committed_in_part_is_finished_by_the_rerun_with_each_row_once(job_files):
+    """What a stop leaves: some rows of a unit in a piece; the rerun generates the rest only, as a piece."""
+    model, prompts, out = job_files
+    write_jsonl(prompts, [{"prompt": f"question {i}"} for i in range(5)])
+    config = cfg(model, "chunk_rows=5")
+    job = plan_batch(config, str(prompts), out)
+    job.output.lock()
+    committed = job.output.prepare(job.identity, job.unit_sizes, False, job.manifest())
+    ok = {"generated_text": "x", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1, "error": None}
+    (unit,) = iter_units(job.input_spec, job.row_counts, 5, {"00000-000000"})
+    _commit(_InFlight(unit, [ok, None, ok, None, None], 3), job.output, job.identity)  # rows 0 and 2 finished
+    committed = job.output.committed(job.unit_sizes, job.identity.key())
+    assert committed.done == {} and committed.partial == {"00000-000000": {0, 2}}
+    (rest,) = iter_units(job.input_spec, job.row_counts, 5, {"00000-000000"}, committed.partial)
+    assert [r.index for r in rest.rows] == [1, 3, 4] and rest.piece and rest.kept.num_rows == 3
+    _commit(_InFlight(rest, [ok, ok, ok], 0), job.output, job.identity)
+    committed = job.output.committed(job.unit_sizes, job.identity.key())
+    assert committed.done["00000-000000"].rows == 5 and committed.partial == {}
+    assert sorted(p.name for p in out.glob("results/*")) == ["part-00000-000000.0.parquet",
+                                                            "part-00000-000000.1.parquet"]
+    table = pq.read_table(out / "results").sort_by("row")
+    assert table.column("row").to_pylist() == [0, 1, 2, 3, 4]
+    assert table.column("prompt").to_pylist() == [f"question {i}" for i in range(5)]
