@@ -172,3 +172,42 @@ def test_a_run_logs_to_tensorboard_and_mlflow_in_its_folder_and_shows_its_curves
     curves = json.loads(proc.stdout)
     assert dict(zip(curves["steps"], curves["loss"])) == losses
     assert dict(zip(curves["eval_steps"], curves["eval_loss"])) == evals
+
+
+@pytest.mark.engine
+def test_a_resumed_run_continues_its_tracker_curves_and_draws_them_on_a_terminal(tiny_model_dir, tmp_path,
+                                                                                 llmops_home):
+    """Killed (SIGKILL) after step 3 with checkpoints every 2 steps, then rerun: TensorBoard drops what the
+    killed run logged past its last checkpoint (`purge_step`), so every step reads once with the resumed
+    value, and MLflow continues the same run. The rerun, on a terminal, draws the curves on stderr."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.train_helpers import start_training, wait_for_step
+
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 8, "checkpoint.every_n_steps": 2,
+                                                      "logging.log_with": ["tensorboard", "mlflow"]})
+    run = tmp_path / "run"
+    victim = start_training(recipe, run)
+    wait_for_step(victim, run, 3)
+    victim.kill()
+    victim.communicate(timeout=60)
+    assert list((run / "checkpoints").glob("step-*")), "killed after its first checkpoint"
+    # FORCE_COLOR: rich takes stderr for a terminal, as when a person watches the run.
+    proc = run_cli("train", str(recipe), "-o", str(run), env={**TRAIN_ENV, "FORCE_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny-test: loss (line), eval loss (o)" in proc.stderr and "┤" in proc.stderr
+    assert "┤" not in proc.stdout
+    losses = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+    assert sorted(losses) == list(range(1, 9))
+
+    events = EventAccumulator(str(run / "tensorboard" / "tiny-test"))
+    events.Reload()
+    tb = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in tb] == list(range(1, 9))
+    assert dict(tb) == pytest.approx(losses, abs=1e-5)
+
+    loss_files = list((run / "mlruns").glob("*/*/metrics/loss"))
+    assert len(loss_files) == 1, "the rerun continues the interrupted MLflow run"
+    last_by_step = {int(step): float(value) for _, value, step in
+                    (line.split() for line in loss_files[0].read_text().splitlines())}
+    assert last_by_step == pytest.approx(losses, abs=1e-5)
