@@ -54,14 +54,14 @@ def test_an_adapter_entry_is_listed_with_its_base_and_rank(tmp_path, llmops_home
 
 
 @pytest.mark.unit
-def test_models_add_with_a_base_registers_an_adapter_and_refuses_a_folder_without_an_adapter_config(
+def test_models_add_adapter_of_registers_an_adapter_and_refuses_a_folder_without_an_adapter_config(
         tmp_path, llmops_home):
-    proc = run_cli("models", "add", "desk-lora", str(fake_adapter(tmp_path / "b", 8)), "--base", "smollm2-135m",
+    proc = run_cli("models", "add", "desk-lora", str(fake_adapter(tmp_path / "b", 8)), "--adapter-of", "smollm2-135m",
                    "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["lora_rank"] == 8
     (tmp_path / "empty").mkdir()
-    proc = run_cli("models", "add", "lamp-lora", str(tmp_path / "empty"), "--base", "smollm2-135m")
+    proc = run_cli("models", "add", "lamp-lora", str(tmp_path / "empty"), "--adapter-of", "smollm2-135m")
     assert proc.returncode == 2 and "does not hold a LoRA adapter (no adapter_config.json)" in proc.stderr
 
 

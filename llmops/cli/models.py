@@ -91,16 +91,17 @@ def add(
     chat: Annotated[Optional[bool], typer.Option("--chat/--base", help="Chat (instruct) or base model.")] = None,
     replace: Annotated[bool, typer.Option(
         "--replace", help="Overwrite your entry of that name, or shadow the built-in one.")] = False,
-    base: Annotated[Optional[str], typer.Option(
-        help="SOURCE is a LoRA adapter folder (PEFT) trained on this model: register it as an adapter, "
-             "served with `llmops serve NAME` on its base.")] = None,
+    adapter_of: Annotated[Optional[str], typer.Option(
+        "--adapter-of", metavar="BASE",
+        help="SOURCE is a LoRA adapter folder (PEFT) trained on BASE: register it as an adapter, served "
+             "with `llmops serve NAME` on its base.")] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Register a model (or, with --base, a LoRA adapter) under NAME in your registry."""
+    """Register a model (or, with --adapter-of, a LoRA adapter) under NAME in your registry."""
     from llmops.registry import add_adapter, add_model
 
-    if base is not None:
-        spec = add_adapter(name, source, base, description=description, replace=replace)
+    if adapter_of is not None:
+        spec = add_adapter(name, source, adapter_of, description=description, replace=replace)
     else:
         spec = add_model(name, source, description=description, chat=chat, replace=replace)
     if json:
