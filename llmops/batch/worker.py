@@ -17,7 +17,7 @@ from llmops.batch.config import BatchConfig
 from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, generate, stop_on_signals
 from llmops.batch.inputs import InputSpec, count_rows, iter_units, unit_sizes
 from llmops.batch.outputs import CONFIG, OutputDir
-from llmops.batch.runner import start_llm
+from llmops.batch.runner import close_engine, start_llm
 from llmops.batch.workers import units_for_rank
 from llmops.config import load_config
 from llmops.errors import LlmopsError
@@ -41,12 +41,16 @@ def run_worker(output_dir: str | Path, rank: int, world: int, llm=None, stop: St
     mine = units_for_rank(list(sizes), rank, world) - set(committed.done)
     if not mine:
         return 0
+    own_engine = llm is None
     llm = llm or start_llm(manifest.engine_args, manifest.engine_env)
     if stop is not None:
         stop.generating = True
     units = iter_units(spec, counts, config.chunk_rows, mine, committed.partial)
-    return sum(1 for _ in generate(llm, units, config.sampling, out, manifest.job, Progress(), stop,
-                                  writer=f"worker {rank}"))
+    count = sum(1 for _ in generate(llm, units, config.sampling, out, manifest.job, Progress(), stop,
+                                   writer=f"worker {rank}"))
+    if own_engine and stop is not None and stop.requested:
+        close_engine(llm)  # exit within the grace period (vLLM's exit would wait 5 s for it)
+    return count
 
 
 def main(argv: list[str] | None = None) -> None:
