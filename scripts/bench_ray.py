@@ -3,7 +3,7 @@
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_ray.py --rows 128 --max-tokens 64
 
 Modes:
-- `ray`: N Ray nodes on this host (1 CPU each), one engine per node, each bound to its own core.
+- `ray`: N Ray nodes on this host (--cpus-per-node each), one engine per node, each bound to its own cores.
 - `local`: one engine on this machine, as `llmops batch` runs without --ray (vLLM binds it to the cores).
 - `local-dp`: N local worker processes (`data_parallel_size` forced to N on the CPU), each with vLLM's
   automatic core binding, as the data-parallel path runs them today.
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--chunk-rows", type=int, default=16)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--modes", default="ray,local,local-dp")
     parser.add_argument("--json-out", type=Path)
@@ -90,7 +91,7 @@ def main() -> None:
             out = work / f"out-{mode}"
             args = ["batch", str(path), "-o", str(out), *common]
             if mode == "ray":
-                cluster = LocalRayCluster(cpus_per_node=1, nodes=opts.nodes).start()
+                cluster = LocalRayCluster(cpus_per_node=opts.cpus_per_node, nodes=opts.nodes).start()
                 args += ["--ray", cluster.address]
                 results[mode] = run(mode, args, {**env, **cluster.env}, opts.nodes)
                 cluster.stop()
