@@ -39,6 +39,8 @@ META_NODE = b"llmops.node"
 MANIFEST_EVERY_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 20.0
+# Placing the actors waits for free CPUs/GPUs on their nodes; past this the cluster is busy with other work.
+PLACE_TIMEOUT_S = 300.0
 
 
 def import_ray():
@@ -320,7 +322,10 @@ def _check_shared_output(ray, state: _Replicas, out: OutputDir) -> None:
     probe = out.path.resolve() / f".llmops-probe-{token[:12]}"
     probe.write_text(token)
     try:
-        seen = ray.get([a.sees.remote(str(probe), token) for a in state.actors])
+        seen = ray.get([a.sees.remote(str(probe), token) for a in state.actors], timeout=PLACE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeFailure(f"Ray did not place the {len(state.actors)} engine replicas within {PLACE_TIMEOUT_S:.0f} s "
+                             "(another job may hold the nodes' CPUs or GPUs)", "see `ray status`") from None
     finally:
         probe.unlink(missing_ok=True)
     blind = [r for r, ok in zip(state.replicas, seen) if not ok]
