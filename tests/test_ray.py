@@ -77,6 +77,27 @@ def test_ray_missing_or_unreachable_exits_2_with_the_fix(tmp_path):
     assert unreachable.returncode == 2 and "cannot reach a Ray cluster at 127.0.0.1:1" in unreachable.stderr
 
 
+@pytest.mark.unit
+def test_an_output_folder_some_node_cannot_see_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from llmops.batch.outputs import OutputDir
+    from llmops.batch.ray_engines import _check_shared_output, _Replicas
+
+    class Actor:  # answers as a node on another machine without the folder would
+        def __init__(self, sees):
+            self.sees = SimpleNamespace(remote=lambda path, token: sees and (tmp_path / "out").is_dir())
+
+    fake_ray = SimpleNamespace(get=lambda answers, timeout: list(answers),
+                               exceptions=SimpleNamespace(GetTimeoutError=TimeoutError))
+    replicas = [Replica(0, "a", "10.0.0.1", 8, 0), Replica(1, "b", "10.0.0.2", 8, 0)]
+    (tmp_path / "out").mkdir()
+    _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(True)], replicas), OutputDir(tmp_path / "out"))
+    with pytest.raises(UsageError, match="not visible from Ray node 10.0.0.2 .*shared storage"):
+        _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(False)], replicas), OutputDir(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []  # the probe file is removed
+
+
 # --- a real cluster ------------------------------------------------------------------------------------
 
 
