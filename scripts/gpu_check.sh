@@ -89,9 +89,6 @@ def llmops(*args, timeout=600):
 import torch
 cuda = torch.cuda.is_available()
 print(f"torch {torch.__version__}, CUDA available: {cuda}", flush=True)
-if not cuda and not allow_cpu:
-    print("no CUDA GPU here: stopping before the GPU steps (GPU_CHECK_ALLOW_CPU=1 rehearses them on the CPU)")
-    sys.exit(3)
 
 # A tiny random Llama (4 layers, hidden 256) with a 1k BPE tokenizer learned from the shipped examples and
 # SmolLM2's special tokens and ChatML chat format; nothing is downloaded.
@@ -121,10 +118,14 @@ tok.save_pretrained(model_dir)
 proc, _ = llmops("hw", "--json", "--model", str(model_dir))
 hw = json.loads(proc.stdout) if proc.returncode == 0 else {}
 gpus = hw.get("hardware", {}).get("gpus", [])
-check("llmops hw --json sees the GPU", gpus if cuda else proc.returncode == 0,
+check("llmops hw --json sees the GPU" if cuda else "llmops hw --json (no GPU here)", gpus if cuda else proc.returncode == 0,
       "; ".join(f"{g.get('name')} {g.get('memory_total_bytes', 0) / 2**30:.0f} GiB" for g in gpus)
       or f"no GPU (exit {proc.returncode}); the train plan: {hw.get('plans', {}).get('train', {}).get('device')}, "
          f"{hw.get('plans', {}).get('train', {}).get('precision')}")
+
+if not cuda and not allow_cpu:
+    print("no CUDA GPU here: stopping before the GPU steps (GPU_CHECK_ALLOW_CPU=1 rehearses them on the CPU)")
+    sys.exit(3)  # the steps above need no GPU: they ran
 
 # 3. Training runs: bf16 on the GPU (fp32 in a CPU rehearsal), 40 steps at a high rate so a random model's loss
 #    falls clearly.
