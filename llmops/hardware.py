@@ -2,7 +2,8 @@
 raises (a probe that fails reports "nothing found"), and nothing here imports torch.
 
 `LLMOPS_HARDWARE=FILE.json` replaces detection with a description of another machine (the JSON form of
-`Hardware`, as `llmops hw --json` prints it), to plan for hardware you do not have.
+`Hardware`, as `llmops hw --json` prints it), to plan for hardware you do not have. Its optional `nodes` list
+describes a cluster: every machine one engine may span (this one first), e.g. 2 nodes of 8 x 80 GiB GPUs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,25 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class ClusterNode:
+    """One machine of a cluster (a Ray node), as much as planning an engine across machines needs."""
+
+    name: str
+    cpus: int
+    gpus: tuple[GPU, ...] = ()
+    ram_bytes: int = 0
+    address: str = ""
+    """Where the other nodes reach it (its Ray node IP); empty when not known."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClusterNode:
+        gpu_fields = {f.name for f in dataclasses.fields(GPU)}
+        return cls(name=str(data.get("name", "")), cpus=int(data.get("cpus", 0)),
+                   gpus=tuple(GPU(**{k: v for k, v in g.items() if k in gpu_fields}) for g in data.get("gpus", [])),
+                   ram_bytes=int(data.get("ram_bytes", 0)), address=str(data.get("address", "")))
+
+
+@dataclass(frozen=True)
 class Hardware:
     cpu: CPU
     ram: RAM
@@ -89,6 +109,13 @@ class Hardware:
     gpus: tuple[GPU, ...] = field(default_factory=tuple)
     numa_nodes: tuple[NumaNode, ...] = field(default_factory=tuple)
     """Empty where the kernel exposes no nodes (or in hardware files written before this field existed)."""
+    nodes: tuple[ClusterNode, ...] = field(default_factory=tuple)
+    """The cluster this machine plans for, this machine (the head) first; empty for one machine. Set from
+    `LLMOPS_HARDWARE`'s `nodes` list, or from a live Ray cluster (`with_cluster`)."""
+
+    @property
+    def is_cluster(self) -> bool:
+        return len(self.nodes) > 1
 
     @property
     def has_gpu(self) -> bool:
@@ -116,7 +143,11 @@ class Hardware:
             gpus=tuple(GPU(**{k: v for k, v in g.items() if k in gpu_fields}) for g in data.get("gpus", [])),
             numa_nodes=tuple(NumaNode(**{k: (tuple(v) if k == "cpus" else v) for k, v in n.items()})
                              for n in data.get("numa_nodes", [])),
+            nodes=tuple(ClusterNode.from_dict(n) for n in data.get("nodes", [])),
         )
+
+    def with_cluster(self, nodes: tuple[ClusterNode, ...]) -> Hardware:
+        return dataclasses.replace(self, nodes=nodes)
 
 
 @cache

@@ -111,6 +111,9 @@ class EngineConfig(StrictModel):
     """GPUs per engine; auto is the smallest count the model fits on (serve: that holds its whole context)."""
     data_parallel_size: AutoPositiveInt = "auto"
     """Engines side by side, one per group of GPUs; auto uses every GPU."""
+    pipeline_parallel_size: AutoPositiveInt = "auto"
+    """Nodes one engine spans, one pipeline stage (a slice of the layers) on each, through Ray; auto is 1, or
+    the fewest nodes of the cluster (`llmops hw` shows it) that hold the model when one node cannot."""
     max_model_len: AutoPositiveInt = "auto"
     """Longest prompt + completion in tokens; auto is the model's context, shortened to what the KV cache holds."""
     gpu_memory_utilization: AutoFraction = "auto"
@@ -160,6 +163,10 @@ class EnginePlan:
     """Set when LoRA adapters are served or batched (vLLM's --enable-lora): the largest rank they need."""
     max_loras: int | None = None
     """LoRA adapters one engine step may use at once (vLLM's --max-loras)."""
+    pipeline_parallel_size: int = 1
+    """Nodes the engine spans, one pipeline stage each (tensor parallel inside each node)."""
+    distributed_executor_backend: str | None = None
+    """"ray" when the engine spans nodes (vLLM reaches other machines only through Ray); None: vLLM's default."""
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -233,8 +240,60 @@ def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *,
                          f"{facts.context_length} tokens", f"use at most {facts.context_length}")
 
     plan_device = _plan_gpu if device == "cuda" else _plan_cpu
-    plan = plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes)
+    plan = _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_len, notes)
     return plan_lora(plan, lora_ranks) if lora_ranks else plan
+
+
+def _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_len, notes) -> EnginePlan:
+    """One node when the model fits there; else the fewest nodes of the cluster that hold it, as vLLM documents
+    multi-node serving: tensor parallel over the GPUs inside each node, pipeline parallel across nodes, and
+    Ray as the executor (vLLM's only way to start workers on other machines)."""
+    nodes = len(hw.nodes)
+    if config.pipeline_parallel_size == "auto":
+        try:
+            return plan_device(config, facts, hw, workload, work, dtype, wanted_len, list(notes), 1)
+        except DoesNotFitError as one_node:
+            if not hw.is_cluster:
+                raise
+            if workload != "serve":
+                raise DoesNotFitError(f"{one_node.message}; a batch engine runs on one node",
+                                      "serve it across the cluster's nodes with `llmops serve` (pipeline "
+                                      "parallel), or use larger nodes") from None
+            for stages in range(2, min(nodes, facts.shape.num_layers) + 1):
+                try:
+                    plan = plan_device(config, facts, hw, workload, work, dtype, wanted_len, list(notes), stages)
+                except DoesNotFitError:
+                    continue
+                return _across_nodes(plan, stages, facts, dtype, (
+                    f"pipeline_parallel_size {stages}: {facts.name} does not fit on one node "
+                    f"({one_node.message}); {stages} of the cluster's {nodes} nodes hold it"))
+            raise DoesNotFitError(f"{facts.name} does not fit on the cluster's {nodes} nodes either "
+                                  f"(one node: {one_node.message})",
+                                  "add nodes, use larger ones, or a quantized checkpoint") from None
+    stages = config.pipeline_parallel_size
+    if stages == 1:
+        return plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes, 1)
+    if hw.nodes and stages > nodes:
+        raise DoesNotFitError(f"pipeline_parallel_size {stages} needs {stages} nodes, the cluster has {nodes}",
+                              "lower engine.pipeline_parallel_size or add nodes")
+    if stages > facts.shape.num_layers:
+        raise UsageError(f"pipeline_parallel_size {stages} is more stages than {facts.name}'s "
+                         f"{facts.shape.num_layers} layers", f"use at most {facts.shape.num_layers}")
+    plan = plan_device(config, facts, hw, workload, work, dtype, wanted_len, notes, stages)
+    return _across_nodes(plan, stages, facts, dtype, None)
+
+
+def _across_nodes(plan: EnginePlan, stages: int, facts: ModelFacts, dtype: str, why: str | None) -> EnginePlan:
+    layers = facts.shape.num_layers
+    notes = [*plan.notes, *([why] if why else []),
+             f"{stages} pipeline stages of ~{math.ceil(layers / stages)} of {layers} layers, "
+             f"~{facts.weight_bytes(dtype) / stages / GIB:.1f} GiB of weights each: pipeline parallel across "
+             "nodes because stages pass only activations, once per step, which a network between machines "
+             "carries; tensor parallel needs an all-reduce in every layer, so it stays on each node's fast links",
+             "distributed_executor_backend ray: vLLM starts its workers on other machines only through Ray; "
+             "start the cluster first (`llmops serve --dry-run` prints the commands for each node)"]
+    return replace(plan, pipeline_parallel_size=stages, distributed_executor_backend="ray", data_parallel_size=1,
+                   notes=tuple(notes))
 
 
 # vLLM accepts only these as --max-lora-rank (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32).
@@ -272,12 +331,13 @@ def _resolved(config: EngineConfig, name: str, decision: tuple, notes: list[str]
 # --- the CPU ------------------------------------------------------------------------------------------
 
 
-def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> EnginePlan:
+def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes, stages=1) -> EnginePlan:
     if config.tensor_parallel_size not in ("auto", 1) or config.data_parallel_size not in ("auto", 1):
         raise UsageError("tensor_parallel_size and data_parallel_size above 1 need GPUs; on the CPU llmops "
                          "runs one engine", "leave them at auto")
-    weights = facts.weight_bytes(dtype)
-    kv_per_token = facts.kv_bytes_per_token(dtype)
+    # Each of the `stages` nodes holds its share of the layers: of the weights and of every token's KV cache.
+    weights = math.ceil(facts.weight_bytes(dtype) / stages)
+    kv_per_token = math.ceil(facts.kv_bytes_per_token(dtype) / stages)
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
     reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(engine_cores(hw), workload), notes)
     eager = _resolved(config, "enforce_eager",
@@ -310,7 +370,8 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
     if max_len < wanted_len:
         notes.append(f"max_model_len {max_len}: the KV cache holds {kv_tokens} tokens")
     return EnginePlan(
-        facts.name, "cpu", dtype, 1, 1, max_len, bool(eager), None, kv_gib, round(weights / GIB, 3), kv_tokens,
+        facts.name, "cpu", dtype, 1, 1, max_len, bool(eager), None, kv_gib,
+        round(facts.weight_bytes(dtype) / GIB, 3), kv_tokens,
         tuple(notes), workload, reserved, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
 
 
@@ -424,10 +485,20 @@ def _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wa
 # --- GPUs ---------------------------------------------------------------------------------------------
 
 
-def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> EnginePlan:
-    weights = facts.weight_bytes(dtype)
-    kv_per_token = facts.kv_bytes_per_token(dtype)
+def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes, stages=1) -> EnginePlan:
+    # Each of the `stages` nodes holds its share of the layers: of the weights and of every token's KV cache.
+    weights = facts.weight_bytes(dtype) / stages
+    kv_per_token = facts.kv_bytes_per_token(dtype) / stages
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
+    if stages > 1 and hw.nodes:  # every node must hold a stage: plan for the smallest of them
+        gpu_nodes = [n.gpus for n in hw.nodes if n.gpus]
+        if len(gpu_nodes) < stages:
+            raise DoesNotFitError(f"pipeline_parallel_size {stages} needs {stages} nodes with GPUs, the cluster "
+                                  f"has {len(gpu_nodes)}")
+        hw = replace(hw, gpus=tuple(g for n in gpu_nodes for g in n))  # memory: the smallest GPU of all
+        node_gpus = min(len(n) for n in gpu_nodes)
+    else:
+        node_gpus = len(hw.gpus)
     per_gpu = min(g.memory_total_bytes for g in hw.gpus)
     util = _resolved(config, "gpu_memory_utilization", gpu_memory_utilization(hw), notes)
     budget = per_gpu * util - GPU_ENGINE_OVERHEAD_BYTES
@@ -439,7 +510,11 @@ def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
         per_token = kv_per_token / min(tp, facts.shape.num_kv_heads)
         return int(spare // per_token) if spare > 0 else 0
 
-    candidates = [tp for tp in (1, 2, 4, 8, 16, 32) if tp <= len(hw.gpus) and heads % tp == 0]
+    candidates = [tp for tp in (1, 2, 4, 8, 16, 32) if tp <= node_gpus and heads % tp == 0]
+    if stages > 1 and candidates:
+        # vLLM's multi-node recipe: tensor parallel over all the GPUs of each node (a node's other GPUs
+        # would idle), pipeline parallel across nodes.
+        candidates = candidates[-1:]
     if config.tensor_parallel_size == "auto":
         fitting = [tp for tp in candidates if kv_tokens(tp) >= min_len]
         if not fitting:
@@ -452,6 +527,9 @@ def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
                 "use more or larger GPUs, a quantized checkpoint, or a smaller model")
         tp = fitting[0]
         why = f"the smallest that fits the weights ({weights / GIB:.1f} GiB) and a {min_len}-token KV cache"
+        if stages > 1:
+            why = (f"every GPU of each node holds its stage ({weights / GIB:.1f} GiB of weights), as vLLM's "
+                   "multi-node recipe says: tensor parallel = GPUs per node, pipeline parallel = nodes")
         whole = [t for t in fitting if kv_tokens(t) >= wanted_len]
         if workload == "serve" and whole and whole[0] > tp:
             # A server should take requests as long as the model allows: spend GPUs on context before replicas.
@@ -461,8 +539,9 @@ def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
         notes.append(f"tensor_parallel_size {tp}: {why}")
     else:
         tp = config.tensor_parallel_size
-        if tp > len(hw.gpus):
-            raise DoesNotFitError(f"tensor_parallel_size {tp} needs {tp} GPUs, this machine has {len(hw.gpus)}")
+        if tp > node_gpus:
+            raise DoesNotFitError(f"tensor_parallel_size {tp} needs {tp} GPUs on a node, "
+                                  f"{'each node' if stages > 1 else 'this machine'} has {node_gpus}")
         if heads % tp:
             raise UsageError(f"tensor_parallel_size {tp} does not divide {facts.name}'s {heads} attention heads")
         if kv_tokens(tp) < min_len:
@@ -470,7 +549,10 @@ def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
                 f"{facts.name} does not fit at tensor_parallel_size {tp}: weights need "
                 f"{weights / tp / GIB:.1f} GiB per GPU, {budget / GIB:.1f} GiB usable",
                 "raise tensor_parallel_size or leave it at auto")
-    dp = len(hw.gpus) // tp if config.data_parallel_size == "auto" else config.data_parallel_size
+    dp = (1 if stages > 1 else node_gpus // tp) if config.data_parallel_size == "auto" else config.data_parallel_size
+    if stages > 1 and dp > 1:
+        raise UsageError("data_parallel_size above 1 with pipeline_parallel_size above 1: llmops serves one "
+                         "engine across nodes", "leave data_parallel_size at auto")
     if dp * tp > len(hw.gpus):
         raise DoesNotFitError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs, "
                               f"this machine has {len(hw.gpus)}")
@@ -486,7 +568,8 @@ def _plan_gpu(config, facts, hw, workload, work, dtype, wanted_len, notes) -> En
         notes.append(f"max_model_len {max_len}: the KV cache holds {tokens} tokens per engine")
     eager = _resolved(config, "enforce_eager", (False, None), notes)  # CUDA graphs pay off on GPUs
     return EnginePlan(
-        facts.name, "cuda", dtype, tp, dp, max_len, bool(eager), util, None, round(weights / GIB, 3), tokens,
+        facts.name, "cuda", dtype, tp, dp, max_len, bool(eager), util, None,
+        round(facts.weight_bytes(dtype) / GIB, 3), tokens,
         tuple(notes), workload, None, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
 
 

@@ -66,6 +66,10 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
     }
     if plan.gpu_memory_utilization is not None:
         args["gpu_memory_utilization"] = plan.gpu_memory_utilization
+    if plan.pipeline_parallel_size > 1:
+        args["pipeline_parallel_size"] = plan.pipeline_parallel_size
+    if plan.distributed_executor_backend is not None:
+        args["distributed_executor_backend"] = plan.distributed_executor_backend
     if plan.workload == "serve" and plan.data_parallel_size > 1:
         # Offline batch runs one engine per GPU group itself; the server lets vLLM balance its replicas.
         args["data_parallel_size"] = plan.data_parallel_size
