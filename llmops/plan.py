@@ -457,6 +457,8 @@ def _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wa
         # The running sequences are all the cache serves in a batch; more only costs start-up time.
         seq_len = min(wanted_len, work.tokens_per_row or DEFAULT_BATCH_TOKENS_PER_ROW)
         seqs = CPU_DEFAULT_MAX_NUM_SEQS["batch"]
+        if work.rows:  # a job smaller than one full batch never runs more sequences than it has rows
+            seqs = min(seqs, work.rows)
         use = seqs * seq_len * kv_per_token
         use_why = (f"{seqs} sequences at once x {seq_len} tokens"
                    + ("" if work.tokens_per_row else " (a guess: the job's row lengths are not known)"))

@@ -421,3 +421,49 @@ def test_a_unit_committed_in_part_is_finished_by_the_rerun_with_each_row_once(jo
     table = pq.read_table(out / "results").sort_by("row")
     assert table.column("row").to_pylist() == [0, 1, 2, 3, 4]
     assert table.column("prompt").to_pylist() == [f"question {i}" for i in range(5)]
+
+
+# --- the planner sees the job, and vLLM refusing its memory is "does not fit" (issue 9) ----------------
+
+
+@pytest.mark.unit
+def test_the_plan_sizes_the_cpu_kv_cache_from_the_jobs_rows(tmp_path, monkeypatch):
+    """A 4-row job never runs 256 sequences at once: its KV cache is the 1 GiB minimum, not the node's room."""
+    import llmops.hardware
+    from tests.fake_hardware import cpu_only
+
+    monkeypatch.setattr(llmops.hardware, "detect", lambda: cpu_only(64, node_available_gib=60))
+    model = make_model(tmp_path / "m")
+    (model / "config.json").write_text(json.dumps({**TINY_LLAMA, "num_hidden_layers": 32, "hidden_size": 4096,
+                                                   "num_attention_heads": 32, "num_key_value_heads": 32,
+                                                   "intermediate_size": 11008, "max_position_embeddings": 4096}))
+    small = write_jsonl(tmp_path / "small.jsonl", [{"prompt": "x" * 400}] * 4)
+    large = write_jsonl(tmp_path / "large.jsonl", [{"prompt": "x" * 400}] * 1000)
+    # 32 layers x 32 KV heads x 128 dims x 2 (K, V) x 2 bytes = 512 KiB a token in bf16-sized caches.
+    small_job = plan_batch(cfg(model, "sampling.max_tokens=100"), str(small), tmp_path / "o1")
+    large_job = plan_batch(cfg(model, "sampling.max_tokens=100"), str(large), tmp_path / "o2")
+    assert "4 sequences at once" in " ".join(small_job.plan.notes)
+    assert "256 sequences at once" in " ".join(large_job.plan.notes)
+    assert small_job.plan.cpu_kv_cache_gib < large_job.plan.cpu_kv_cache_gib
+
+
+@pytest.mark.unit
+def test_vllm_refusing_its_kv_cache_exits_3_naming_the_knob(job_files, monkeypatch):
+    """The engine's own refusal (a NUMA node smaller than /proc/meminfo says) was a traceback and exit 1."""
+    import llmops.batch.runner as runner
+    from llmops.batch import run_batch
+    from llmops.errors import DoesNotFitError
+
+    def refuse(plan, model_path):
+        # What vLLM's worker process writes to fd 2 (the log file while the engine starts), then raises.
+        os.write(2, b"RuntimeError: Available memory on node 0 (6.48/8.46 GiB) on kv cache allocation is less "
+                    b"than requested memory for kv (8.0 GiB)\n")
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(runner, "load_engine", refuse)
+    model, prompts, out = job_files
+    with pytest.raises(DoesNotFitError) as err:
+        run_batch(cfg(model), str(prompts), out)
+    assert err.value.exit_code == 3
+    assert "NUMA node 0 had 6.48 of 8.46 GiB available" in str(err.value)
+    assert "engine.cpu_kv_cache_gib" in str(err.value)

@@ -79,7 +79,9 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
     resolved, adapters = resolve_adapters(config.model, sorted(n for n in asked if n in entries
                                                                and entries[n][0].is_adapter))
     counts = count_rows(spec)
-    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch",
+    rows = sum(counts)
+    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch", rows=rows,
+                    prompt_tokens=typical_prompt_tokens(spec, rows), max_tokens=config.sampling.max_tokens,
                     lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
     model = ModelIdentity(name=resolved.name, adapters={a.name: _adapter_identity(a) for a in adapters},
                           adapter=adapters[0].name if adapters and adapters[0].name == config.model else None)
@@ -93,6 +95,24 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
         job.with_model(path)
     job.output.check(job.identity, overwrite)
     return job
+
+
+# Bytes of input per prompt token: about 4 characters a token for English text with BPE tokenizers, plus the
+# JSON or Parquet framing around each prompt. Only the planner's estimate of the job's size uses it.
+INPUT_BYTES_PER_PROMPT_TOKEN = 4
+
+
+def typical_prompt_tokens(spec: InputSpec, rows: int) -> int | None:
+    """A rough prompt length from the input's size, without reading it again (the plan only needs a scale)."""
+    if rows <= 0:
+        return None
+    size = 0
+    for f in spec.files:
+        try:
+            size += f.stat().st_size
+        except OSError:
+            return None
+    return max(1, size // rows // INPUT_BYTES_PER_PROMPT_TOKEN)
 
 
 def _adapter_identity(adapter) -> AdapterIdentity:

@@ -121,8 +121,16 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
                 if own_engine:
                     progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
                     t0 = time.monotonic()
-                    with engine_output(new_log_file("batch")):  # vLLM's start-up logs go there, not on screen
-                        llm = load_engine(job.plan, job.model_path)
+                    log_file = new_log_file("batch")
+                    try:
+                        with engine_output(log_file):  # vLLM's start-up logs go there, not on screen
+                            llm = load_engine(job.plan, job.model_path)
+                    except Exception as e:  # vLLM refusing its memory is llmops's "does not fit" (exit 3)
+                        from llmops.vllm_engine import explain_engine_failure
+
+                        if (known := explain_engine_failure(e, log_file, job.plan)) is not None:
+                            raise known from None
+                        raise
                     engine_start = time.monotonic() - t0
                 progress.phase("generating")
                 progress.start(sum(job.row_counts), before.rows)
