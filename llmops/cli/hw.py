@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
+import typer
+
 from llmops.cli import _output as out
 from llmops.cli._options import JsonOpt, ModelOpt
 
 
-def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
-    """Show the GPUs, CPU, RAM and disk found here, and the serve, batch and train plans for --model."""
+def hw_command(model: ModelOpt = None, json: JsonOpt = False, ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS", help="Also show the nodes of a live Ray cluster (HOST:PORT, or `auto`) and "
+                                         "plan serve across them.")] = None) -> None:
+    """Show the GPUs, CPU, RAM and disk found here (and the cluster's nodes, when LLMOPS_HARDWARE lists
+    `nodes` or --ray names a cluster), and the serve, batch and train plans for --model."""
     from llmops.errors import LlmopsError
     from llmops.hardware import detect
     from llmops.plan import model_facts, plan_engine
@@ -15,6 +22,10 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
     from llmops.train.plan import plan_train
 
     hw = detect()
+    if ray is not None:
+        from llmops.serve.server import ray_cluster_nodes
+
+        hw = hw.with_cluster(ray_cluster_nodes(ray, hw.gpus))
     resolved = resolve(model)
     facts = model_facts(resolved)
     plans: dict[str, object] = {}
@@ -44,6 +55,12 @@ def hw_command(model: ModelOpt = None, json: JsonOpt = False) -> None:
            + (" (vLLM binds here)" if n == hw.engine_numa_node else "")) for n in hw.numa_nodes),
         ("disk free", f"{out.gib(hw.disk.free_bytes)} at {hw.disk.path}"),
     ])
+    if hw.nodes:
+        out.table(f"Cluster: {len(hw.nodes)} nodes (the first is this machine, the head)",
+                  ["node", "address", "CPUs", "GPUs", "GPU memory", "RAM"],
+                  [(n.name, n.address or "-", n.cpus, len(n.gpus),
+                    out.gib(min(g.memory_total_bytes for g in n.gpus)) if n.gpus else "-",
+                    out.gib(n.ram_bytes) if n.ram_bytes else "-") for n in hw.nodes])
     for name, plan in plans.items():
         assert isinstance(plan, dict)
         if "error" in plan:

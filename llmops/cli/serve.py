@@ -32,6 +32,11 @@ def serve_command(
         envvar="LLMOPS_API_KEY", show_envvar=True, help=_FIELDS["api_key"].description)] = None,
     allow_unauthenticated: Annotated[Optional[bool], typer.Option(
         "--allow-unauthenticated", show_default=False, help=_FIELDS["allow_unauthenticated"].description)] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Plan for the nodes of a live Ray cluster (HOST:PORT, or `auto` for the one this machine belongs "
+             "to): a model too large for one node is served across them, pipeline parallel. Needs "
+             "`pip install 'llmops[ray]'`.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
@@ -61,7 +66,7 @@ def serve_command(
         cfg = cfg.model_copy(update={"adapters": [*cfg.adapters, *adapter]})
 
     if dry_run:
-        plan = plan_server(cfg, download=False)
+        plan = plan_server(cfg, download=False, ray_address=ray)
         if json:
             out.print_json(plan.to_dict())
             return
@@ -72,6 +77,10 @@ def serve_command(
             ("url", plan.url + "/v1"),
             ("api key", "required" if plan.api_key else "none"),
             *engine.items(), *(("why", n) for n in notes)])
+        for step in plan.nodes:  # an engine across nodes: the cluster first, then vLLM on the head
+            out.key_values(f"on {step.node}", [("run", step.command), ("why", step.why)])
+        if plan.nodes:
+            out.log("then on the head (vLLM's Ray executor copies the VLLM_* and HF_* variables to every node):")
         env = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else shlex.quote(v)}" for k, v in plan.env.items())
         out.result((env + " " if env else "") + shlex.join(redacted(plan.command)))
         return
@@ -79,7 +88,7 @@ def serve_command(
     check_access(cfg)
     check_port_free(cfg.host, cfg.port)  # before fetching a model, which can take minutes
     with out.stderr.status("resolving the model") as status:
-        plan = plan_server(cfg, progress=lambda msg: (out.log(msg), status.update(msg)))
+        plan = plan_server(cfg, ray_address=ray, progress=lambda msg: (out.log(msg), status.update(msg)))
 
     def ready(plan) -> None:
         if json:  # for scripts: the server is ready once this appears on stdout

@@ -11,6 +11,7 @@ No Typer here; the CLI (`llmops.cli.serve`) is a thin layer over these functions
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -52,6 +53,8 @@ class ServerPlan:
     api_key: str | None = field(default=None, repr=False)
     adapters: dict[str, str] = field(default_factory=dict)
     """LoRA adapters served on the model: name -> folder."""
+    nodes: list[NodeStep] = field(default_factory=list)
+    """When the engine spans nodes: what to run on each before `command` (which runs on the head)."""
 
     @property
     def model_names(self) -> list[str]:
@@ -68,7 +71,80 @@ class ServerPlan:
         env = {k: ("***" if k == "VLLM_API_KEY" else v) for k, v in self.env.items()}
         return {"served_model_name": self.served_model_name, "model_path": self.model_path,
                 "adapters": self.adapters, "url": self.url + "/v1", "api_key": self.api_key is not None, "plan": self.engine.to_dict(),
-                "command": redacted(self.command), "env": env}
+                "command": redacted(self.command), "env": env,
+                "nodes": [dataclasses.asdict(step) for step in self.nodes]}
+
+
+@dataclass(frozen=True)
+class NodeStep:
+    """One node's part in serving across nodes: a command to run there, and why."""
+
+    node: str
+    command: str
+    why: str
+
+
+# Ray's default GCS port; the head's address is HEAD_IP:RAY_HEAD_PORT.
+RAY_HEAD_PORT = 6379
+
+
+def cluster_steps(engine: EnginePlan, nodes: tuple, ray_address: str | None) -> list[NodeStep]:
+    """What each node runs before the head starts vLLM, for an engine that spans nodes (vLLM's multi-node
+    recipe: a Ray cluster, then one `vllm serve` on the head). Empty for a single-node engine. A live cluster
+    (`ray_address`) needs nothing more than its address."""
+    if engine.distributed_executor_backend != "ray":
+        return []
+    if ray_address is not None:
+        return [NodeStep(f"{len(nodes)} live Ray nodes", f"# already running: RAY_ADDRESS={ray_address}",
+                         "vLLM's Ray executor joins this cluster and places one pipeline stage per node")]
+    used = nodes[:engine.pipeline_parallel_size] if nodes else ()
+    head_ip = (used[0].address if used and used[0].address else "HEAD_IP")
+    # Ray 2.60 turns token auth on: every node and the vLLM process need the same token.
+    auth = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN"
+    steps = [NodeStep(_node_label(used, 0, "head (runs vLLM's API server)"),
+                      f"{auth} VLLM_HOST_IP={head_ip} ray start --head --node-ip-address {head_ip} "
+                      f"--port {RAY_HEAD_PORT}",
+                      "create the token once (export RAY_AUTH_TOKEN=$(openssl rand -hex 16)) and use the same one "
+                      "on every node; install the same llmops, vLLM and Ray on every node, and put the model at "
+                      "the same path on each (or set HF_TOKEN); VLLM_HOST_IP: an address on a private network, "
+                      "since vLLM's traffic between nodes is not encrypted")]
+    for i in range(1, engine.pipeline_parallel_size):
+        ip = used[i].address if i < len(used) and used[i].address else f"NODE{i}_IP"
+        steps.append(NodeStep(_node_label(used, i, f"worker {i}"),
+                              f"{auth} VLLM_HOST_IP={ip} ray start --address {head_ip}:{RAY_HEAD_PORT} "
+                              f"--node-ip-address {ip}",
+                              "joins the head; `ray status` on the head should then list "
+                              f"{engine.pipeline_parallel_size} nodes"))
+    return steps
+
+
+def _node_label(nodes: tuple, i: int, role: str) -> str:
+    return f"{role}: {nodes[i].name}" if i < len(nodes) and nodes[i].name else role
+
+
+def ray_cluster_nodes(address: str, local_gpus: tuple = ()) -> tuple:
+    """The live nodes of the Ray cluster at `address` (the head first) as `ClusterNode`s. Ray counts a node's
+    GPUs but not their memory: they are taken to be like this machine's (vLLM's recipe assumes alike nodes)."""
+    from llmops.batch.ray_engines import connect
+    from llmops.hardware import GPU, ClusterNode
+
+    ray = connect(address)
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
+    alive.sort(key=lambda n: ("node:__internal_head__" not in n.get("Resources", {}), n["NodeID"]))
+    found = []
+    for n in alive:
+        res = n.get("Resources", {})
+        count = int(res.get("GPU", 0))
+        like = local_gpus[0] if local_gpus else None
+        gpus = tuple(GPU(i, like.name if like else "GPU", like.memory_total_bytes if like else 0,
+                         like.memory_free_bytes if like else 0, like.compute_capability if like else "")
+                     for i in range(count))
+        found.append(ClusterNode(n.get("NodeName") or n["NodeID"][:12], int(res.get("CPU", 0)), gpus,
+                                 int(res.get("memory", 0)), n.get("NodeManagerAddress", "")))
+    return tuple(found)
 
 
 def redacted(command: list[str]) -> list[str]:
@@ -106,12 +182,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def plan_server(config: ServeConfig, *, download: bool = True,
+def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str | None = None,
                 progress: Callable[[str], None] = lambda msg: None) -> ServerPlan:
     """Resolve the model, plan the engine for this hardware and build the vLLM command.
 
     With `download=False` (dry runs) nothing is fetched: a model that is not here yet is planned from its
-    registry entry and named by its Hugging Face id in the command.
+    registry entry and named by its Hugging Face id in the command. `ray_address` plans for the nodes of that
+    live Ray cluster (a model too large for one node is served across them) and points vLLM at it.
     """
     from llmops.hardware import detect
     from llmops.plan import model_facts
@@ -121,7 +198,10 @@ def plan_server(config: ServeConfig, *, download: bool = True,
     check_access(config)
     resolved, adapters = resolve_adapters(config.model, config.adapters)
     facts = model_facts(resolved)
-    engine = plan_for(config.engine, facts, detect(), "serve",
+    hw = detect()
+    if ray_address is not None:
+        hw = hw.with_cluster(ray_cluster_nodes(ray_address, hw.gpus))
+    engine = plan_for(config.engine, facts, hw, "serve",
                       lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
     if download:
         path = str(ensure_local(resolved, progress))
@@ -137,10 +217,13 @@ def plan_server(config: ServeConfig, *, download: bool = True,
                "--host", config.host, "--port", str(config.port),
                *as_cli_flags(engine_args(engine, path)), *lora_modules_flags(lora), *config.vllm_args]
     env = engine_env(engine)
+    if ray_address is not None and engine.distributed_executor_backend == "ray":
+        env["RAY_ADDRESS"] = ray_address  # vLLM's Ray executor joins the cluster named here
     if config.api_key:
         # Through the environment rather than --api-key, so the key does not show in `ps`.
         env["VLLM_API_KEY"] = config.api_key
-    return ServerPlan(name, path, engine, command, env, config.host, config.port, config.api_key, lora)
+    return ServerPlan(name, path, engine, command, env, config.host, config.port, config.api_key, lora,
+                      cluster_steps(engine, hw.nodes, ray_address))
 
 
 def check_port_free(host: str, port: int) -> None:
