@@ -182,3 +182,39 @@ def test_hardware_files_without_nodes_still_load(tmp_path):
     loaded = Hardware.from_dict(json.loads(json.dumps(old)))
     assert loaded == EIGHT_80GIB_GPUS and loaded.nodes == () and not loaded.is_cluster
     assert Hardware.from_dict(json.loads(json.dumps(cluster(2).to_dict()))) == cluster(2)
+
+
+# --- a live Ray cluster (2 nodes of 1 CPU on this host) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    pytest.importorskip("ray")
+    from tests.ray_cluster import LocalRayCluster
+
+    with LocalRayCluster(cpus_per_node=1, nodes=2) as c:
+        yield c
+
+
+@pytest.mark.ray
+def test_serve_and_hw_plan_from_a_live_ray_cluster(ray_cluster):
+    env = ray_cluster.env
+    proc = run_cli("hw", "--ray", ray_cluster.address, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    nodes = json.loads(proc.stdout)["hardware"]["nodes"]
+    assert [(n["cpus"], n["gpus"]) for n in nodes] == [(1, [])] * 2
+    assert all(n["address"] and n["name"] for n in nodes)
+
+    proc = run_cli("serve", "--ray", ray_cluster.address, "--dry-run", "--json",
+                   "--set", "engine.pipeline_parallel_size=2", "--set", "engine.cpu_kv_cache_gib=1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["plan"]["pipeline_parallel_size"] == 2 and data["plan"]["distributed_executor_backend"] == "ray"
+    assert data["env"]["RAY_ADDRESS"] == ray_cluster.address  # vLLM's Ray executor joins this cluster
+    command = data["command"]
+    assert command[command.index("--pipeline-parallel-size") + 1] == "2"
+    assert [n["node"] for n in data["nodes"]] == ["2 live Ray nodes"]
+
+    proc = run_cli("serve", "--ray", ray_cluster.address, "--dry-run", "--set", "engine.pipeline_parallel_size=3",
+                   env=env)
+    assert proc.returncode == 3 and "needs 3 nodes, the cluster has 2" in proc.stderr
