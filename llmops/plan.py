@@ -251,7 +251,13 @@ def _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_l
     nodes = len(hw.nodes)
     if config.pipeline_parallel_size == "auto":
         try:
-            return plan_device(config, facts, hw, workload, work, dtype, wanted_len, list(notes), 1)
+            plan = plan_device(config, facts, hw, workload, work, dtype, wanted_len, list(notes), 1)
+            if hw.is_cluster:
+                plan = replace(plan, notes=(*plan.notes, (
+                    f"pipeline_parallel_size 1: {facts.name} fits on one node, which serves it faster than a "
+                    f"pipeline across nodes; the cluster's other {nodes - 1} node(s) can each serve a replica "
+                    "(behind a load balancer) or run `llmops batch --ray`")))
+            return plan
         except DoesNotFitError as one_node:
             if not hw.is_cluster:
                 raise

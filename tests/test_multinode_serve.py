@@ -66,7 +66,9 @@ def test_a_model_that_fits_one_node_stays_on_one_node():
     plan = plan_engine(None, MID, cluster(2), workload="serve")
     assert plan.pipeline_parallel_size == 1 and plan.distributed_executor_backend is None
     assert plan.tensor_parallel_size * plan.data_parallel_size <= 8
-    assert plan == plan_engine(None, MID, EIGHT_80GIB_GPUS, workload="serve")  # as if there were no cluster
+    alone = plan_engine(None, MID, EIGHT_80GIB_GPUS, workload="serve")
+    assert replace(plan, notes=alone.notes) == alone  # as if there were no cluster, and a note says why
+    assert "fits on one node" in plan.notes[-1] and "other 1 node(s)" in plan.notes[-1]
     from llmops.vllm_engine import engine_args
 
     assert "pipeline_parallel_size" not in engine_args(plan, "/m")

@@ -134,6 +134,10 @@ def ray_cluster_nodes(address: str, local_gpus: tuple = ()) -> tuple:
     finally:
         ray.shutdown()
     alive.sort(key=lambda n: ("node:__internal_head__" not in n.get("Resources", {}), n["NodeID"]))
+    if not local_gpus and any(n.get("Resources", {}).get("GPU") for n in alive):
+        raise UsageError("the Ray cluster has GPUs but this machine has none, and Ray does not report GPU memory",
+                         "run this on a GPU node of the cluster (its head), or describe the cluster in "
+                         "LLMOPS_HARDWARE (a `nodes` list, see `llmops hw --json`)")
     found = []
     for n in alive:
         res = n.get("Resources", {})
