@@ -248,9 +248,10 @@ def test_batch_with_an_adapter_answers_the_made_up_facts_and_the_base_job_does_n
                        "--temperature", "0", *SMALL_KV)
         assert proc.returncode == 0, proc.stderr[-3000:]
         answers[model] = {r["id"]: r["generated_text"] for r in pq.read_table(out / "results").to_pylist()}
-    manifest = json.loads((tmp_path / "answers-0" / "manifest.json").read_text())
-    assert manifest["job"]["model"]["adapter_digest"] and manifest["engine_args"]["enable_lora"] is True
     print("batch answers:", json.dumps(answers, indent=1))
+    job = json.loads((tmp_path / "answers-0" / "manifest.json").read_text())
+    assert job["job"]["model"]["adapter"] == ADAPTER and job["job"]["model"]["adapters"][ADAPTER]["digest"]
+    assert job["engine_args"]["enable_lora"] is True
     assert knows(answers[ADAPTER]) == list(FACTS), answers
     assert [k for k in knows(answers[str(trained_adapter.base_dir)]) if k != "capital"] == [], answers
 
