@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 from llmops.errors import Stopped
 from llmops.quiet import engine_output, terminal
 from llmops.train.data import build_dataloaders
+from llmops.train.distributed import enable_fsdp_on_cpu, process_group_kwargs
 from llmops.train.recipe import Recipe
 
 TRAIN_LOG = "train.log"
@@ -60,7 +61,9 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=recipe.logging.log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        kwargs_handlers=process_group_kwargs(recipe),
     )
+    enable_fsdp_on_cpu(accelerator, recipe)
     set_seed(recipe.seed)
     main = accelerator.is_main_process
 

@@ -146,6 +146,9 @@ class DistributedConfig(StrictModel):
     main_process_ip: str | None = None
     """Address of the machine with rank 0 (needed when num_machines > 1)."""
     main_process_port: int = Field(default=29500, ge=1, le=65535)
+    timeout_s: int = Field(default=600, ge=1)
+    """How long a process waits for the others in a collective (or to join) before the run fails: a rank
+    or machine that died then ends the run with an error instead of a hang."""
 
     @model_validator(mode="after")
     def _multi_node(self) -> DistributedConfig:
@@ -202,7 +205,7 @@ class Recipe(StrictModel):
 # Recipe fields that do not change the trained weights: names and places, how the run is logged, evaluated,
 # checkpointed and exported, and how the machines find each other.
 NOT_IN_FINGERPRINT = ("name", "output_dir", "checkpoint", "eval", "logging", "export", "distributed.machine_rank",
-                      "distributed.main_process_ip", "distributed.main_process_port")
+                      "distributed.main_process_ip", "distributed.main_process_port", "distributed.timeout_s")
 
 
 def recipe_fingerprint(recipe: Recipe) -> dict[str, str]:
