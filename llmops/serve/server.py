@@ -27,11 +27,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from llmops.errors import RuntimeFailure, UsageError
 from llmops.plan import EnginePlan
 from llmops.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from llmops.hardware import GPU, ClusterNode
 
 ENTRY_MODULE = "llmops.serve.vllm_entry"
 LOG_TAIL_LINES = 40
@@ -88,7 +91,7 @@ class NodeStep:
 RAY_HEAD_PORT = 6379
 
 
-def cluster_steps(engine: EnginePlan, nodes: tuple, ray_address: str | None) -> list[NodeStep]:
+def cluster_steps(engine: EnginePlan, nodes: tuple[ClusterNode, ...], ray_address: str | None) -> list[NodeStep]:
     """What each node runs before the head starts vLLM, for an engine that spans nodes (vLLM's multi-node
     recipe: a Ray cluster, then one `vllm serve` on the head). Empty for a single-node engine. A live cluster
     (`ray_address`) needs nothing more than its address."""
@@ -96,7 +99,8 @@ def cluster_steps(engine: EnginePlan, nodes: tuple, ray_address: str | None) -> 
         return []
     if ray_address is not None:
         return [NodeStep(f"{len(nodes)} live Ray nodes", f"# already running: RAY_ADDRESS={ray_address}",
-                         "vLLM's Ray executor joins this cluster and places one pipeline stage per node")]
+                         "vLLM's Ray executor joins this cluster and places one pipeline stage per node; "
+                         "keep the cluster's RAY_AUTH_MODE and RAY_AUTH_TOKEN in the environment")]
     used = nodes[:engine.pipeline_parallel_size] if nodes else ()
     head_ip = (used[0].address if used and used[0].address else "HEAD_IP")
     # Ray 2.60 turns token auth on: every node and the vLLM process need the same token.
@@ -118,15 +122,15 @@ def cluster_steps(engine: EnginePlan, nodes: tuple, ray_address: str | None) -> 
     return steps
 
 
-def _node_label(nodes: tuple, i: int, role: str) -> str:
+def _node_label(nodes: tuple[ClusterNode, ...], i: int, role: str) -> str:
     return f"{role}: {nodes[i].name}" if i < len(nodes) and nodes[i].name else role
 
 
-def ray_cluster_nodes(address: str, local_gpus: tuple = ()) -> tuple:
+def ray_cluster_nodes(address: str, local_gpus: tuple[GPU, ...] = ()) -> tuple[ClusterNode, ...]:
     """The live nodes of the Ray cluster at `address` (the head first) as `ClusterNode`s. Ray counts a node's
     GPUs but not their memory: they are taken to be like this machine's (vLLM's recipe assumes alike nodes)."""
     from llmops.batch.ray_engines import connect
-    from llmops.hardware import GPU, ClusterNode
+    from llmops.hardware import ClusterNode
 
     ray = connect(address)
     try:
@@ -141,11 +145,7 @@ def ray_cluster_nodes(address: str, local_gpus: tuple = ()) -> tuple:
     found = []
     for n in alive:
         res = n.get("Resources", {})
-        count = int(res.get("GPU", 0))
-        like = local_gpus[0] if local_gpus else None
-        gpus = tuple(GPU(i, like.name if like else "GPU", like.memory_total_bytes if like else 0,
-                         like.memory_free_bytes if like else 0, like.compute_capability if like else "")
-                     for i in range(count))
+        gpus = tuple(dataclasses.replace(local_gpus[0], index=i) for i in range(int(res.get("GPU", 0))))
         found.append(ClusterNode(n.get("NodeName") or n["NodeID"][:12], int(res.get("CPU", 0)), gpus,
                                  int(res.get("memory", 0)), n.get("NodeManagerAddress", "")))
     return tuple(found)
