@@ -184,18 +184,15 @@ def knows(answers: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained_adapter(default_model_dir, tmp_path_factory):
-    """The shipped LoRA recipe on the default model, exported unmerged and registered, in a home of its own.
-
-    At the recipe's 16 steps and lr 5e-4 (loss 2.37 -> 0.87) the adapter answered "made by Glimmer", "19 euros",
-    "1 hour" (PEFT in fp32 and vLLM gave the same text); 24 steps at lr 1e-3 (loss -> 0.15, eval 0.17, ~2.5 min
-    here) teach all four facts and keep Paris."""
+    """The shipped LoRA recipe as it ships, on the default model, exported unmerged and registered, in a home
+    of its own. (At 16 steps and lr 5e-4 the adapter answered "made by Glimmer", "19 euros", "1 hour"; the
+    recipe's 24 steps at lr 1e-3 teach all four facts and keep Paris.)"""
     home = tmp_path_factory.mktemp("adapter-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMOPS_HOME", str(home))
         run = tmp_path_factory.mktemp("adapter-run") / "run"
         proc = run_cli("train", "lora-smollm2", "--set", f"model={default_model_dir}", "--set",
-                       "export.merge_lora=false", "--set", "train.learning_rate=1e-3", "--set", "train.max_steps=24",
-                       "-o", str(run), "--json", env={**TRAIN_ENV, "OMP_NUM_THREADS": "2"})
+                       "export.merge_lora=false", "-o", str(run), "--json", env={**TRAIN_ENV, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield SimpleNamespace(run=run, summary=json.loads(proc.stdout), base_dir=default_model_dir)
 
