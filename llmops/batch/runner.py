@@ -73,7 +73,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
     started = time.monotonic()
     engines = 1
     if ray_address is not None:
-        from llmops.batch.ray_engines import import_ray, nodes_of, run_ray
+        from llmops.batch.ray_engines import nodes_of, run_ray
+        from llmops.ray_cluster import import_ray
 
         import_ray()  # not installed: exit 2 with the install command, before anything is planned
     # 1. Plan (refusals happen here, before any write), lock the folder, then check again under the lock.

@@ -73,7 +73,8 @@ def batch_command(
                       source=str(config) if config else "batch config")
     if dry_run:
         if ray is not None:
-            from llmops.batch.ray_engines import import_ray, ray_dry_run
+            from llmops.batch.ray_engines import ray_dry_run
+            from llmops.ray_cluster import import_ray
 
             import_ray()
         job = plan_batch(cfg, input, output, overwrite=overwrite)

@@ -129,7 +129,7 @@ def _node_label(nodes: tuple[ClusterNode, ...], i: int, role: str) -> str:
 def ray_cluster_nodes(address: str, local_gpus: tuple[GPU, ...] = ()) -> tuple[ClusterNode, ...]:
     """The live nodes of the Ray cluster at `address` (the head first) as `ClusterNode`s. Ray counts a node's
     GPUs but not their memory: they are taken to be like this machine's (vLLM's recipe assumes alike nodes)."""
-    from llmops.batch.ray_engines import connect
+    from llmops.ray_cluster import connect
     from llmops.hardware import ClusterNode
 
     ray = connect(address)
