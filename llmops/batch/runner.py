@@ -22,6 +22,7 @@ from llmops.batch.workers import run_workers, units_for_rank
 from llmops.config import dump_config
 from llmops.errors import RuntimeFailure
 from llmops.quiet import engine_output, new_log_file
+from llmops.reaper import watch_children
 
 __all__ = ["BatchJob", "BatchSummary", "Progress", "dry_run", "generate", "load_engine", "plan_batch",
            "run_batch", "start_llm", "units_for_rank"]
@@ -228,6 +229,7 @@ def start_llm(args: dict[str, Any], env: dict[str, str]):
     }
     saved = {key: os.environ.get(key) for key in engine_env}
     os.environ.update(engine_env)
+    watch_children()  # vLLM's engine processes do not watch us: without this a kill -9 leaves them running
     try:
         from vllm import LLM
 
