@@ -349,6 +349,7 @@ def test_ready_message_log_file_and_models_list(server, client):
     log_file = Path(log_line.split("logs in ", 1)[1])
     assert log_file.parent == Path(os.environ["LLMOPS_HOME"]) / "logs"
     assert "Starting vLLM server" in log_file.read_text()
+    assert "Starting vLLM server" not in server.stderr.read_text()  # vLLM's log stays off the screen (-v shows it)
     for shown in (text, server.stderr.read_text(), log_file.read_text()):
         assert server.key not in shown  # the key never reaches the screen or the logs
     assert [m.id for m in client.models.list()] == ["smollm2-135m"]

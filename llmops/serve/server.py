@@ -270,10 +270,14 @@ def default_log_path(name: str) -> Path:
 
 
 class _Output:
-    """Copies the child's output, line by line, to a log file and to our stderr; keeps the last lines."""
+    """Copies the child's output, line by line, to a log file (and to our stderr with -v); keeps the last
+    lines, which a failure shows."""
 
     def __init__(self, stream, log_path: Path):
+        from llmops.quiet import verbose
+
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._echo = verbose()
         self._stream = stream
         self._log = open(log_path, "a", encoding="utf-8", errors="replace")
         self._thread = threading.Thread(target=self._copy, name="vllm-output", daemon=True)
@@ -285,8 +289,9 @@ class _Output:
             self.tail.append(line.rstrip("\n"))
             self._log.write(line)
             self._log.flush()
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            if self._echo:
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
     def close(self) -> None:
         self._thread.join(timeout=5)
