@@ -85,10 +85,24 @@ def start_machine(recipe: Path, run_dir: Path, rank: int, log: Path) -> subproce
 def run_two_machines(recipe: Path, run_dir: Path, logs: Path) -> list[tuple[int, str, str]]:
     procs = [start_machine(recipe, run_dir, rank, logs / f"rank{rank}.log") for rank in (0, 1)]
     results = []
-    for rank, proc in enumerate(procs):
-        out, _ = proc.communicate(timeout=HANG_GUARD_S)
-        results.append((proc.returncode, out, (logs / f"rank{rank}.log").read_text()))
+    try:
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=HANG_GUARD_S)
+            results.append((proc.returncode, out, (logs / f"rank{rank}.log").read_text()))
+    finally:
+        kill_trees(procs)
     return results
+
+
+def kill_trees(procs: list[subprocess.Popen]) -> None:
+    """After a hang guard fired: the commands and what they launched, so no rank outlives the test."""
+    import psutil
+
+    for proc in procs:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
 
 
 def two_machine_recipe(tmp_path: Path, model: Path, steps: int) -> Path:

@@ -91,8 +91,10 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     config = accelerate_config(final, tp.device, total)
     command, env = [], {}
     if total > 1:
-        command = ["accelerate", "launch", "--config_file", str(run_dir / "accelerate_config.yaml"),
-                   "-m", "llmops.train.loop", str(run_dir / "recipe.yaml")]
+        rank = dist.machine_rank
+        config_file = machine_file(run_dir, "accelerate_config.yaml", rank)
+        command = ["accelerate", "launch", "--config_file", str(config_file),
+                   "-m", "llmops.train.loop", str(machine_file(run_dir, "recipe.yaml", rank))]
         if tp.device == "cpu":
             # accelerate's MULTI_CPU type ran one process here; MULTI_GPU with ACCELERATE_USE_CPU=1 runs
             # every rank on the CPU with gloo (measured). Split the cores between the processes.
@@ -138,14 +140,27 @@ def accelerate_config(recipe: Recipe, device: str, total_processes: int) -> dict
     return config
 
 
+def machine_file(run_dir: Path, name: str, machine_rank: int) -> Path:
+    """`RUN/name` for the main machine, `RUN/name` with `.machine-RANK` before its suffix for the others: the
+    machines share the run folder, and each one's accelerate config (and resolved recipe) holds its own rank.
+    With one shared file, the last machine to write it decides every machine's rank, and the rendezvous
+    waits forever for the missing one."""
+    if machine_rank == 0:
+        return run_dir / name
+    path = Path(name)
+    return run_dir / f"{path.stem}.machine-{machine_rank}{path.suffix}"
+
+
 def write_run_dir(run: RunPlan, fingerprint: dict[str, str]) -> None:
     from llmops.config import dump_config
     import yaml
 
+    rank = run.recipe.distributed.machine_rank
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(run.recipe, run.run_dir / "recipe.yaml")
+    dump_config(run.recipe, machine_file(run.run_dir, "recipe.yaml", rank))
     (run.run_dir / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
-    (run.run_dir / "accelerate_config.yaml").write_text(yaml.safe_dump(run.accelerate_config, sort_keys=False))
+    machine_file(run.run_dir, "accelerate_config.yaml", rank).write_text(
+        yaml.safe_dump(run.accelerate_config, sort_keys=False))
     (run.run_dir / "plan.json").write_text(json.dumps(run.plan, indent=2))
 
 
