@@ -234,18 +234,10 @@ def _write_user_entries(entries: dict[str, ModelSpec]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write through a unique temp file beside `path`, fsync, then rename: readers see the old or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Through a unique temp file beside `path`, fsync, then rename: readers see the old or the new."""
+    from llmops.atomic import write_atomic
+
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def add_model(name: str, source: str, *, description: str = "", chat: bool | None = None,

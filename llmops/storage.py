@@ -49,7 +49,7 @@ def put_once(fs, path: str, data: bytes) -> bool:
     import pyarrow.fs as pafs
 
     if isinstance(fs, pafs.LocalFileSystem):
-        from llmops.batch.outputs import write_atomic
+        from llmops.atomic import write_atomic
 
         return write_atomic(Path(path), lambda f: f.write(data), replace=False)
     if exists(fs, path):

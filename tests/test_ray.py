@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +16,7 @@ import pytest
 
 from llmops.batch.ray_engines import Replica, host_cores, plan_replicas, replica_env
 from llmops.errors import UsageError
+from tests.test_batch_engine import wait_for_shards
 from tests.conftest import REPO, run_cli
 
 SMALL_ENGINE = ["--set", "engine.cpu_kv_cache_gib=1"]
@@ -125,15 +125,6 @@ def start_driver(cluster, args, log):
     return subprocess.Popen([sys.executable, "-m", "llmops", *args], stdout=subprocess.DEVNULL,
                             stderr=open(log, "w"), start_new_session=True, cwd=REPO,
                             env={**os.environ, **cluster.env})
-
-
-def wait_for_shards(out, proc, more_than=0, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(out.glob("results/*.parquet"))) > more_than:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no new shard (exit {proc.poll()})")
 
 
 def assert_exactly_once(out, rows):

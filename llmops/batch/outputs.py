@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -31,6 +30,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ValidationError
 
 from llmops.batch.identity import JobIdentity
+from llmops.atomic import write_atomic
 from llmops.errors import StorageError, UsageError
 
 MANIFEST = "manifest.json"
@@ -103,40 +103,6 @@ def storage_errors(action: str) -> Iterator[None]:
         yield
     except OSError as e:
         raise StorageError.from_os_error(e, action) from None
-
-
-def write_atomic(path: Path, write, *, replace: bool = True) -> bool:
-    """Write through `write(file)` to a unique temp file, fsync, and put it at `path`; fsync the folder.
-
-    `replace=False` is first-writer-wins: if `path` exists, the temp file is dropped and False returned.
-    The temp file never outlives a failure (a full disk leaves nothing behind)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and fails if a shard is already there
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # pyarrow's writer does not say which file
-            raise OSError(e.errno, e.strerror or str(e), str(path.parent)) from e
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
 
 
 class OutputDir:

@@ -272,12 +272,9 @@ def _read_json(path: Path) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Through a temporary file, fsync and rename: a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from llmops.atomic import write_atomic
+
+    write_atomic(path, lambda f: f.write(json.dumps(data).encode()))
 
 
 def _download_base(run: RunPlan) -> None:
