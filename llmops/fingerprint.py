@@ -28,17 +28,20 @@ _cache_lock = threading.Lock()
 
 
 def file_digest(path: str | Path) -> str:
-    """The BLAKE2b-128 digest of a file's content, as hex."""
+    """The BLAKE2b-128 digest of a file's content, as hex; a URI (`s3://...`) is read through its
+    filesystem, so the same bytes give the same digest wherever they are stored."""
+    from llmops.storage import is_uri, open_input_stream, reading
+
     h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
-    with open(path, "rb") as f:
+    with reading(path), (open_input_stream(path) if is_uri(path) else open(path, "rb")) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
 def files_digest(paths: Iterable[str | Path]) -> str:
-    """One digest over the contents of `paths`, in order (names and folders do not count, so an input
-    mounted elsewhere is the same input)."""
+    """One digest over the contents of `paths` (local paths or URIs), in order (names and folders do not
+    count, so an input mounted elsewhere, or moved to object storage, is the same input)."""
     h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
     for path in paths:
         h.update(bytes.fromhex(file_digest(path)))

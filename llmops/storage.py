@@ -13,9 +13,10 @@ credentials come from the usual AWS variables or files.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
-from llmops.errors import UsageError
+from llmops.errors import LlmopsError, UsageError
 
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
 
@@ -75,3 +76,157 @@ def list_files(fs, folder: str, suffix: str = "") -> list[str]:
 
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+# --- reading (batch input) ------------------------------------------------------------------------------
+# Readers take the full URI of each object (what `llmops batch` records as the input's locations), so a
+# remote object can be opened on any node from its name alone.
+
+_GLOB_CHARS = "*?["
+# Read buffer for objects read front to back (JSONL lines, Arrow IPC streams, digests): few large GETs
+# instead of one request per line or per record batch.
+_STREAM_BUFFER = 8 << 20
+
+
+def base_name(location: str | Path) -> str:
+    """The last part of a path or URI (`s3://b/in/x.jsonl?region=r` -> `x.jsonl`), for messages."""
+    if not is_uri(location):
+        return Path(location).name
+    return _split_query(str(location))[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(location: str | Path) -> str:
+    """The folder (or prefix) holding `location`, ending with '/', for messages."""
+    if not is_uri(location):
+        return f"{Path(location).parent}/"
+    return _split_query(str(location))[0].rsplit("/", 1)[0] + "/"
+
+
+def _split_query(uri: str) -> tuple[str, str]:
+    """(the URI without its query, the query): `s3://b/k?region=r` -> ("s3://b/k", "region=r"). A `?` that
+    no key=value follows is a glob's (`s3://b/part-?.parquet`)."""
+    at = uri.find("?")
+    while at >= 0:
+        query = uri[at + 1:]
+        if "=" in query and "/" not in query:
+            return uri[:at], query
+        at = uri.find("?", at + 1)
+    return uri, ""
+
+
+def open_input_stream(uri: str):
+    """A buffered binary reader over an object, read front to back; iterating it gives lines. The bytes
+    are the object's as stored (no decompression by extension), so a digest matches the local file's."""
+    import io
+
+    fs, path = filesystem(uri)
+    return io.BufferedReader(fs.open_input_stream(path, compression=None, buffer_size=_STREAM_BUFFER))
+
+
+def open_input_file(uri: str):
+    """A random-access pyarrow file over an object (Parquet footers and row groups, Arrow IPC files)."""
+    fs, path = filesystem(uri)
+    return fs.open_input_file(path)
+
+
+def file_size(uri: str) -> int | None:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).size
+
+
+def find_objects(uri: str) -> tuple[str, list[str]]:
+    """What `uri` names: ("file", [uri]), ("folder", [every object under it, sorted]), ("glob", [the
+    objects matching it, sorted]) or ("missing", []). A folder's objects whose path inside it has a part
+    starting with `_` or `.` are left out, as pyarrow.dataset and Spark do (`_SUCCESS`, `_temporary/`). A
+    glob's `*` and `?` stay within one path part, `**` crosses parts, as in the shell and Python's glob."""
+    import pyarrow.fs as pafs
+
+    base, query = _split_query(uri)
+    glob_at = min((base.find(c) for c in _GLOB_CHARS if c in base), default=-1)
+    folder = base if glob_at < 0 else base[:base.rfind("/", 0, glob_at)]
+    fs, folder_path = filesystem(folder + (f"?{query}" if query else ""))
+    # The URI of an object from its path inside the filesystem: s3://b/k <-> "b/k", hdfs://h:1/p <-> "/p".
+    prefix = folder.rstrip("/")[:len(folder.rstrip("/")) - len(folder_path.rstrip("/"))]
+
+    def to_uri(path: str) -> str:
+        return prefix + path + (f"?{query}" if query else "")
+
+    if glob_at < 0:
+        kind = fs.get_file_info(folder_path).type
+        if kind == pafs.FileType.File:
+            return "file", [uri]
+        if kind == pafs.FileType.NotFound:
+            return "missing", []
+    recursive = glob_at < 0 or "**" in base or "/" in base[glob_at:]
+    infos = fs.get_file_info(pafs.FileSelector(folder_path, recursive=recursive, allow_not_found=True))
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    if glob_at < 0:
+        inside = len(folder_path.rstrip("/")) + 1
+        return "folder", [to_uri(p) for p in paths
+                          if not any(part.startswith(("_", ".")) for part in p[inside:].split("/"))]
+    pattern = _glob_regex(folder_path.rstrip("/") + base[len(folder.rstrip("/")):])
+    return "glob", [to_uri(p) for p in paths if pattern.fullmatch(p)]
+
+
+def _glob_regex(pattern: str):
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) > 0:
+            inner = pattern[i + 1:end]
+            out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def read_error(uri: str, error: OSError, error_type: type[LlmopsError] = UsageError) -> LlmopsError:
+    """One line naming the object and what to do, from pyarrow's error (which names the S3 call, an error
+    code and a request id)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = text.split(" (Request ID", 1)[0].split("; Details:", 1)[0]
+    text = text[text.find("AWS Error"):] if "AWS Error" in text else text  # not "When getting info for key..."
+    upper = text.upper()
+    if isinstance(error, FileNotFoundError) or "NO_SUCH_KEY" in upper:
+        return error_type(f"input not found: {uri}", "check the bucket and the key; a folder of shards is a "
+                          "prefix (s3://bucket/data/), several files a glob (s3://bucket/data/*.parquet)")
+    if "NO_SUCH_BUCKET" in upper:
+        return error_type(f"cannot read {uri}: the bucket does not exist", "check the bucket's name, and "
+                          "AWS_ENDPOINT_URL if the bucket is on an S3-compatible server")
+    if "NETWORK_CONNECTION" in upper or "COULD NOT CONNECT" in upper or "TIMEOUT" in upper:
+        return error_type(f"cannot reach the storage of {uri}: {text}", "check the network; for an "
+                          "S3-compatible server (MinIO, Ceph) set AWS_ENDPOINT_URL to its address")
+    if any(word in upper for word in ("ACCESS_DENIED", "ACCESSDENIED", "FORBIDDEN", "CREDENTIALS",
+                                      "INVALID_ACCESS_KEY", "SIGNATURE", "HTTP STATUS 403")):
+        return error_type(f"not allowed to read {uri}: {text}", "set credentials that may read it "
+                          "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
+                          "GOOGLE_APPLICATION_CREDENTIALS for gs://)")
+    return error_type(f"cannot read {uri}: {text}", "check the URI and the credentials; for an "
+                      "S3-compatible server set AWS_ENDPOINT_URL")
+
+
+@contextmanager
+def reading(location: str | Path, error_type: type[LlmopsError] = UsageError):
+    """Turn a storage error on a URI into a one-line `read_error`; errors on a local path pass through
+    unchanged (their callers already say what they mean)."""
+    try:
+        yield
+    except OSError as e:
+        if not is_uri(location):
+            raise
+        raise read_error(str(location), e, error_type) from None

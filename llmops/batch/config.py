@@ -43,6 +43,11 @@ class InputConfig(StrictModel):
     """Parquet/Arrow: the column holding chat messages (list of {role, content}); auto picks `messages`."""
     id_column: Optional[str] = None
     """Parquet/Arrow: the column used as each row's id; auto picks `id`, else the row number is the id."""
+    split: Optional[str] = None
+    """Hugging Face dataset input (`hf://datasets/OWNER/NAME`, a `save_to_disk` folder): the split to read;
+    none means `train`. A slice such as `train[:100]` is not supported."""
+    subset: Optional[str] = None
+    """Hugging Face dataset input: the subset (configuration) of a dataset that has several."""
 
 
 class BatchConfig(StrictModel):

@@ -6,6 +6,11 @@ Formats:
 - `parquet` / `arrow`: Parquet or Arrow IPC files (one file or a folder/glob of shards), read in record
   batches so the whole dataset is never in memory; every input column is kept in the output.
 
+Where: a local file, folder or glob; the same on object storage (`s3://bucket/data/`, `gs://b/x.parquet`,
+`s3://b/data/*.parquet`), read through pyarrow's filesystems a stream or a row group at a time; or a Hugging
+Face dataset (`hf://datasets/OWNER/NAME[@REVISION]`, or a folder written by `Dataset.save_to_disk`), loaded
+with `datasets` and read from its Arrow cache files in place, as Arrow input.
+
 A unit is `chunk_rows` consecutive rows of one file, named `FFFFF-CCCCCC` (file number, chunk number). The
 same input and `chunk_rows` always give the same units, which is what makes resuming exact.
 """
@@ -17,14 +22,22 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 from llmops.batch.config import InputConfig
-from llmops.errors import UsageError
+from llmops.errors import StorageError, UsageError
+from llmops.storage import base_name, file_size, find_objects, is_uri, open_input_file, open_input_stream, parent, \
+    reading
+
+# A local file, or the full URI of an object (`s3://bucket/key`) that any node can open by that name.
+Location = Union[Path, str]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
             ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".arrows": "arrow"}
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
+HF_DATASET_URI = "hf://datasets/"
+# The files `Dataset.save_to_disk` writes beside its Arrow shards (`dataset_dict.json` for a DatasetDict).
+HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
 RESULT_COLUMNS = ("row", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
 # Lines read ahead to detect a JSONL flavour: the first parseable object decides.
 _SNIFF_LINES = 100
@@ -34,15 +47,39 @@ _SNIFF_LINES = 100
 class InputSpec:
     """A detected input: its files, format and (for Parquet/Arrow) the columns that matter."""
 
-    files: tuple[Path, ...]
+    files: tuple[Location, ...]
+    """`Path` for a local file, the full URI (`str`) for an object on remote storage. A plain string that
+    is not a URI becomes a `Path`, so `InputSpec(tuple(manifest.input_paths), ...)` rebuilds a spec."""
     format: str
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "files", tuple(f if isinstance(f, Path) or is_uri(f) else Path(f)
+                                                for f in self.files))
+
+    def locations(self) -> list[str]:
+        """Where each file is, openable on any node that sees the same storage: absolute local paths,
+        URIs as they are."""
+        return [str(f.resolve()) if isinstance(f, Path) else f for f in self.files]
+
+    def total_bytes(self) -> int | None:
+        """The files' total size, or None when one cannot be stat'ed."""
+        total = 0
+        for f in self.files:
+            try:
+                size = f.stat().st_size if isinstance(f, Path) else file_size(f)
+            except (OSError, UsageError):
+                return None
+            if size is None:
+                return None
+            total += size
+        return total
+
     def identity(self):
         """What identifies this input in the job's identity: its format, columns and content digest (not
-        its folder, so a job may resume where its input is mounted elsewhere)."""
+        its folder or bucket, so a job may resume where its input is mounted or copied elsewhere)."""
         from llmops.batch.identity import InputIdentity
         from llmops.fingerprint import files_digest
 
@@ -50,7 +87,7 @@ class InputSpec:
             digest = files_digest(self.files)
         except OSError as e:
             raise UsageError(f"cannot read {e.filename}: {(e.strerror or str(e)).lower()}") from None
-        return InputIdentity(format=self.format, files=[f.name for f in self.files], digest=digest,
+        return InputIdentity(format=self.format, files=[base_name(f) for f in self.files], digest=digest,
                              prompt_column=self.prompt_column, messages_column=self.messages_column,
                              id_column=self.id_column)
 
@@ -85,12 +122,18 @@ class Unit:
 
 def open_input(path: str, config: InputConfig) -> InputSpec:
     """Find the input files and detect their format; a `UsageError` says what could not be read and why."""
-    files = _find_files(path)
+    if path.startswith("hf://") or (Path(path).is_dir() and any((Path(path) / m).is_file() for m in HF_SAVED_MARKERS)):
+        return _hf_dataset(path, config)
+    if config.split or config.subset:
+        raise UsageError("input.split and input.subset apply to Hugging Face datasets",
+                         f"{path} is not one: leave them unset, or give hf://datasets/OWNER/NAME or a folder "
+                         "written by Dataset.save_to_disk")
+    files = _find_remote(path) if is_uri(path) else _find_files(path)
     fmt = config.format
     if fmt == "auto":
         kinds = {f: _sniff(f) for f in files}
         if len(set(kinds.values())) > 1:
-            listing = ", ".join(f"{f.name}: {k}" for f, k in list(kinds.items())[:6])
+            listing = ", ".join(f"{base_name(f)}: {k}" for f, k in list(kinds.items())[:6])
             raise UsageError(f"{path} mixes input formats ({listing})", "give one format per job")
         fmt = next(iter(kinds.values()))
         if fmt == "jsonl":
@@ -101,6 +144,74 @@ def open_input(path: str, config: InputConfig) -> InputSpec:
                              f"{path} is JSONL: name the fields `prompt`/`messages`/`id` in each line")
         return InputSpec(tuple(files), fmt)
     return _columns(files, fmt, config)
+
+
+def _hf_dataset(location: str, config: InputConfig) -> InputSpec:
+    """A Hugging Face dataset, read as Arrow input from the Arrow files `datasets` keeps it in (its cache,
+    or the `save_to_disk` folder): nothing is copied, and the files are memory-mapped, never loaded whole."""
+    if config.format not in ("auto", "arrow"):
+        raise UsageError(f"{location} is a Hugging Face dataset, read as Arrow: input.format "
+                         f"{config.format!r} does not apply", "leave input.format at auto")
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"reading {location} needs the `datasets` library",
+                         "pip install 'llmops[train]' (or pip install datasets)") from None
+    split = config.split or "train"
+    if location.startswith("hf://"):
+        dataset = _load_hub_dataset(datasets, location, split, config.subset)
+    else:
+        if config.subset:
+            raise UsageError(f"input.subset does not apply to {location}: a saved dataset has one subset",
+                             "leave input.subset unset")
+        try:
+            dataset = datasets.load_from_disk(location)
+        except Exception as e:  # datasets raises FileNotFoundError, ValueError or JSON errors for a bad folder
+            raise UsageError(f"cannot load the saved dataset {location}: {_first_line(e)}",
+                             "give a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk") from None
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise UsageError(f"{location} has no split {split!r} (splits: {', '.join(dataset)})",
+                                 "choose one with --set input.split=NAME")
+            dataset = dataset[split]
+    files = tuple(Path(f["filename"]) for f in dataset.cache_files)
+    if not files:
+        raise UsageError(f"{location} is held in memory only, with no Arrow files to read",
+                         "save it with Dataset.save_to_disk and give that folder")
+    spec = _columns(list(files), "arrow", config)
+    # A sliced split (train[:100]) or a dataset with an indices mapping (select, shuffle, filter) covers only
+    # some rows of its Arrow files; reading the files would give other rows.
+    if dataset._indices is not None or sum(count_rows(spec)) != len(dataset):
+        raise UsageError(f"{location}: the split {split!r} is a selection of the rows in its Arrow files",
+                         "give a whole split (not a slice such as train[:100]), or save the selection with "
+                         "Dataset.save_to_disk (which writes only its rows) and give that folder")
+    return spec
+
+
+def _load_hub_dataset(datasets, uri: str, split: str, subset: str | None):
+    """`hf://datasets/OWNER/NAME[@REVISION]` (the form pandas, polars and duckdb read) through
+    `datasets.load_dataset`, which downloads it to the local cache once, or finds it there offline."""
+    name, _, revision = uri[len(HF_DATASET_URI):].rstrip("/").partition("@")
+    if not uri.startswith(HF_DATASET_URI) or name.count("/") > 1 or "/" in revision or not name:
+        raise UsageError(f"cannot read {uri}: expected hf://datasets/OWNER/NAME or hf://datasets/OWNER/NAME@REVISION",
+                         "choose the split with --set input.split=NAME and the subset with --set input.subset=NAME")
+    try:
+        return datasets.load_dataset(name, subset, split=split, revision=revision or None)
+    except Exception as e:  # datasets raises many types (ConnectionError, ValueError, DatasetNotFoundError...)
+        what = f"{name}" + (f" (subset {subset!r}, split {split!r})" if subset else f" (split {split!r})")
+        if datasets.config.HF_HUB_OFFLINE:
+            hint = ("it is not in the local cache (HF_HOME) and HF_HUB_OFFLINE is set: load it once where the "
+                    "Hub is reachable, or give a local folder written by Dataset.save_to_disk")
+        elif isinstance(e, ConnectionError):
+            hint = ("the Hub cannot be reached: set HF_HUB_OFFLINE=1 and use a dataset in the local cache "
+                    "(HF_HOME), or give a local folder written by Dataset.save_to_disk")
+        else:
+            hint = "check the name, and the split and subset (--set input.split=NAME, --set input.subset=NAME)"
+        raise UsageError(f"cannot load the Hugging Face dataset {what}: {_first_line(e)}", hint) from None
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _find_files(path: str) -> list[Path]:
@@ -122,11 +233,33 @@ def _find_files(path: str) -> list[Path]:
     raise UsageError(f"input not found: {path}", "give a file, a folder of shards or a glob like 'data/*.parquet'")
 
 
-def _sniff(path: Path) -> str:
-    if path.suffix.lower() in SUFFIXES:
-        return SUFFIXES[path.suffix.lower()]
+def _find_remote(uri: str) -> list[str]:
+    """The objects a URI names, with the same rules as a local file, folder (prefix) or glob."""
+    with reading(uri):
+        kind, found = find_objects(uri)
+    if kind == "missing":
+        raise UsageError(f"input not found: {uri}", "check the bucket and the key; give an object, a prefix "
+                         "of shards (s3://bucket/data/) or a glob like 's3://bucket/data/*.parquet'")
+    if kind == "folder":
+        found = [f for f in found if Path(base_name(f)).suffix in SUFFIXES]
+        if not found:
+            raise UsageError(f"{uri} holds no input files", f"expected files named {', '.join(sorted(SUFFIXES))}")
+    if not found:
+        raise UsageError(f"no files match {uri}", "check the bucket and the pattern")
+    return found
+
+
+def _open_bytes(path: Location):
+    """The file's bytes, read front to back (iterating gives lines)."""
+    return open(path, "rb") if isinstance(path, Path) else open_input_stream(path)
+
+
+def _sniff(path: Location) -> str:
+    suffix = Path(base_name(path)).suffix.lower()
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
     try:
-        with open(path, "rb") as f:
+        with reading(path), _open_bytes(path) as f:
             head = f.read(64)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
@@ -140,14 +273,14 @@ def _sniff(path: Path) -> str:
                      "name it .jsonl, .parquet or .arrow, or pass --set input.format=jsonl|openai|parquet|arrow")
 
 
-def _jsonl_flavour(path: Path) -> str:
+def _jsonl_flavour(path: Location) -> str:
     """`openai` for OpenAI Batch request lines, `jsonl` for prompt/messages lines."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with reading(path), _open_bytes(path) as f:
         for n, line in enumerate(f):
             if n >= _SNIFF_LINES:
                 break
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8", errors="replace"))
             except json.JSONDecodeError:
                 continue
             if not isinstance(obj, dict):
@@ -164,16 +297,24 @@ def _jsonl_flavour(path: Path) -> str:
                      "expected one JSON object a line (JSONL)")
 
 
-def _schema(path: Path, fmt: str):
+def _schema(path: Location, fmt: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_schema(path) if fmt == "parquet" else _open_arrow(path).schema
+        with reading(path):
+            return pq.read_schema(_random_access(path)) if fmt == "parquet" else _open_arrow(path).schema
+    except UsageError:
+        raise
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for anything unreadable
         raise UsageError(f"cannot read {path} as {fmt}: {e}") from None
 
 
-def _columns(files: list[Path], fmt: str, config: InputConfig) -> InputSpec:
+def _random_access(path: Location):
+    """What pyarrow's Parquet reader opens: the local path as today, a random-access file for a URI."""
+    return path if isinstance(path, Path) else open_input_file(path)
+
+
+def _columns(files: list[Location], fmt: str, config: InputConfig) -> InputSpec:
     schema = _schema(files[0], fmt)
     names = list(schema.names)
     listing = ", ".join(names[:20])
@@ -202,16 +343,19 @@ def _columns(files: list[Path], fmt: str, config: InputConfig) -> InputSpec:
     return InputSpec(tuple(files), fmt, prompt_col, messages_col, id_col)
 
 
-def _open_arrow(path: Path):
+def _open_arrow(path: Location):
     """An Arrow IPC reader for the file format (random access) or the stream format."""
     import pyarrow as pa
 
-    source = pa.memory_map(str(path))
+    source = pa.memory_map(str(path)) if isinstance(path, Path) else open_input_file(path)
     try:
         return pa.ipc.open_file(source)
     except pa.ArrowInvalid:
-        source.seek(0)
-        return pa.ipc.open_stream(source)
+        if isinstance(path, Path):
+            source.seek(0)
+            return pa.ipc.open_stream(source)
+        # A stream is read front to back: through a buffer, not one ranged GET per record batch.
+        return pa.ipc.open_stream(open_input_stream(path))
 
 
 # --- streaming ----------------------------------------------------------------------------------------
@@ -223,13 +367,14 @@ def count_rows(spec: InputSpec) -> list[int]:
 
     counts = []
     for f in spec.files:
-        if spec.format == "parquet":
-            counts.append(pq.ParquetFile(f).metadata.num_rows)
-        elif spec.format == "arrow":
-            counts.append(sum(batch.num_rows for batch in _arrow_batches(f)))
-        else:
-            with open(f, "rb") as fh:
-                counts.append(sum(1 for line in fh if line.strip()))
+        with reading(f):
+            if spec.format == "parquet":
+                counts.append(pq.ParquetFile(_random_access(f)).metadata.num_rows)
+            elif spec.format == "arrow":
+                counts.append(sum(batch.num_rows for batch in _arrow_batches(f)))
+            else:
+                with _open_bytes(f) as fh:
+                    counts.append(sum(1 for line in fh if line.strip()))
     return counts
 
 
@@ -268,9 +413,10 @@ def iter_units(spec: InputSpec, row_counts: list[int], chunk_rows: int, wanted: 
         first_row += row_counts[i]
 
 
-def _jsonl_chunks(path: Path, chunk_rows: int) -> Iterator[list[tuple[int, bytes]]]:
+def _jsonl_chunks(path: Location, chunk_rows: int) -> Iterator[list[tuple[int, bytes]]]:
     chunk: list[tuple[int, bytes]] = []
-    with open(path, "rb") as f:
+    # Storage failing mid-job is a runtime failure (exit 1, the rerun resumes), not bad input.
+    with reading(path, StorageError), _open_bytes(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -282,12 +428,12 @@ def _jsonl_chunks(path: Path, chunk_rows: int) -> Iterator[list[tuple[int, bytes
         yield chunk
 
 
-def _arrow_batches(path: Path, fmt: str = "arrow"):
+def _arrow_batches(path: Location, fmt: str = "arrow"):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=8192)
+        yield from pq.ParquetFile(_random_access(path)).iter_batches(batch_size=8192)
         return
     reader = _open_arrow(path)
     if isinstance(reader, pa.ipc.RecordBatchFileReader):
@@ -297,20 +443,21 @@ def _arrow_batches(path: Path, fmt: str = "arrow"):
         yield from reader
 
 
-def _arrow_chunks(spec: InputSpec, path: Path, chunk_rows: int):
+def _arrow_chunks(spec: InputSpec, path: Location, chunk_rows: int):
     """Record batches regrouped into tables of exactly `chunk_rows` rows (the last may be shorter)."""
     import pyarrow as pa
 
     pending, count = [], 0
-    for batch in _arrow_batches(path, spec.format):
-        while batch.num_rows:
-            take = min(chunk_rows - count, batch.num_rows)
-            pending.append(batch.slice(0, take))
-            count += take
-            batch = batch.slice(take)
-            if count == chunk_rows:
-                yield pa.Table.from_batches(pending)
-                pending, count = [], 0
+    with reading(path, StorageError):  # failing mid-job: a runtime failure, the rerun resumes
+        for batch in _arrow_batches(path, spec.format):
+            while batch.num_rows:
+                take = min(chunk_rows - count, batch.num_rows)
+                pending.append(batch.slice(0, take))
+                count += take
+                batch = batch.slice(take)
+                if count == chunk_rows:
+                    yield pa.Table.from_batches(pending)
+                    pending, count = [], 0
     if count:
         yield pa.Table.from_batches(pending)
 
@@ -416,8 +563,8 @@ def check_custom_ids(spec: InputSpec) -> set[str]:
     missing: list[str] = []
     models: set[str] = set()
     for f in spec.files:
-        where = f"{f.name} line" if len(spec.files) > 1 else "line"
-        with open(f, "rb") as fh:
+        where = f"{base_name(f)} line" if len(spec.files) > 1 else "line"
+        with reading(f), _open_bytes(f) as fh:
             for line_no, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -433,7 +580,7 @@ def check_custom_ids(spec: InputSpec) -> set[str]:
                     missing.append(f"{where} {line_no}")
                 else:
                     lines_by_id.setdefault(str(obj["custom_id"]), []).append(f"{where} {line_no}")
-    source = spec.files[0] if len(spec.files) == 1 else f"{spec.files[0].parent}/"
+    source = spec.files[0] if len(spec.files) == 1 else parent(spec.files[0])
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UsageError(f"{source}: no custom_id on {', '.join(missing[:5])}{more}; every OpenAI Batch "
