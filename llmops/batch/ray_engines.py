@@ -31,6 +31,7 @@ from llmops.batch.inputs import InputSpec
 from llmops.batch.outputs import Committed, OutputDir, UnitStats
 from llmops.errors import RuntimeFailure, UsageError
 from llmops.ray_cluster import connect
+from llmops.storage import is_uri
 
 # Calls queued on each actor: the next one is already there when the current one returns.
 CALLS_PER_ACTOR = 2
@@ -139,12 +140,18 @@ class EngineReplica:
         self.llm = None
         self.start_error: str | None = None
 
-    def sees(self, path: str, token: str) -> bool:
-        """Whether a file the driver just wrote is visible here (the output folder is shared)."""
+    def sees(self, name: str, token: str) -> str | None:
+        """What this node cannot reach, or None: the probe file `name` the driver just wrote in the output
+        folder (is it shared, are this node's credentials good), and the input's first file."""
         try:
-            return Path(path).read_text() == token
-        except OSError:
-            return False
+            if OutputDir(self.work.output_dir).read_text(name) != token:
+                return f"the output folder {self.work.output_dir}"
+        except Exception:
+            return f"the output folder {self.work.output_dir}"
+        first = self.work.spec.files[0] if self.work.spec.files else None
+        if first is not None and not _readable(first):
+            return f"the input {first}"
+        return None
 
     def start(self) -> dict[str, Any]:
         from llmops.batch.runner import start_llm
@@ -187,14 +194,24 @@ class EngineReplica:
         return {"node": self.node, "done": done, "error": None}
 
 
+def _readable(location) -> bool:
+    from llmops.storage import exists, filesystem
+
+    try:
+        fs, path = filesystem(location)
+        return exists(fs, path)
+    except Exception:
+        return False
+
+
 def replica_work(job) -> ReplicaWork:
     from llmops.vllm_engine import engine_args, engine_env
 
     spec = job.input_spec
-    absolute = InputSpec(tuple(Path(f).resolve() for f in spec.files), spec.format, spec.prompt_column,
+    absolute = InputSpec(tuple(spec.locations()), spec.format, spec.prompt_column,
                          spec.messages_column, spec.id_column)
     return ReplicaWork(absolute, list(job.row_counts), job.config.chunk_rows, job.config.sampling, job.identity,
-                       str(job.output.path.resolve()), engine_args(job.plan, job.model_path), engine_env(job.plan))
+                       job.output.location, engine_args(job.plan, job.model_path), engine_env(job.plan))
 
 
 # --- the driver -----------------------------------------------------------------------------------------
@@ -255,7 +272,7 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         actors = [remote.options(num_cpus=r.cpus, num_gpus=r.gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(
             r.node_id, soft=False)).remote(work, r) for r in replicas]
         state = _Replicas(actors, replicas, set(range(len(actors))), {i: 0 for i in range(len(actors))})
-        _check_shared_output(ray, state, out)
+        _check_shared_output(ray, state, out, job.input_spec)
         hosts = len({r.node_ip for r in replicas})
         progress.phase(f"starting {len(replicas)} vLLM engines on {len({r.node_id for r in replicas})} Ray nodes "
                        f"({hosts} host{'s' if hosts > 1 else ''}); engine logs are in each node's Ray log folder")
@@ -269,35 +286,37 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         ray.shutdown()  # ends this job's actors (and with them their engines)
 
 
-def _check_shared_output(ray, state: _Replicas, out: OutputDir) -> None:
-    """Refuse an output folder that some node cannot see (a local disk with nodes on other machines)."""
+def _check_shared_output(ray, state: _Replicas, out: OutputDir, spec: InputSpec) -> None:
+    """Refuse an output folder or input that some node cannot reach (a local disk with nodes on other
+    machines, a node without the bucket's credentials)."""
     token = uuid.uuid4().hex
-    probe = out.path.resolve() / f".llmops-probe-{token[:12]}"
-    probe.write_text(token)
+    probe = f".llmops-probe-{token[:12]}"
+    out._write(probe, token.encode())
     try:
-        seen = ray.get([a.sees.remote(str(probe), token) for a in state.actors], timeout=PLACE_TIMEOUT_S)
+        seen = ray.get([a.sees.remote(probe, token) for a in state.actors], timeout=PLACE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         raise RuntimeFailure(f"Ray did not place the {len(state.actors)} engine replicas within {PLACE_TIMEOUT_S:.0f} s "
                              "(another job may hold the nodes' CPUs or GPUs)", "see `ray status`") from None
     finally:
-        probe.unlink(missing_ok=True)
-    blind = [r for r, ok in zip(state.replicas, seen) if not ok]
+        out._delete(f"{out.root}/{probe}")
+    blind = [(r, what) for r, what in zip(state.replicas, seen) if what is not None]
     if blind:
-        raise UsageError(f"the output folder {out.path} is not visible from Ray node {blind[0].node_ip} "
-                         f"({len(blind)} of {len(seen)} replicas): with nodes on several machines, give a "
-                         "folder on shared storage (NFS, a mounted bucket) every node sees at the same path")
+        (replica, what), remote = blind[0], out.remote or any(is_uri(f) for f in spec.files)
+        fix = ("check that node's credentials and AWS_ENDPOINT_URL (the same environment on every node)" if remote
+               else "with nodes on several machines, give folders on shared storage (NFS, a mounted bucket, "
+                    "or s3://, gs:// URIs) that every node sees at the same path")
+        raise UsageError(f"{what} is not reachable from Ray node {replica.node_ip} ({len(blind)} of {len(seen)} "
+                         f"replicas): {fix}")
 
 
 def nodes_of(out: OutputDir, committed: Committed) -> dict[str, str]:
     """The node that committed each unit already done (from its shard's metadata), for the manifest."""
     import pyarrow.parquet as pq
 
-    from llmops.batch.outputs import shard_name
-
     nodes = {}
     for key in committed.done:
         try:
-            node = (pq.read_schema(out.results / shard_name(key)).metadata or {}).get(META_NODE)
+            node = (pq.read_schema(out.shard_path(key), filesystem=out.fs).metadata or {}).get(META_NODE)
         except Exception:
             continue
         if node:

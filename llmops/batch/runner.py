@@ -17,9 +17,8 @@ from llmops.batch.config import BatchConfig
 from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, generate, stop_on_signals
 from llmops.batch.inputs import iter_units
 from llmops.batch.job import BatchJob, dry_run, plan_batch, resolved_config
-from llmops.batch.outputs import CONFIG, Committed, storage_errors, totals
+from llmops.batch.outputs import Committed, totals
 from llmops.batch.workers import run_workers, units_for_rank
-from llmops.config import dump_config
 from llmops.errors import RuntimeFailure
 from llmops.quiet import engine_output, new_log_file
 from llmops.reaper import watch_children
@@ -90,8 +89,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         committed = out.prepare(job.identity, job.unit_sizes, overwrite, manifest)
         if ray_address is not None:
             manifest.nodes = nodes_of(out, committed)
-        with storage_errors("write"):
-            dump_config(resolved_config(config, job.plan), out.path / CONFIG)
+        out.write_config(resolved_config(config, job.plan))
         before = _counts(committed)
 
         # 2. Generate the pending units: in this process, or in one worker process per GPU group.
@@ -157,14 +155,14 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
                                  f"{missing[0]}); run the same command again to finish them")
         files = []
         if job.input_spec.format == "openai":
-            files = [str(out.path / name) for name in out.write_openai_files(job.model_name)]
+            files = out.write_openai_files(job.model_name)
         out.write_manifest(manifest, committed, "complete")
     finally:
         out.unlock()
     after = _counts(committed)
     new_tokens = after.completion_tokens - before.completion_tokens
     return BatchSummary(
-        str(out.path), sum(job.row_counts), after.ok, after.failed, before.rows,
+        out.location, sum(job.row_counts), after.ok, after.failed, before.rows,
         after.prompt_tokens, after.completion_tokens, round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
         engines if ray_address is not None else job.plan.data_parallel_size, out.failed_rows(5) if after.failed else [], files)

@@ -31,9 +31,11 @@ def run_worker(output_dir: str | Path, rank: int, world: int, llm=None, stop: St
     manifest = out.read_manifest()
     if manifest is None:
         raise LlmopsError(f"{output_dir} has no readable manifest.json; workers are started by `llmops batch`")
-    config = load_config(BatchConfig, yaml_path=out.path / CONFIG)
+    import yaml
+
+    config = load_config(BatchConfig, yaml_data=yaml.safe_load(out.read_text(CONFIG) or "{}"), source=out.at(CONFIG))
     described = manifest.job.input
-    spec = InputSpec(tuple(Path(p) for p in manifest.input_paths), described.format,
+    spec = InputSpec(tuple(manifest.input_paths), described.format,
                      described.prompt_column, described.messages_column, described.id_column)
     counts = count_rows(spec)
     sizes = unit_sizes(counts, config.chunk_rows)

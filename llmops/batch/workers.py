@@ -34,7 +34,7 @@ def worker_gpus(plan, rank: int) -> list[int]:
 
 
 def worker_command(job, rank: int, grace_period_s: float | None = None) -> list[str]:
-    command = [sys.executable, "-m", "llmops.batch.worker", str(job.output.path), "--rank", str(rank),
+    command = [sys.executable, "-m", "llmops.batch.worker", job.output.location, "--rank", str(rank),
                "--world", str(job.plan.data_parallel_size)]
     if grace_period_s is not None:
         command += ["--grace-period", str(max(1.0, grace_period_s - WORKER_GRACE_MARGIN_S))]

@@ -21,9 +21,12 @@ def _doc(model, name: str) -> str:
 def batch_command(
     input: Annotated[str, typer.Argument(
         help="A .jsonl (prompt/messages lines or OpenAI Batch requests), .parquet or .arrow file, a folder "
-             "of such shards, or a quoted glob like 'data/*.parquet'.", show_default=False)],
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Output folder: Parquet shards, manifest, config; rerun to resume.",
+             "of such shards, or a quoted glob like 'data/*.parquet'; local, or on object storage "
+             "(s3://BUCKET/PREFIX, gs://…); or a Hugging Face dataset: hf://datasets/OWNER/NAME[@REV] or a "
+             "save_to_disk folder (--set input.split=…).", show_default=False)],
+    output: Annotated[str, typer.Option(
+        "--output", "-o", help="Output folder (a local path, or s3://BUCKET/PREFIX, gs://… on object storage): "
+                               "Parquet shards, manifest, config; rerun to resume.",
         show_default=False)],
     model: ModelOpt = None,
     config: ConfigOpt = None,
