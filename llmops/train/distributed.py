@@ -1,10 +1,11 @@
-"""What each training process adds to accelerate for distributed runs: a bounded wait on the other ranks,
-and FSDP on CPU-only machines.
-
-Both are called by `llmops.train.loop.train` around its `Accelerator(...)`.
+"""What llmops adds to accelerate for distributed runs: a bounded wait on the other ranks and FSDP on CPU-only
+machines (both called by `llmops.train.loop.train` around its `Accelerator(...)`), and what a failed launch
+tells the user (`failure_cause`, called by `llmops.train.launch.run`).
 """
 
 from __future__ import annotations
+
+import re
 
 from llmops.train.recipe import Recipe
 
@@ -41,3 +42,22 @@ def enable_fsdp_on_cpu(accelerator, recipe: Recipe) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def failure_cause(launcher_output: str, recipe: Recipe) -> str | None:
+    """Why `accelerate launch` failed, in a few words, when its output (torch's elastic agent and the ranks'
+    tracebacks) shows a cause seen before; None otherwise. The first match wins: a rank of this machine that
+    was killed explains the connection errors that follow it."""
+    timeout = f"distributed.timeout_s ({recipe.distributed.timeout_s} s)"
+    if match := re.search(r"Signal \d+ \((SIG\w+)\) received by PID", launcher_output):
+        return f"a training process on this machine was killed ({match[1]})"
+    if match := re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", launcher_output):
+        return (f"only {match[1]} of {match[2]} machines joined the run within {timeout}: start `llmops train` "
+                f"on every machine, each with its own distributed.machine_rank")
+    if match := re.search(r"timed out after \S+ while trying to connect to \(([^,]+), (\d+)\)", launcher_output):
+        return f"the main machine did not answer at {match[1]}:{match[2]} within {timeout}: start its `llmops train` too"
+    if re.search(r"Connection (reset|closed) by peer", launcher_output):
+        return "a training process on another machine ended (its `llmops train` says why)"
+    if re.search(r"Timed out waiting \d+ms for (recv|send)", launcher_output):
+        return f"another machine stopped answering for {timeout}"
+    return None

@@ -93,7 +93,10 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     if total > 1:
         rank = dist.machine_rank
         config_file = machine_file(run_dir, "accelerate_config.yaml", rank)
+        # The rendezvous waits for every machine's launcher at most `distributed.timeout_s` (torch's static
+        # rendezvous waits 900 s unless its `timeout` is set), as the collectives do.
         command = ["accelerate", "launch", "--config_file", str(config_file),
+                   "--rdzv_conf", f"timeout={dist.timeout_s}",
                    "-m", "llmops.train.loop", str(machine_file(run_dir, "recipe.yaml", rank))]
         if tp.device == "cpu":
             # accelerate's MULTI_CPU type ran one process here; MULTI_GPU with ACCELERATE_USE_CPU=1 runs
@@ -173,7 +176,8 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     `allow_changed_recipe`. SIGTERM checkpoints the step in progress and raises `Stopped` (exit 75)."""
     from llmops.train.export import export, register
     from llmops.quiet import engine_output
-    from llmops.train.loop import TRAIN_LOG, catch_sigterm, checkpoints, find_checkpoint, stopped, train
+    from llmops.train.loop import (COMMAND_PID_ENV, TRAIN_LOG, catch_sigterm, checkpoints, find_checkpoint,
+                                   stopped, train)
     from llmops.train.recipe import recipe_fingerprint
 
     # 1. Which checkpoint, if any, and is it one of this recipe's?
@@ -215,16 +219,23 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:], resume_arg]
         log(f"launching {run.total_processes} processes: {shlex.join([*run.command, resume_arg])}")
-        proc = subprocess.Popen(command, env={**os.environ, **run.env})
+        # The launched ranks end themselves if this command is killed (`llmops.train.loop.end_with_launchers`).
+        proc = subprocess.Popen(command, env={**os.environ, **run.env, COMMAND_PID_ENV: str(os.getpid())},
+                                stderr=subprocess.PIPE)
+        launcher_output = relay_stderr(proc)
         # torch's launcher (the elastic agent) passes SIGTERM on to every rank, and kills those still
         # running 30 s later (`LocalElasticAgent._shutdown`).
         with catch_sigterm(then=proc.send_signal) as stop_requested:
             returncode = proc.wait()
+        output = launcher_output()  # all of it on the screen before llmops's own lines
         if returncode != 0 and stop_requested():
             found = checkpoints(run.run_dir)
             raise stopped(found[-1] if found else None)
         if returncode != 0:
-            raise RuntimeFailure(f"training failed (accelerate launch exited with {returncode})",
+            from llmops.train.distributed import failure_cause
+
+            cause = failure_cause(output, run.recipe)
+            raise RuntimeFailure(f"training failed: {cause or f'accelerate launch exited with {returncode}'}",
                                  f"see the log above; rerun the same command to resume from the last checkpoint "
                                  f"in {run.run_dir / 'checkpoints'}")
         summary = {**last_metrics(run.run_dir), "resumed_from": str(checkpoint) if checkpoint else None}
@@ -238,6 +249,30 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     write_json_atomic(finished, {"recipe": recipe_as_given, "fingerprint": fingerprint, "summary": summary,
                                  "export": exported})
     return {**summary, **exported}
+
+
+def relay_stderr(proc: subprocess.Popen, keep: int = 256 * 1024) -> Callable[[], str]:
+    """Copy `proc`'s stderr to ours as it comes (in chunks, so progress bars still redraw in place). Returns a
+    function that gives its last `keep` bytes as text, once the process has closed its stderr (or 10 s later:
+    a rank that outlived its launcher may hold it open)."""
+    import threading
+
+    tail = bytearray()
+
+    def relay() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            os.write(2, chunk)
+            tail.extend(chunk)
+            del tail[:-keep]
+
+    thread = threading.Thread(target=relay, name="llmops-launcher-stderr", daemon=True)
+    thread.start()
+
+    def text() -> str:
+        thread.join(timeout=10)
+        return bytes(tail).decode("utf-8", "replace")
+
+    return text
 
 
 def check_same_recipe(checkpoint: Path, fingerprint: dict[str, str], allow_changed_recipe: bool,

@@ -417,12 +417,60 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+COMMAND_PID_ENV = "LLMOPS_TRAIN_COMMAND_PID"
+"""Set by `llmops train` for the processes it launches: the pid of the command itself."""
+
+
+def end_with_launchers(poll_s: float = 0.2) -> None:
+    """End this process when its launcher (torch's elastic agent, `accelerate launch`) or the `llmops train`
+    command above it is gone, killed with SIGKILL, say.
+
+    The agent starts its workers in their own session and nothing ends them when it dies: the orphaned rank
+    trained on with the other machines, and at the end the main machine's agent waited in torch's exit barrier
+    (`exit_barrier_timeout`, 300 s) for the dead agent. Ended here, the rank's connections close, the other
+    ranks' gloo collectives fail at once, and every command exits with an error."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        watched = [launcher]
+        if command := os.environ.get(COMMAND_PID_ENV):
+            watched.append(psutil.Process(int(command)))
+            if launcher.ppid() != int(command):  # the launcher died before we looked: we were adopted
+                watched = []
+    except psutil.NoSuchProcess:
+        watched = []  # gone already: the loop below ends us at once
+
+    def watch() -> None:
+        try:
+            while watched and all(alive(p) for p in watched):
+                time.sleep(poll_s)
+            print("llmops: this training process's launcher is gone (was its `llmops train` killed?): ending it",
+                  file=terminal(), flush=True)
+        finally:
+            os._exit(1)
+
+    threading.Thread(target=watch, name="llmops-launcher-watch", daemon=True).start()
+
+
+def alive(process) -> bool:
+    """Whether a `psutil.Process` still runs: an ended one may linger as a zombie until its parent (or, for an
+    orphan, a reaper that a container may lack) collects its exit status."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each process started by `accelerate launch -m llmops.train.loop RECIPE [RESUME]`.
     Exits 75 when stopped by SIGTERM (forwarded by the launcher) after checkpointing."""
     from llmops.config import load_config
 
     args = sys.argv[1:] if argv is None else argv
+    end_with_launchers()
     with catch_sigterm() as stop_requested:
         recipe = load_config(Recipe, yaml_path=args[0])
         try:
