@@ -133,7 +133,10 @@ precision = "bf16" if cuda else "fp32"
 runs = {
     "lora": {"method": "lora", "lora": {"r": 16}},
     "full": {"method": "full"},
-    "fsdp-1": {"method": "full", "distributed": {"strategy": "fsdp", "num_processes": 1}},
+    # One process, but through `accelerate launch` with an FSDP config (llmops launches FSDP even for one
+    # process): the model is wrapped by fully_shard and checkpoints are sharded, which the check below reads.
+    "fsdp-1": {"method": "full", "distributed": {"strategy": "fsdp", "num_processes": 1},
+               "checkpoint": {"every_n_steps": 20}},
 }
 for name, extra in runs.items():
     recipe = {"name": f"gpu-check-{name}", "model": str(model_dir), "precision": precision,
@@ -160,8 +163,10 @@ for name, extra in runs.items():
           f"{' -> '.join(f'{e:.3f}' for e in evals) or '-'}, {len(losses)} steps in {seconds:.0f} s (with start-up)")
     if name == "fsdp-1":
         accel = plan.get("accelerate_config", {})
-        check("fsdp-1 ran under FSDP", accel.get("distributed_type") == "FSDP" and plan.get("command") != "(in this process)",
-              f"distributed_type {accel.get('distributed_type')}, command: {plan.get('command')}")
+        sharded = run_dir / "checkpoints" / "step-00000020" / "pytorch_model_fsdp_0"
+        check("fsdp-1 ran under FSDP", accel.get("distributed_type") == "FSDP" and plan.get("command") != "(in this process)"
+              and sharded.is_dir(), f"distributed_type {accel.get('distributed_type')}, sharded checkpoint "
+              f"{'saved' if sharded.is_dir() else 'missing'} ({sharded.parent.name}), command: {plan.get('command')}")
     # The export: a Hugging Face folder that loads and generates (LoRA merged into the base by default).
     from transformers import AutoModelForCausalLM, AutoTokenizer
     target = "cuda" if cuda else "cpu"

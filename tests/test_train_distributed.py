@@ -65,6 +65,31 @@ def test_fsdp_on_two_cpu_processes_trains_sharded_checkpoints_resumes_and_export
     assert_loads_as_a_causal_lm(Path(summary["model_dir"]))
 
 
+@pytest.mark.unit
+def test_with_fsdp_gradient_checkpointing_is_fsdps_alone(tiny_model_dir, tmp_path):  # noqa: F811
+    """FSDP's activation checkpointing (accelerate wraps each block in `prepare`) and transformers' were both
+    turned on by train.gradient_checkpointing."""
+    from types import SimpleNamespace
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    from llmops.train.launch import accelerate_config
+    from llmops.train.loop import load_model
+    from llmops.train.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, **{
+        "distributed.strategy": "fsdp", "distributed.num_processes": 2, "train.gradient_checkpointing": True}))
+    fsdp_config = accelerate_config(recipe, "cpu", 2)["fsdp_config"]
+    assert fsdp_config["fsdp_activation_checkpointing"] is True
+    # The accelerator's state as `accelerate launch` and `enable_fsdp_on_cpu` leave it, before `prepare`.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, activation_checkpointing=True)
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    assert not load_model(recipe, fsdp).is_gradient_checkpointing, "FSDP checkpoints the blocks; not twice"
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=SimpleNamespace())
+    assert load_model(recipe, ddp).is_gradient_checkpointing
+
+
 # --- two machines on one host ---------------------------------------------------------------------------
 
 

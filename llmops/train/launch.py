@@ -90,7 +90,10 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     })
     config = accelerate_config(final, tp.device, total)
     command, env = [], {}
-    if total > 1:
+    # FSDP needs accelerate's launcher even for one process: in-process training would not shard (accelerate
+    # builds its FSDP plugin from the variables `accelerate launch` sets), and one process is how FSDP is
+    # checked on a single GPU.
+    if total > 1 or tp.strategy == "fsdp":
         rank = dist.machine_rank
         config_file = machine_file(run_dir, "accelerate_config.yaml", rank)
         # The rendezvous waits for every machine's launcher at most `distributed.timeout_s` (torch's static
@@ -112,8 +115,8 @@ def accelerate_config(recipe: Recipe, device: str, total_processes: int) -> dict
     strategy = dist.strategy
     config: dict = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "NO" if total_processes == 1 else
-        {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}.get(strategy, "MULTI_GPU"),
+        "distributed_type": "FSDP" if strategy == "fsdp" else "NO" if total_processes == 1 else
+        {"ddp": "MULTI_GPU", "deepspeed": "DEEPSPEED"}.get(strategy, "MULTI_GPU"),
         "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[recipe.precision],
         "num_processes": total_processes,
         "num_machines": dist.num_machines,
@@ -218,7 +221,8 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
             summary = train(run.recipe, run.run_dir, resume=resume_arg, stop_requested=stop_requested)
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:], resume_arg]
-        log(f"launching {run.total_processes} processes: {shlex.join([*run.command, resume_arg])}")
+        log(f"launching {run.total_processes} process{'es' if run.total_processes > 1 else ''}: "
+            f"{shlex.join([*run.command, resume_arg])}")
         # The launched ranks end themselves if this command is killed (`llmops.train.loop.end_with_launchers`).
         proc = subprocess.Popen(command, env={**os.environ, **run.env, COMMAND_PID_ENV: str(os.getpid())},
                                 stderr=subprocess.PIPE)

@@ -260,7 +260,8 @@ def load_model(recipe: Recipe, accelerator):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": accelerator.local_process_index}
     model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype, **kwargs)
-    if recipe.train.gradient_checkpointing:
+    checkpointing = recipe.train.gradient_checkpointing and not fsdp_checkpoints_activations(accelerator)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.method == "full":
         return model
@@ -268,13 +269,26 @@ def load_model(recipe: Recipe, accelerator):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if recipe.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     lora = recipe.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    if recipe.train.gradient_checkpointing:
+    if checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return model
+
+
+def fsdp_checkpoints_activations(accelerator) -> bool:
+    """Whether accelerate's `prepare` will wrap each transformer block in an activation checkpoint (FSDP with
+    `fsdp_activation_checkpointing`, which `llmops.train.launch` sets from train.gradient_checkpointing). Then
+    transformers' own gradient checkpointing stays off: both on wrapped every block in two nested checkpoints.
+    torch's nesting kept the recompute to one (measured, torch 2.13), but transformers' checkpointing under
+    FSDP costs a redundant all-gather in the backward pass; transformers' Trainer refuses the pair and
+    recommends FSDP's (https://github.com/huggingface/transformers/issues/30404)."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return accelerator.distributed_type == DistributedType.FSDP and bool(plugin and plugin.activation_checkpointing)
 
 
 class Window:
