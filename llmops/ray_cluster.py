@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from llmops.errors import UsageError
 
@@ -27,6 +29,9 @@ def connect(address: str):
         return ray
     if address != "auto":
         _check_reachable(address)
+    # ray.init installs its own SIGTERM handler (it logs and aborts the driver, exit -6): keep the caller's, so
+    # that a preempted `llmops batch --ray` still stops cleanly and exits 75.
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         # Actors' output (vLLM's logs) stays in Ray's log folder on each node; stderr keeps llmops's lines.
         ray.init(address=None if address == "auto" and os.environ.get("RAY_ADDRESS") else address,
@@ -39,6 +44,11 @@ def connect(address: str):
             raise UsageError(f"the Ray cluster at {address} refused this driver's token: set RAY_AUTH_TOKEN (or "
                              "RAY_AUTH_TOKEN_PATH) to the cluster's token, and RAY_AUTH_MODE=token") from None
         raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
     return ray
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,9 +152,11 @@ def assert_exactly_once(out, rows):
 @pytest.mark.ray
 @pytest.mark.engine
 def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
-    path = write_prompts(tmp_path / "in.parquet", 8)
+    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s).
+    rows = 24
+    path = write_prompts(tmp_path / "in.parquet", rows)
     out = tmp_path / "out"
-    args = batch_args(cluster, path, out, "--max-tokens", "8", "--set", "chunk_rows=2")
+    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2")
 
     plan = run_cli(*args, "--dry-run", "--json", env=cluster.env)
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -165,8 +168,8 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
     done = run_cli(*args, "--json", env=cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert (summary["rows_ok"], summary["engines"]) == (8, 2)
-    assert_exactly_once(out, 8)
+    assert (summary["rows_ok"], summary["engines"]) == (rows, 2)
+    assert_exactly_once(out, rows)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and sorted(manifest["nodes"]) == sorted(manifest["units"])
     assert len(set(manifest["nodes"].values())) == 2  # both nodes committed units
@@ -175,7 +178,7 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
 
     again = run_cli(*args, "--json", env=cluster.env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads(again.stdout)["rows_skipped"] == 8 and "starting" not in again.stderr
+    assert json.loads(again.stdout)["rows_skipped"] == rows and "starting" not in again.stderr
     assert json.loads((out / "manifest.json").read_text())["nodes"] == manifest["nodes"]
 
 
@@ -202,6 +205,51 @@ def test_killing_the_driver_mid_job_then_rerun_gives_every_row_once(cluster, tmp
     assert_exactly_once(out, rows)
     after = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
     assert all(after[name] == t for name, t in before.items())  # committed work was not redone
+    cluster.wait_for_engines_gone()
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the_rerun_completes(
+        cluster, tmp_path, default_model_dir):
+    rows, grace = 96, 3.0
+    # Text to continue, so that every row runs to max_tokens (a bare instruction often ends at once).
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(rows)], "prompt": [
+        f"Chapter {i + 1}. The lighthouse keeper opened the door on a cold morning, when" for i in range(rows)]}), path)
+    out = tmp_path / "out"
+    # One sequence at a time, so a unit's rows finish one after another; a short grace period, so the
+    # engines stop mid-unit and commit the rows they finished as pieces.
+    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=16", "--set",
+                      "engine.max_num_seqs=1", "--grace-period", str(grace))
+    log = tmp_path / "driver.log"
+    driver = start_driver(cluster, args, log)
+    try:
+        wait_for_shards(out, driver)
+        time.sleep(2.0)  # the next unit is under way on the engine that committed the first
+        driver.send_signal(signal.SIGTERM)  # the driver's machine is being preempted
+        stopped = time.monotonic()
+        driver.wait(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    stderr = log.read_text()
+    assert driver.returncode == 75, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and "rerun the same command to finish the job" in stderr
+    assert took < grace + 5, f"exit took {took:.1f} s for a {grace:.0f} s grace period"
+    kept = pq.read_table(out / "results", columns=["row"]).column("row").to_pylist()
+    assert len(kept) == len(set(kept)) < rows
+    pieces = list(out.glob("results/part-*.*.parquet"))  # part-UNIT.N.parquet: some rows of a unit
+    print(f"SIGTERM: exit 75 after {took:.1f} s; {len(kept)} rows kept, {len(pieces)} pieces of unfinished units")
+    assert pieces, "the engines committed the rows they had finished of the units they were running"
+    cluster.wait_for_engines_gone()
+
+    done = run_cli(*args, "--json", env=cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["rows_skipped"] == len(kept)  # what the stop committed is not redone
+    assert_exactly_once(out, rows)
     cluster.wait_for_engines_gone()
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.batch.config import SamplingConfig
-from llmops.batch.engine import QUEUE_DEPTH_FACTOR, Progress, StopRequest
+from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, QUEUE_DEPTH_FACTOR, Progress, StopRequest
 from llmops.batch.identity import JobIdentity
 from llmops.batch.inputs import InputSpec
 from llmops.batch.outputs import Committed, OutputDir, UnitStats
@@ -114,6 +114,22 @@ class ReplicaWork:
     output_dir: str
     engine_args: dict[str, Any]
     engine_env: dict[str, str]
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
+    """Time from the driver's stop (its SIGTERM) to the end: finished rows are committed within it."""
+
+
+class _StopWhenCancelled(StopRequest):
+    """The driver's stop as a replica sees it: the driver cancels the running call (`ray.cancel`), which on a
+    sync actor sets a flag instead of interrupting it, so the unit loop commits its finished rows and returns."""
+
+    @property
+    def requested(self) -> bool:
+        if self.signal_name is None:
+            import ray
+
+            if ray.get_runtime_context().is_canceled():
+                self.request("the driver's stop")
+        return self.signal_name is not None
 
 
 class _NodeOutputDir(OutputDir):
@@ -187,7 +203,8 @@ class EngineReplica:
             units = iter_units(w.spec, w.row_counts, w.chunk_rows, set(keys),
                                {k: set(rows) for k, rows in done_rows.items()})
             writer = f"ray engine {self.replica.rank} on node {self.node[:12]}"
-            for key, stats in generate(self.llm, units, w.sampling, self.out, w.identity, Progress(), writer=writer):
+            stop = _StopWhenCancelled(w.grace_period_s)
+            for key, stats in generate(self.llm, units, w.sampling, self.out, w.identity, Progress(), stop, writer):
                 done.setdefault(key, []).append(stats.model_dump())
         except Exception as e:
             return {"node": self.node, "done": done, "error": f"{type(e).__name__}: {e}".strip()}
@@ -204,14 +221,15 @@ def _readable(location) -> bool:
         return False
 
 
-def replica_work(job) -> ReplicaWork:
+def replica_work(job, grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> ReplicaWork:
     from llmops.vllm_engine import engine_args, engine_env
 
     spec = job.input_spec
     absolute = InputSpec(tuple(spec.locations()), spec.format, spec.prompt_column,
                          spec.messages_column, spec.id_column)
     return ReplicaWork(absolute, list(job.row_counts), job.config.chunk_rows, job.config.sampling, job.identity,
-                       job.output.location, engine_args(job.plan, job.model_path), engine_env(job.plan))
+                       job.output.location, engine_args(job.plan, job.model_path), engine_env(job.plan),
+                       grace_period_s)
 
 
 # --- the driver -----------------------------------------------------------------------------------------
@@ -268,7 +286,7 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         remote = ray.remote(max_restarts=0, max_concurrency=1)(EngineReplica)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        work = ray.put(replica_work(job))
+        work = ray.put(replica_work(job, stop.grace_period_s))
         actors = [remote.options(num_cpus=r.cpus, num_gpus=r.gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(
             r.node_id, soft=False)).remote(work, r) for r in replicas]
         state = _Replicas(actors, replicas, set(range(len(actors))), {i: 0 for i in range(len(actors))})
@@ -336,6 +354,7 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
     # Rows per call for an even split of the job over every engine's queued calls.
     share = -(-sum(job.unit_sizes[k] for k in todo) // (len(state.actors) * CALLS_PER_ACTOR))
     written = time.monotonic()
+    cancelled = False
     while True:
         # 1. Keep CALLS_PER_ACTOR calls queued on every started replica (none once a stop is requested).
         while todo and not stop.requested:
@@ -351,6 +370,12 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
             break
         if not state.alive and todo:
             break
+        if stop.requested and not cancelled:
+            # Preempted: every running call commits its finished rows as pieces and returns (a queued call
+            # is dropped unstarted); the driver waits for them until its grace period runs out.
+            for ref in running:
+                ray.cancel(ref)
+            cancelled = True
         if stop.requested and (not running or time.monotonic() >= stop.finish_by):
             break
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
@@ -370,12 +395,14 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
             state.queued[i] -= 1
             try:
                 result = ray.get(ref)
+            except ray.exceptions.TaskCancelledError:  # stopped as asked: the runner counts its pieces
+                continue
             except Exception as e:  # the actor or its node died: its units go to the other replicas
                 _lose(state, i, f"engine {i} on node {state.replicas[i].node_ip} was lost ({_one_line(e)})", progress)
                 _requeue(todo, keys, job, committed, progress)
                 continue
             for key, stats in result["done"].items():
-                _record(committed, key, [UnitStats(**s) for s in stats], progress)
+                _record(committed, key, [UnitStats(**s) for s in stats], job.unit_sizes[key], progress)
                 manifest.nodes[key] = result["node"]
             if result.get("lost"):
                 _lose(state, i, f"engine {i} did not start: {result['error']}", progress)
@@ -421,12 +448,15 @@ def _requeue(todo: deque, keys: list[str], job, committed: Committed, progress: 
             committed.partial[key], committed.partial_stats[key] = now.partial[key], now.partial_stats[key]
 
 
-def _record(committed: Committed, key: str, stats: list[UnitStats], progress: Progress) -> None:
+def _record(committed: Committed, key: str, stats: list[UnitStats], size: int, progress: Progress) -> None:
     from llmops.batch.outputs import totals
 
     new = totals(stats)
     progress.advance(new.rows, new.completion_tokens)
     done = committed.partial_stats.pop(key, UnitStats()) + new
+    if done.rows < size:  # pieces committed while stopping (the runner reads their rows from the shards)
+        committed.partial_stats[key] = done
+        return
     committed.partial.pop(key, None)
     committed.done[key] = done
 
