@@ -90,6 +90,21 @@ def test_with_fsdp_gradient_checkpointing_is_fsdps_alone(tiny_model_dir, tmp_pat
     assert load_model(recipe, ddp).is_gradient_checkpointing
 
 
+@pytest.mark.unit
+def test_a_failed_launch_names_the_lost_peer_before_the_abort_it_caused(tiny_model_dir, tmp_path):  # noqa: F811
+    from llmops.train.distributed import failure_cause
+    from llmops.train.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir))
+    output = ("[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59101: Connection "
+              "reset by peer.\nterminate called without an active exception\n"
+              "  traceback : Signal 6 (SIGABRT) received by PID 10404\n")  # what rank 0 printed (measured)
+    assert failure_cause(output, recipe).startswith("another training process of this run ended")
+    assert failure_cause("traceback : Signal 9 (SIGKILL) received by PID 7", recipe) == \
+        "a training process on this machine was killed (SIGKILL)"
+    assert failure_cause("something else", recipe) is None
+
+
 # --- two machines on one host ---------------------------------------------------------------------------
 
 
@@ -202,7 +217,7 @@ def test_a_killed_machine_ends_both_commands_with_an_error_and_rerunning_both_re
         assert "llmops: error: training failed" in log, log
         assert "rerun the same command to resume" in log
     assert "training failed: a training process on this machine was killed (SIGKILL)" in logs[1], logs[1]
-    assert "training failed: a training process on another machine ended" in logs[0], logs[0]
+    assert "training failed: another training process of this run ended" in logs[0], logs[0]
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
     assert saved, "a checkpoint was written before the kill"
     last = saved[-1]
@@ -237,7 +252,7 @@ def test_a_killed_command_takes_its_rank_with_it_and_the_other_machine_ends_with
     wait_all(procs)
     log = (tmp_path / "rank0.log").read_text()
     assert procs[0].returncode == 1, log
-    assert "llmops: error: training failed: a training process on another machine ended" in log, log
+    assert "llmops: error: training failed: another training process of this run ended" in log, log
     assert not alive(worker) and not alive(agent), "nothing of the killed command trains on"
     assert [r["step"] for r in metrics(run_dir) if "loss" in r][-1] < steps, "the run ended with the kill"
 

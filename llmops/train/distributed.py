@@ -46,18 +46,18 @@ def enable_fsdp_on_cpu(accelerator, recipe: Recipe) -> None:
 
 def failure_cause(launcher_output: str, recipe: Recipe) -> str | None:
     """Why `accelerate launch` failed, in a few words, when its output (torch's elastic agent and the ranks'
-    tracebacks) shows a cause seen before; None otherwise. The first match wins: a rank of this machine that
-    was killed explains the connection errors that follow it."""
+    tracebacks) shows a cause seen before; None otherwise. A lost peer is looked for before a signal: a rank
+    whose gloo connection was reset may then die of SIGABRT ("terminate called without an active exception")."""
     timeout = f"distributed.timeout_s ({recipe.distributed.timeout_s} s)"
-    if match := re.search(r"Signal \d+ \((SIG\w+)\) received by PID", launcher_output):
-        return f"a training process on this machine was killed ({match[1]})"
+    if re.search(r"Connection (reset|closed) by peer", launcher_output):
+        return "another training process of this run ended (the `llmops train` that started it says why)"
+    if re.search(r"Timed out waiting \d+ms for (recv|send)", launcher_output):
+        return f"another training process of this run stopped answering for {timeout}"
     if match := re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", launcher_output):
         return (f"only {match[1]} of {match[2]} machines joined the run within {timeout}: start `llmops train` "
                 f"on every machine, each with its own distributed.machine_rank")
     if match := re.search(r"timed out after \S+ while trying to connect to \(([^,]+), (\d+)\)", launcher_output):
         return f"the main machine did not answer at {match[1]}:{match[2]} within {timeout}: start its `llmops train` too"
-    if re.search(r"Connection (reset|closed) by peer", launcher_output):
-        return "a training process on another machine ended (its `llmops train` says why)"
-    if re.search(r"Timed out waiting \d+ms for (recv|send)", launcher_output):
-        return f"another machine stopped answering for {timeout}"
+    if match := re.search(r"Signal \d+ \((SIG\w+)\) received by PID", launcher_output):
+        return f"a training process on this machine was killed ({match[1]})"
     return None
