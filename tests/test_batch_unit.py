@@ -280,3 +280,37 @@ def test_batch_help_imports_no_engine():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "--prompt-column" in proc.stdout and "--dry-run" in proc.stdout
+
+
+def test_openai_results_name_the_model_each_request_asked_for(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    bodies = [{"model": "base-m", "messages": []}, {"model": "product-facts", "messages": []},
+              {"model": "unknown-m", "messages": []}]
+    table = pa.table({"row": [0, 1, 2], "id": ["a", "b", "c"], "url": ["/v1/chat/completions"] * 3,
+                      "body": [json.dumps(b) for b in bodies], "generated_text": ["x", "y", "z"],
+                      "finish_reason": ["stop"] * 3, "prompt_tokens": pa.array([1, 1, 1], pa.int32()),
+                      "completion_tokens": pa.array([1, 1, 1], pa.int32()), "error": pa.array([None] * 3, pa.string())})
+    out.results.mkdir(parents=True)
+    out.commit("00000-000000", table, UnitStats(rows=3, ok=3), JOB)
+    files = out.write_openai_files("base-m", {"base-m", "product-facts"})
+    assert files == [str(tmp_path / "out" / "output.jsonl"), str(tmp_path / "out" / "errors.jsonl")]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "output.jsonl").read_text().splitlines()]
+    # A request for a name the job did not serve was answered by the job's model, and says so.
+    assert [line["response"]["body"]["model"] for line in lines] == ["base-m", "product-facts", "base-m"]
+
+
+def test_cpu_engines_of_one_host_each_get_their_own_cores(tmp_path, monkeypatch):
+    """The worker path forced to two engines on a CPU (as scripts/bench_ray.py compares it with Ray): vLLM's
+    automatic binding would put both on the same cores, 4x slower than apart."""
+    from types import SimpleNamespace
+
+    from llmops.batch.workers import engines
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    plan = SimpleNamespace(device="cpu", data_parallel_size=2, tensor_parallel_size=1)
+    job = SimpleNamespace(plan=plan, model_path=tmp_path, model_name="m", output=OutputDir(tmp_path / "out"))
+    monkeypatch.setattr("llmops.vllm_engine.engine_args", lambda plan, path: {"model": str(path)})
+    monkeypatch.setattr("llmops.vllm_engine.engine_env", lambda plan: {"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    found = engines(job)
+    assert [e["env"]["VLLM_CPU_OMP_THREADS_BIND"] for e in found] == ["0,1", "2,3"]
+    assert all("CUDA_VISIBLE_DEVICES" not in e["env"] for e in found)

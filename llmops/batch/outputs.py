@@ -500,21 +500,23 @@ class OutputDir:
                              "completion": r["generated_text"], "error": r["error"]})
         return rows
 
-    def write_openai_files(self, model: str) -> list[str]:
+    def write_openai_files(self, model: str, served: Iterable[str] = ()) -> list[str]:
         """output.jsonl and errors.jsonl in the OpenAI Batch format, from the shards, in input order; returns
-        their locations."""
+        their locations. Each line names the model that answered it: the one its request's `body.model` asked
+        for where the job served that name (the base or one of its adapters), else `model`."""
         import pyarrow as pa
 
         created = int(time.time())
-        columns = ["row", "id", "url", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens",
-                   "error"]
+        served = set(served)
+        columns = ["row", "id", "url", "body", "generated_text", "finish_reason", "prompt_tokens",
+                   "completion_tokens", "error"]
         shards = self.shards()
         table = (pa.concat_tables(self._read_table(s, columns) for s in shards).sort_by("row") if shards else None)
 
         def lines(want_errors: bool):
             for r in table.to_pylist() if table is not None else ():
                 if (r["error"] is not None) == want_errors:
-                    yield (json.dumps(openai_line(r, model, created)) + "\n").encode()
+                    yield (json.dumps(openai_line(r, _answered_by(r, model, served), created)) + "\n").encode()
 
         names = ["output.jsonl", "errors.jsonl"]
         for name, want_errors in zip(names, (False, True)):
@@ -597,6 +599,14 @@ class _Lease:
         with contextlib.suppress(Exception):
             if (self._current() or {}).get("token") == self.token:
                 self.out._delete(f"{self.out.root}/{LOCK}")
+
+
+def _answered_by(r: dict[str, Any], model: str, served: set[str]) -> str:
+    try:
+        asked = (json.loads(r.get("body") or "null") or {}).get("model")
+    except (ValueError, AttributeError):
+        return model
+    return asked if asked in served else model
 
 
 def openai_line(r: dict[str, Any], model: str, created: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, QUEUE_DEPTH_FACTOR, Prog
 from llmops.batch.identity import JobIdentity
 from llmops.batch.inputs import InputSpec
 from llmops.batch.outputs import Committed, OutputDir, UnitStats
+from llmops.batch.workers import host_cores
 from llmops.errors import RuntimeFailure, UsageError
 from llmops.ray_cluster import connect
 from llmops.storage import is_uri
@@ -79,14 +80,6 @@ def plan_replicas(nodes: list[dict[str, Any]], plan) -> list[Replica]:
         by_host.setdefault(r.node_ip, []).append(r.rank)
     return [Replica(r.rank, r.node_id, r.node_ip, r.cpus, r.gpus, by_host[r.node_ip].index(r.rank),
                     len(by_host[r.node_ip])) for r in found]
-
-
-def host_cores(cores: list[int], slot: int, replicas: int) -> list[int]:
-    """This replica's even share of the host's cores. vLLM's automatic binding (VLLM_CPU_OMP_THREADS_BIND=auto)
-    would bind every engine on a host to the same cores."""
-    cores = sorted(cores)
-    share = cores[slot * len(cores) // replicas:(slot + 1) * len(cores) // replicas]
-    return share or cores[slot % len(cores):slot % len(cores) + 1]
 
 
 def replica_env(engine_env: dict[str, str], replica: Replica, cores: list[int] | None) -> dict[str, str]:

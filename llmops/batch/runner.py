@@ -155,7 +155,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
                                  f"{missing[0]}); run the same command again to finish them")
         files = []
         if job.input_spec.format == "openai":
-            files = out.write_openai_files(job.model_name)
+            files = out.write_openai_files(job.model_name, {job.identity.model.name, *job.identity.model.adapters})
         out.write_manifest(manifest, committed, "complete")
     finally:
         out.unlock()

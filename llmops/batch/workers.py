@@ -52,14 +52,29 @@ def engines(job, grace_period_s: float | None = None) -> list[dict[str, Any]]:
         call = " ".join([*(f"{k}={v}" for k, v in env.items()), f"vllm.LLM(**{args!r})"])
         return [{"rank": 0, "env": env, "call": call, "llm_args": args}]
     found = []
+    cores = sorted(os.sched_getaffinity(0))
     for rank in range(dp):
-        gpus = ",".join(str(i) for i in worker_gpus(job.plan, rank))
-        worker_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
+        if job.plan.device == "cpu":
+            # Each engine on its own share of the cores: vLLM's automatic binding would put every engine on
+            # the same ones (measured: 2 engines on 2 cores, 273 tok/s bound alike against 1160 apart).
+            gpus = ""
+            worker_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, host_cores(cores, rank, dp)))}
+        else:
+            gpus = ",".join(str(i) for i in worker_gpus(job.plan, rank))
+            worker_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
         cmd = worker_command(job, rank, grace_period_s)
         command = " ".join([*(f"{k}={v}" for k, v in worker_env.items()), *cmd])
         found.append({"rank": rank, "gpus": gpus, "env": worker_env, "command": command, "argv": cmd,
                       "llm_args": args})
     return found
+
+
+def host_cores(cores: list[int], slot: int, engines: int) -> list[int]:
+    """Engine `slot`'s even share of this host's cores (one core each, shared round-robin, if there are more
+    engines than cores)."""
+    cores = sorted(cores)
+    share = cores[slot * len(cores) // engines:(slot + 1) * len(cores) // engines]
+    return share or cores[slot % len(cores):slot % len(cores) + 1]
 
 
 def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
