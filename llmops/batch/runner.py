@@ -114,8 +114,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
                     out.write_manifest(manifest, now, "running")
 
                 with engine_output(new_log_file("batch")):  # the workers' engines log there, not on screen
-                    run_workers(job, committed, progress, stop, on_commit)
-                generation = time.monotonic() - t0
+                    engine_start = run_workers(job, committed, progress, stop, on_commit)
+                generation = time.monotonic() - t0 - engine_start
             elif pending:
                 own_engine = llm is None
                 if own_engine:

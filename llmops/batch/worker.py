@@ -10,6 +10,8 @@ the coordinator) stops it the same way as a single-engine run: finished rows are
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, g
 from llmops.batch.inputs import InputSpec, count_rows, iter_units, unit_sizes
 from llmops.batch.outputs import CONFIG, OutputDir
 from llmops.batch.runner import close_engine, start_llm
-from llmops.batch.workers import units_for_rank
+from llmops.batch.workers import STARTED_FD_VAR, units_for_rank
 from llmops.config import load_config
 from llmops.errors import LlmopsError
 
@@ -45,6 +47,9 @@ def run_worker(output_dir: str | Path, rank: int, world: int, llm=None, stop: St
         return 0
     own_engine = llm is None
     llm = llm or start_llm(manifest.engine_args, manifest.engine_env)
+    if (started_fd := os.environ.get(STARTED_FD_VAR)) is not None:  # tell the coordinator: generation begins
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(started_fd), f"{rank}\n".encode())
     if stop is not None:
         stop.generating = True
     units = iter_units(spec, counts, config.chunk_rows, mine, committed.partial)

@@ -8,7 +8,9 @@ grace period.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +24,9 @@ from llmops.errors import RuntimeFailure
 # A worker gets this much less of the grace period than the coordinator, which then still has time to
 # collect its commits and write the manifest.
 WORKER_GRACE_MARGIN_S = 3.0
+# A worker writes its rank to this file descriptor once its engine has started (the coordinator reports the
+# engines' start apart from generation, as for a single engine).
+STARTED_FD_VAR = "LLMOPS_WORKER_STARTED_FD"
 
 
 def worker_gpus(plan, rank: int) -> list[int]:
@@ -85,15 +90,22 @@ def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
     return {key for i, key in enumerate(units) if i % world == rank}
 
 
-def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest, on_commit) -> None:
+def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest, on_commit) -> float:
     """Start one worker per engine, follow their commits, fail if any of them fails. On a stop request,
-    pass it on (SIGTERM) and wait for the workers to commit what they finished, within the grace period."""
+    pass it on (SIGTERM) and wait for the workers to commit what they finished, within the grace period.
+    Returns the seconds until the last engine had started."""
     procs = []
+    t0 = time.monotonic()
+    started_r, started_w = os.pipe()
+    os.set_blocking(started_r, False)
     for engine in engines(job, stop.grace_period_s):
         # The workers share the folder's lock (the same open file): a rerun cannot start while a worker of
         # a killed coordinator is still committing.
-        procs.append(subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"]},
-                                      preexec_fn=_die_with_parent, pass_fds=job.output.lock_fds()))
+        procs.append(subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"],
+                                                           STARTED_FD_VAR: str(started_w)},
+                                      preexec_fn=_die_with_parent, pass_fds=(*job.output.lock_fds(), started_w)))
+    os.close(started_w)
+    engine_start = 0.0
     forwarded = False
     seen = {key: stats.rows for key, stats in committed.done.items()}
     seen.update({key: len(rows) for key, rows in committed.partial.items()})
@@ -105,6 +117,10 @@ def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest
                         p.send_signal(signal.SIGTERM)
                 forwarded = True
             running = [p for p in procs if p.poll() is None]
+            with contextlib.suppress(BlockingIOError):
+                for rank in os.read(started_r, 4096).decode().split():
+                    engine_start = time.monotonic() - t0
+                    progress.phase(f"engine {rank} started in {engine_start:.1f} s")
             now = job.output.committed(job.unit_sizes, job.identity.key())
             rows_now = {key: stats.rows for key, stats in now.done.items()}
             rows_now.update({key: len(rows) for key, rows in now.partial.items()})
@@ -119,18 +135,20 @@ def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest
                 on_commit(now)
             if not running or (stop.requested and time.monotonic() >= stop.finish_by):
                 break
-            time.sleep(0.5 if stop.requested else 2)
+            select.select([started_r], [], [], 0.5 if stop.requested else 2)  # wakes early when an engine starts
     finally:
+        os.close(started_r)
         for p in procs:
             if p.poll() is None:
                 p.kill()  # past the grace period (or the coordinator failed): its committed units are safe
                 p.wait()
     if stop.requested:
-        return
+        return engine_start
     failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise RuntimeFailure(f"{len(failed)} of {len(procs)} engine workers failed (rank {failed[0][0]} exited "
                              f"{failed[0][1]}; its log is above); rerun the same command to resume")
+    return engine_start
 
 
 def _die_with_parent() -> None:
