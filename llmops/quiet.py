@@ -23,6 +23,10 @@ from typing import IO, Iterator
 from llmops.errors import Stopped
 
 VERBOSE_ENV = "LLMOPS_VERBOSE"
+TERMINAL_ON_STDOUT_ENV = "LLMOPS_TERMINAL_ON_STDOUT"
+"""Set by an llmops command for processes it starts through a launcher that shares one stderr with them
+(`llmops train` -> `accelerate launch` -> ranks): their terminal is their stdout, which the command shows,
+while their stderr, the launcher's included, goes to the log file."""
 TAIL_LINES = 30
 """Lines of the log shown when the block fails: about one Python traceback."""
 
@@ -48,8 +52,9 @@ def new_log_file(kind: str) -> Path:
 
 
 def terminal() -> IO[str]:
-    """Where llmops's own progress goes: the terminal's stderr, also while `engine_output` is active."""
-    return _terminal or sys.stderr
+    """Where llmops's own progress goes: the terminal's stderr (stdout in a launched rank, see
+    `TERMINAL_ON_STDOUT_ENV`), also while `engine_output` is active."""
+    return _terminal or (sys.stdout if os.environ.get(TERMINAL_ON_STDOUT_ENV) else sys.stderr)
 
 
 @contextmanager
@@ -71,7 +76,8 @@ def engine_output(log_path: str | Path) -> Iterator[Path]:
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    _terminal = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+    screen = saved_out if os.environ.get(TERMINAL_ON_STDOUT_ENV) else saved_err
+    _terminal = os.fdopen(os.dup(screen), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
                           errors="replace")
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
@@ -125,6 +131,25 @@ def show_tail(log_path: Path, lines: int = TAIL_LINES) -> None:
     print("--- end of log ---", file=sys.stderr, flush=True)
 
 
+def show_excerpt(output: str, log_path: Path, lines: int = 10) -> None:
+    """For a launcher whose output went to `log_path` and that failed: the distinct exception lines and exit
+    reasons in `output` (its last part), at most `lines` of them, or its last `lines` lines when it names none,
+    framed as `show_tail` frames its quote."""
+    all_lines = [line.rsplit("\r", 1)[-1].strip() for line in output.splitlines() if line.strip()]
+    reasons: list[str] = []
+    for line in all_lines:
+        match = _EXCEPTION_LINE.search(line) or _EXIT_REASON.search(line)
+        if match and match.group(0) not in reasons:
+            reasons.append(match.group(0))
+    shown = reasons[-lines:] or all_lines[-lines:]
+    if shown:
+        print(f"--- from {log_path} ---", file=sys.stderr)
+        print("\n".join(shown), file=sys.stderr)
+        print("--- end of excerpt ---", file=sys.stderr, flush=True)
+
+
+# torch's launcher on a rank that died of a signal: "traceback : Signal 9 (SIGKILL) received by PID 123".
+_EXIT_REASON = re.compile(r"Signal \d+ \(SIG\w+\) received by PID \d+")
 # "ValueError: Available memory on node 0 ...", also behind vLLM's "(Worker pid=1) ERROR ... [file.py:1] " prefix.
 _EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): .+")
 

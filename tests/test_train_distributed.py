@@ -105,6 +105,23 @@ def test_a_failed_launch_names_the_lost_peer_before_the_abort_it_caused(tiny_mod
     assert failure_cause("something else", recipe) is None
 
 
+@pytest.mark.unit
+def test_a_failed_launch_shows_its_exception_lines_not_its_tracebacks(tmp_path, capsys):
+    from llmops.quiet import show_excerpt
+
+    output = ("Traceback (most recent call last):\n" + '  File "loop.py", line 1, in <module>\n' * 40 +
+              "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer.\n"
+              "Traceback (most recent call last):\n" + '  File "api.py", line 9, in run\n' * 40 +
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+              "  exitcode  : -9 (pid: 7)\n  traceback : Signal 9 (SIGKILL) received by PID 7\n"
+              "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer.\n")
+    show_excerpt(output, tmp_path / "train.log")
+    shown = capsys.readouterr().err
+    assert "Traceback" not in shown and 'File "' not in shown
+    assert shown.count("Connection reset by peer") == 1 and "Signal 9 (SIGKILL) received by PID 7" in shown
+    assert str(tmp_path / "train.log") in shown
+
+
 # --- two machines on one host ---------------------------------------------------------------------------
 
 
@@ -163,11 +180,13 @@ def assert_disjoint_rows(run_dir: Path) -> None:
 def test_two_machines_train_one_model_data_parallel_and_rank_0_exports(tiny_model_dir, tmp_path,  # noqa: F811
                                                                       llmops_home):
     steps = 8
-    recipe = two_machine_recipe(tmp_path, tiny_model_dir, steps)
+    recipe = two_machine_recipe(tmp_path, tiny_model_dir, steps, **{"logging.progress_bar": True})
     run_dir = tmp_path / "run"
     (main, main_out, main_log), (other, other_out, other_log) = run_two_machines(recipe, run_dir, tmp_path)
     assert main == 0, main_log
     assert other == 0, other_log
+    # The rank's progress bar reaches the screen (the launcher's stderr goes to the log file).
+    assert f"{steps}/{steps}" in main_log, main_log
     rows = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert {r["num_processes"] for r in rows} == {2}
@@ -218,15 +237,26 @@ def test_a_killed_machine_ends_both_commands_with_an_error_and_rerunning_both_re
         assert "rerun the same command to resume" in log
     assert "training failed: a training process on this machine was killed (SIGKILL)" in logs[1], logs[1]
     assert "training failed: another training process of this run ended" in logs[0], logs[0]
+    # The screen holds llmops's lines, an excerpt and where the rest is; the launcher's and the ranks'
+    # tracebacks (torch's ChildFailedError, gloo's connection reset) are in the log file.
+    train_log = run_dir / "train.log"
+    for log in logs:
+        assert "Traceback" not in log and "ChildFailedError" not in log, log
+        assert f"full output is in {train_log}" in log, log
+        assert len(log.splitlines()) < 20, log
+    assert "Connection reset by peer" in logs[0], "the excerpt shows the failing collective"
+    assert "ChildFailedError" in train_log.read_text() and "Traceback" in train_log.read_text()
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
     assert saved, "a checkpoint was written before the kill"
     last = saved[-1]
     assert json.loads((last / "progress.json").read_text())["step"] < steps, "killed mid-run"
 
-    (main, main_out, main_log), (other, _, other_log) = run_two_machines(recipe, run_dir, tmp_path)
+    (tmp_path / "rerun").mkdir()
+    (main, main_out, main_log), (other, _, other_log) = run_two_machines(recipe, run_dir, tmp_path / "rerun")
     assert main == 0, main_log
     assert other == 0, other_log
     assert json.loads(main_out)["resumed_from"] == str(last)
+    assert f"resuming from {last}" in main_log, "the rank's own lines still reach the screen"
     rows = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert_disjoint_rows(run_dir)

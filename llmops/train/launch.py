@@ -179,8 +179,7 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     `allow_changed_recipe`. SIGTERM checkpoints the step in progress and raises `Stopped` (exit 75)."""
     from llmops.train.export import export, register
     from llmops.quiet import engine_output
-    from llmops.train.loop import (COMMAND_PID_ENV, TRAIN_LOG, catch_sigterm, checkpoints, find_checkpoint,
-                                   stopped, train)
+    from llmops.train.loop import TRAIN_LOG, catch_sigterm, find_checkpoint, train
     from llmops.train.recipe import recipe_fingerprint
 
     # 1. Which checkpoint, if any, and is it one of this recipe's?
@@ -223,26 +222,7 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
         command = [sys.executable, "-m", "accelerate.commands.launch", *run.command[2:], resume_arg]
         log(f"launching {run.total_processes} process{'es' if run.total_processes > 1 else ''}: "
             f"{shlex.join([*run.command, resume_arg])}")
-        # The launched ranks end themselves if this command is killed (`llmops.train.loop.end_with_launchers`).
-        proc = subprocess.Popen(command, env={**os.environ, **run.env, COMMAND_PID_ENV: str(os.getpid())},
-                                stderr=subprocess.PIPE)
-        launcher_output = relay_stderr(proc)
-        # torch's launcher (the elastic agent) passes SIGTERM on to every rank, and kills those still
-        # running 30 s later (`LocalElasticAgent._shutdown`).
-        with catch_sigterm(then=proc.send_signal) as stop_requested:
-            returncode = proc.wait()
-        output = launcher_output()  # all of it on the screen before llmops's own lines
-        if returncode != 0 and stop_requested():
-            found = checkpoints(run.run_dir)
-            raise stopped(found[-1] if found else None)
-        if returncode != 0:
-            from llmops.train.distributed import failure_cause
-
-            cause = failure_cause(output, run.recipe)
-            raise RuntimeFailure(f"training failed: {cause or f'accelerate launch exited with {returncode}'}",
-                                 f"see the log above; rerun the same command to resume from the last checkpoint "
-                                 f"in {run.run_dir / 'checkpoints'}")
-        summary = {**last_metrics(run.run_dir), "resumed_from": str(checkpoint) if checkpoint else None}
+        summary = {**launch(run, command), "resumed_from": str(checkpoint) if checkpoint else None}
 
     # 4. Export and register (on the main machine), then mark the run done, so rerunning the same command
     #    (a CI retry, say) does not train again.
@@ -255,21 +235,62 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
     return {**summary, **exported}
 
 
-def relay_stderr(proc: subprocess.Popen, keep: int = 256 * 1024) -> Callable[[], str]:
-    """Copy `proc`'s stderr to ours as it comes (in chunks, so progress bars still redraw in place). Returns a
-    function that gives its last `keep` bytes as text, once the process has closed its stderr (or 10 s later:
-    a rank that outlived its launcher may hold it open)."""
+def launch(run: RunPlan, command: list[str]) -> dict:
+    """Run `command` (accelerate launch) and wait; the run's metrics when it succeeded.
+
+    The launcher (torch's elastic agent) and the ranks share one stderr: the agent's logs, the ranks' start-up
+    output and, on a failure, every process's traceback. All of it goes to RUN/train.log (the ranks write
+    their own logs there too) and, with --verbose, to the screen. The ranks' own progress (the progress bar,
+    "resuming from") goes to their stdout (`TERMINAL_ON_STDOUT_ENV`), which is shown on our stderr: our stdout
+    holds the result. A failure shows its exception lines and the cause read from the launcher's output."""
+    from llmops.quiet import TERMINAL_ON_STDOUT_ENV, show_excerpt, verbose
+    from llmops.train.loop import COMMAND_PID_ENV, TRAIN_LOG, catch_sigterm, checkpoints, stopped
+
+    log_path = run.run_dir / TRAIN_LOG
+    env = {**os.environ, **run.env, COMMAND_PID_ENV: str(os.getpid())}  # ranks end with this command
+    if not verbose():
+        env[TERMINAL_ON_STDOUT_ENV] = "1"
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relay(proc.stdout, screen=True)
+    launcher_output = relay(proc.stderr, screen=verbose(), log_path=log_path)
+    # torch's launcher passes SIGTERM on to every rank, and kills those still running 30 s later
+    # (`LocalElasticAgent._shutdown`).
+    with catch_sigterm(then=proc.send_signal) as stop_requested:
+        returncode = proc.wait()
+    output = launcher_output()
+    if returncode != 0 and stop_requested():
+        found = checkpoints(run.run_dir)
+        raise stopped(found[-1] if found else None)
+    if returncode != 0:
+        from llmops.train.distributed import failure_cause
+
+        if not verbose():
+            show_excerpt(output, log_path)
+        cause = failure_cause(output, run.recipe)
+        raise RuntimeFailure(f"training failed: {cause or f'accelerate launch exited with {returncode}'}",
+                             f"the launcher's and training processes' full output is in {log_path}; rerun the "
+                             f"same command to resume from the last checkpoint in {run.run_dir / 'checkpoints'}")
+    return last_metrics(run.run_dir)
+
+
+def relay(stream, screen: bool, log_path: Path | None = None, keep: int = 256 * 1024) -> Callable[[], str]:
+    """Copy `stream` (a launched process's pipe) to our stderr and/or to the end of `log_path` as it comes, in
+    chunks, so progress bars still redraw in place. Returns a function that gives its last `keep` bytes as
+    text, once the process has closed it (or 10 s later: a rank that outlived its launcher may hold it open)."""
     import threading
 
     tail = bytearray()
 
-    def relay() -> None:
-        while chunk := os.read(proc.stderr.fileno(), 65536):
-            os.write(2, chunk)
-            tail.extend(chunk)
-            del tail[:-keep]
+    def copy() -> None:
+        with open(log_path or os.devnull, "ab", buffering=0) as log_file:
+            while chunk := os.read(stream.fileno(), 65536):
+                if screen:
+                    os.write(2, chunk)
+                log_file.write(chunk)
+                tail.extend(chunk)
+                del tail[:-keep]
 
-    thread = threading.Thread(target=relay, name="llmops-launcher-stderr", daemon=True)
+    thread = threading.Thread(target=copy, name="llmops-launcher-output", daemon=True)
     thread.start()
 
     def text() -> str:
