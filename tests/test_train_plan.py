@@ -50,7 +50,7 @@ def check_batch(plan, total_processes):
     ("llama-3.3-70b", EIGHT_80GIB_GPUS, ("lora", "fsdp")),
     ("llama-3.1-405b", ONE_24GIB_GPU, None),
     ("llama-3.1-405b", ONE_80GIB_GPU, None),
-    ("llama-3.1-405b", EIGHT_80GIB_GPUS, ("qlora", "fsdp")),
+    ("llama-3.1-405b", EIGHT_80GIB_GPUS, None),  # only QLoRA over FSDP would fit, which llmops does not run
 ])
 def test_the_table_8b_70b_405b_on_24_80_and_8x80_gib(model, hw, expected):
     if expected is None:
@@ -155,7 +155,16 @@ def test_the_global_batch_is_kept():
 def test_nothing_fits_says_what_would():
     with pytest.raises(DoesNotFitError) as e:
         plan_train(facts("llama-3.1-405b"), ONE_80GIB_GPU)
-    assert "qlora over FSDP fits on 8 such GPUs" in e.value.hint
+    assert "lora over FSDP fits on 32 such GPUs" in e.value.hint
+
+
+def test_qlora_is_never_planned_over_fsdp_and_refused_when_asked_for():
+    # FSDP2 cannot shard bitsandbytes' 4-bit weights (accelerate#3874): a plan llmops cannot run is no plan.
+    plan = plan_train(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, method="qlora")
+    assert (plan.method, plan.strategy) == ("qlora", "ddp")
+    with pytest.raises(UsageError, match="qlora over FSDP is not supported.*accelerate#3874") as e:
+        plan_train(facts("llama-3.3-70b"), EIGHT_80GIB_GPUS, method="qlora", strategy="fsdp")
+    assert e.value.exit_code == 2 and "lora with strategy fsdp" in e.value.hint
 
 
 def test_cpu_plans():
