@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -244,7 +245,7 @@ def test_a_killed_machine_ends_both_commands_with_an_error_and_rerunning_both_re
         assert "Traceback" not in log and "ChildFailedError" not in log, log
         assert f"full output is in {train_log}" in log, log
         assert len(log.splitlines()) < 20, log
-    assert "Connection reset by peer" in logs[0], "the excerpt shows the failing collective"
+    assert re.search(r"Connection (reset|closed) by peer", logs[0]), "the excerpt shows the failing collective"
     assert "ChildFailedError" in train_log.read_text() and "Traceback" in train_log.read_text()
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
     assert saved, "a checkpoint was written before the kill"
