@@ -194,3 +194,28 @@ def test_a_run_that_cannot_fit_exits_3_with_one_line(tmp_path):
                           env={**os.environ, "LLMOPS_HARDWARE": str(hardware)}, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert "does not fit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_recipe_without_a_method_falls_back_to_qlora_where_lora_does_not_fit():
+    with pytest.raises(DoesNotFitError) as e:  # lora named in the recipe: what it asked for, or exit 3
+        plan_train(facts("llama-3.3-70b"), ONE_80GIB_GPU, method="lora")
+    assert "--set method=qlora" in e.value.hint
+    plan = plan_train(facts("llama-3.3-70b"), ONE_80GIB_GPU, method="lora", method_is_default=True)
+    assert plan.method == "qlora"
+    assert any("method qlora: lora fine-tuning needs at least" in n and "does not set `method`" in n
+               for n in plan.notes)
+    small = plan_train(facts("llama-3.1-8b"), ONE_80GIB_GPU, method="lora", method_is_default=True)
+    assert small.method == "lora" and not any(n.startswith("method ") for n in small.notes)
+    cpu = plan_train(facts("smollm2-135m"), cpu_only(24), method="lora", method_is_default=True)
+    assert cpu.method == "lora"  # never qlora on the CPU
+
+
+def test_a_recipe_that_does_not_name_its_method_is_planned_with_qlora_where_lora_does_not_fit(tmp_path):
+    from llmops.train.launch import plan_recipe
+    from llmops.train.recipe import load_recipe
+
+    text = (REPO / "recipes" / "lora-llama-3.1-8b.yaml").read_text().replace("method: lora\n", "")
+    text = text.replace("../examples/", str(REPO / "examples") + "/")
+    (tmp_path / "r.yaml").write_text(text)
+    run = plan_recipe(load_recipe(tmp_path / "r.yaml", ["model=llama-3.3-70b"]), tmp_path / "run", hw=ONE_80GIB_GPU)
+    assert (run.recipe.method, run.plan["method"]) == ("qlora", "qlora")

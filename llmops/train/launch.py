@@ -65,7 +65,8 @@ def plan_recipe(recipe: Recipe, output: Path | None = None, hw=None) -> RunPlan:
     dist, t = recipe.distributed, recipe.train
     # Gradient checkpointing the recipe does not mention is the planner's to choose; micro_batch_size is the
     # largest micro-batch it may use (accumulation keeps the global batch).
-    tp = plan_train(facts, hw, method=recipe.method, precision=recipe.precision,
+    tp = plan_train(facts, hw, method=recipe.method, method_is_default="method" not in recipe.model_fields_set,
+                    precision=recipe.precision,
                     num_processes=dist.num_processes, strategy=dist.strategy,
                     gradient_checkpointing=t.gradient_checkpointing if "gradient_checkpointing" in t.model_fields_set
                     else "auto", micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,

@@ -249,9 +249,11 @@ def plan_train(
     num_machines: int = 1,
     lora_rank: int = 16,
     lora_dropout: float = 0.05,
+    method_is_default: bool = False,
 ) -> TrainPlan:
     """Search methods, strategies, gradient checkpointing and micro-batch sizes; return the fastest that fits.
 
+    `method_is_default`: the recipe did not name its method, so a lora that does not fit a GPU becomes qlora.
     `micro_batch_size` is the largest micro-batch to use. The global batch is `global_batch_size`, else
     `micro_batch_size x gradient_accumulation_steps (default 1) x processes`; every plan keeps it."""
     notes: list[str] = []
@@ -292,6 +294,8 @@ def plan_train(
 
     # 4. Every configuration, with its memory and speed.
     methods = [method] if method != "auto" else [m for m in METHOD_PREFERENCE if use_gpu or m != "qlora"]
+    if method == "lora" and method_is_default and use_gpu:
+        methods.append("qlora")
     if strategy != "auto":
         strategies = [strategy]
     else:
@@ -314,13 +318,14 @@ def plan_train(
     pool = [o for o in fitting if o.method == chosen_method]
     roomy = [o for o in pool if o.need <= (1 - ESTIMATE_HEADROOM) * capacity]
     best = min(roomy or pool, key=lambda o: (o.time, o.need))
-    if method == "auto":
+    if method == "auto" or len(methods) > 1:
         if chosen_method != methods[0]:
             smallest = {m: min(o.need for o in options if o.method == m) for m in methods[:methods.index(chosen_method)]}
             notes.append(f"method {chosen_method}: " + "; ".join(
                 f"{m} fine-tuning needs at least {n / GIB:.1f} GiB per device" for m, n in smallest.items())
-                + f", {capacity / GIB:.1f} GiB available")
-        else:
+                + f", {capacity / GIB:.1f} GiB available"
+                + (" (the recipe does not set `method`; set it to choose)" if method_is_default else ""))
+        elif method == "auto":
             notes.append(f"method {chosen_method}: auto prefers training every weight (full > lora > qlora)")
     notes.append(_why_this_configuration(best, options, fitting, capacity, strategies, micro_batches))
     accumulation = per_process // best.micro_batch_size

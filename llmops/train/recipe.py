@@ -177,7 +177,8 @@ class Recipe(StrictModel):
     data: DataConfig
     method: Literal["auto", "full", "lora", "qlora"] = "lora"
     """`full` trains every weight; `lora` trains small adapters; `qlora` adds a 4-bit base (CUDA only);
-    `auto` picks full when it fits in memory, else lora."""
+    `auto` picks full when it fits in memory, else lora, else qlora. Not set: lora, or qlora on GPUs where
+    lora does not fit."""
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
