@@ -22,7 +22,7 @@ def batch_command(
     input: Annotated[str, typer.Argument(
         help="A .jsonl (prompt/messages lines or OpenAI Batch requests), .parquet or .arrow file, a folder "
              "of such shards, or a quoted glob like 'data/*.parquet'; local, or on object storage "
-             "(s3://BUCKET/PREFIX, gs://…); or a Hugging Face dataset: hf://datasets/OWNER/NAME[@REV] or a "
+             "(s3://BUCKET/PREFIX, gs://…); or a Hugging Face dataset: hf://datasets/OWNER/NAME\\[@REV] or a "
              "save_to_disk folder (--set input.split=…).", show_default=False)],
     output: Annotated[str, typer.Option(
         "--output", "-o", help="Output folder (a local path, or s3://BUCKET/PREFIX, gs://… on object storage): "
