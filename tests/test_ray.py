@@ -63,6 +63,16 @@ def test_replicas_sharing_a_host_get_their_own_cores():
 
 
 @pytest.mark.unit
+def test_a_cpu_replica_process_starts_with_its_openmp_thread_count():
+    from llmops.batch.ray_engines import process_env
+
+    # Set at process start (runtime_env), where libgomp reads it when LD_PRELOAD loads it first.
+    assert process_env(Replica(0, "a", "10.0.0.1", 1.0, 0)) == {"OMP_NUM_THREADS": "1"}
+    assert process_env(Replica(0, "a", "10.0.0.1", 32.0, 0)) == {"OMP_NUM_THREADS": "32"}
+    assert process_env(Replica(0, "a", "10.0.0.1", 1.0, 2)) == {}  # a GPU engine: Ray's default
+
+
+@pytest.mark.unit
 def test_ray_missing_or_unreachable_exits_2_with_the_fix(tmp_path):
     prompts = tmp_path / "in.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
