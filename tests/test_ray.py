@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,10 +146,19 @@ def batch_args(cluster, path, out, *extra):
     return ["batch", str(path), "-o", str(out), "--ray", cluster.address, *SMALL_ENGINE, *extra]
 
 
-def start_driver(cluster, args, log):
-    return subprocess.Popen([sys.executable, "-m", "llmops", *args], stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"), start_new_session=True, cwd=REPO,
-                            env={**os.environ, **cluster.env})
+@contextmanager
+def running_driver(cluster, args, log):
+    """`llmops batch ARGS` in its own session, its stderr in `log`; killed with everything it started if it
+    is still running when the block ends (a failed assertion, a hang guard)."""
+    driver = subprocess.Popen([sys.executable, "-m", "llmops", *args], stdout=subprocess.DEVNULL,
+                              stderr=open(log, "w"), start_new_session=True, cwd=REPO,
+                              env={**os.environ, **cluster.env})
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
 
 def assert_exactly_once(out, rows):
@@ -199,10 +209,8 @@ def test_killing_the_driver_mid_job_then_rerun_gives_every_row_once(cluster, tmp
     path = write_prompts(tmp_path / "in.parquet", rows)
     out = tmp_path / "out"
     args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
-    driver = start_driver(cluster, args, tmp_path / "driver.log")
-    try:
+    with running_driver(cluster, args, tmp_path / "driver.log") as driver:
         wait_for_shards(out, driver)
-    finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     before = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
@@ -233,18 +241,13 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
     args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=16", "--set",
                       "engine.max_num_seqs=1", "--grace-period", str(grace))
     log = tmp_path / "driver.log"
-    driver = start_driver(cluster, args, log)
-    try:
+    with running_driver(cluster, args, log) as driver:
         wait_for_shards(out, driver)
         time.sleep(2.0)  # the next unit is under way on the engine that committed the first
         driver.send_signal(signal.SIGTERM)  # the driver's machine is being preempted
         stopped = time.monotonic()
         driver.wait(timeout=120)
         took = time.monotonic() - stopped
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
     stderr = log.read_text()
     assert driver.returncode == 75, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "rerun the same command to finish the job" in stderr
@@ -273,15 +276,10 @@ def test_killing_a_node_mid_job_finishes_on_the_other_and_rerun_gives_every_row_
     out = tmp_path / "out"
     args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
     log = tmp_path / "driver.log"
-    driver = start_driver(cluster, args, log)
-    try:
+    with running_driver(cluster, args, log) as driver:
         wait_for_shards(out, driver)
         cluster.kill_node(1)  # the worker node, with its raylet, engine actor and vLLM processes
         driver.wait(timeout=600)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
     stderr = log.read_text()
     assert driver.returncode == 0, stderr[-3000:]
     assert "was lost" in stderr and "1 of 2 engines left" in stderr
