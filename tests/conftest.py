@@ -35,6 +35,14 @@ def default_model_dir() -> Path:
     return ensure_local(resolve("smollm2-135m"), progress=lambda msg: print(msg, file=sys.stderr))
 
 
+@pytest.fixture(scope="session")
+def default_embed_model_dir() -> Path:
+    """The offline default embedding model (all-MiniLM-L6-v2) as a Hugging Face folder (fetched on first use)."""
+    from llmops.registry import ensure_local, resolve
+
+    return ensure_local(resolve("all-minilm-l6-v2"), progress=lambda msg: print(msg, file=sys.stderr))
+
+
 # SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), for the tiny tokenizer below.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -104,9 +112,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
 
 
 def pytest_collection_modifyitems(config, items):
-    """`-m unit` must pass on a fresh clone without fetching the 538 MB default model: a unit test that asks
-    for it is a mistake in the test (mark it `engine`, or give it `tiny_tokenizer_dir`)."""
+    """`-m unit` must pass on a fresh clone without fetching the 538 MB default model (or the embedding model): a
+    unit test that asks for one is a mistake in the test (mark it `engine`, or give it `tiny_tokenizer_dir`)."""
+    fetched = {"default_model_dir", "default_embed_model_dir"}
     wrong = [item.nodeid for item in items
-             if item.get_closest_marker("unit") and "default_model_dir" in getattr(item, "fixturenames", ())]
+             if item.get_closest_marker("unit") and fetched & set(getattr(item, "fixturenames", ()))]
     if wrong:
         raise pytest.UsageError("unit tests that need the converted default model: " + ", ".join(wrong))

