@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,8 @@ from llmops.errors import DoesNotFitError, LlmopsError
 from llmops.hardware import GIB, Hardware
 from llmops.plan import EngineConfig, EnginePlan, ModelFacts, plan_engine
 
-__all__ = ["EngineConfig", "EnginePlan", "as_cli_flags", "engine_args", "engine_env", "explain_engine_failure",
-           "plan_for"]
+__all__ = ["EngineConfig", "EnginePlan", "ResolvedEngine", "as_cli_flags", "engine_args", "engine_env",
+           "explain_engine_failure", "plan_for", "resolve_engine"]
 
 
 def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"], *,
@@ -121,6 +122,31 @@ def as_cli_flags(args: dict[str, Any]) -> list[str]:
         else:
             flags += [flag, str(value)]
     return flags
+
+
+@dataclass(frozen=True)
+class ResolvedEngine:
+    """An engine resolved once: the plan, `vllm.LLM`'s keyword arguments and the environment it starts in.
+    A batch job's manifest, its worker processes and its Ray replicas all carry this one object, so no two
+    places can start a different engine for the same plan."""
+
+    plan: EnginePlan
+    llm_args: dict[str, Any]
+    env: dict[str, str]
+
+    @property
+    def cli_flags(self) -> list[str]:
+        """The same engine as `vllm serve` flags."""
+        return as_cli_flags(self.llm_args)
+
+    def call(self, env: dict[str, str] | None = None) -> str:
+        """The exact call, as `--dry-run` shows it: `VAR=value ... vllm.LLM(**{...})`."""
+        return " ".join([*(f"{k}={v}" for k, v in (self.env if env is None else env).items()),
+                         f"vllm.LLM(**{self.llm_args!r})"])
+
+
+def resolve_engine(plan: EnginePlan, model_path: str | Path) -> ResolvedEngine:
+    return ResolvedEngine(plan, engine_args(plan, model_path), engine_env(plan))
 
 
 # --- when vLLM refuses to start -----------------------------------------------------------------------

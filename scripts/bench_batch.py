@@ -72,9 +72,10 @@ def bench_same_engine(prompts: list[str], prompts_file: Path, out_dir: Path, con
     from vllm import SamplingParams
 
     from llmops.batch import run_batch
-    from llmops.batch.runner import load_engine
+    from llmops.batch.engine import load_engine
+    from llmops.vllm_engine import resolve_engine
 
-    llm = load_engine(plan, model_path)
+    llm = load_engine(resolve_engine(plan, model_path))
     params = SamplingParams(max_tokens=config.sampling.max_tokens, temperature=0.0)
     raw, ours = [], []
     for r in range(rounds):

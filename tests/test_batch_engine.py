@@ -40,7 +40,7 @@ def read_results(out_dir):
 def llm(default_model_dir, tmp_path_factory):
     probe = write_jsonl(tmp_path_factory.mktemp("probe") / "p.jsonl", [{"prompt": "x"}])
     job = plan_batch(config(), str(probe), tmp_path_factory.mktemp("probe-out"))
-    engine = load_engine(job.plan, default_model_dir)
+    engine = load_engine(job.engine)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -136,7 +136,8 @@ def test_parquet_shards_keep_columns_resume_exactly_and_split_over_workers(llm, 
     # Two data-parallel workers share the pending units: together they do each exactly once.
     for s in out.glob("results/*.parquet"):
         s.unlink()
-    assert run_worker(out, 0, 2, llm=llm) == 3 and run_worker(out, 1, 2, llm=llm) == 3
+    work = plan_batch(cfg, str(folder), out).work()
+    assert run_worker(work, 0, 2, llm=llm) == 3 and run_worker(work, 1, 2, llm=llm) == 3
     final = run_batch(cfg, str(folder), out, llm=llm)
     assert (final.rows_skipped, final.rows_ok, final.generation_s) == (10, 10, 0.0)
     assert read_results(out).column("row").to_pylist() == list(range(10))

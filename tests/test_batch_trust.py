@@ -454,7 +454,7 @@ def test_vllm_refusing_its_kv_cache_exits_3_naming_the_knob(job_files, monkeypat
     from llmops.batch import run_batch
     from llmops.errors import DoesNotFitError
 
-    def refuse(plan, model_path):
+    def refuse(engine):
         # What vLLM's worker process writes to fd 2 (the log file while the engine starts), then raises.
         os.write(2, b"RuntimeError: Available memory on node 0 (6.48/8.46 GiB) on kv cache allocation is less "
                     b"than requested memory for kv (8.0 GiB)\n")

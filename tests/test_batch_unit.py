@@ -308,9 +308,10 @@ def test_cpu_engines_of_one_host_each_get_their_own_cores(tmp_path, monkeypatch)
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     plan = SimpleNamespace(device="cpu", data_parallel_size=2, tensor_parallel_size=1)
-    job = SimpleNamespace(plan=plan, model_path=tmp_path, model_name="m", output=OutputDir(tmp_path / "out"))
-    monkeypatch.setattr("llmops.vllm_engine.engine_args", lambda plan, path: {"model": str(path)})
-    monkeypatch.setattr("llmops.vllm_engine.engine_env", lambda plan: {"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    from llmops.vllm_engine import ResolvedEngine
+
+    engine = ResolvedEngine(plan, {"model": str(tmp_path)}, {"VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    job = SimpleNamespace(plan=plan, engine=engine, output=OutputDir(tmp_path / "out"))
     found = engines(job)
     assert [e["env"]["VLLM_CPU_OMP_THREADS_BIND"] for e in found] == ["0,1", "2,3"]
     assert all("CUDA_VISIBLE_DEVICES" not in e["env"] for e in found)

@@ -1,4 +1,5 @@
-"""`llmops batch`: offline generation with vLLM over prompt files and Parquet/Arrow shards, resumable.
+"""`llmops batch`: offline generation and embeddings with vLLM over prompt files and Parquet/Arrow shards,
+resumable.
 
     from llmops.batch import BatchConfig, run_batch
     summary = run_batch(BatchConfig(model="smollm2-135m"), "prompts.jsonl", "out/")

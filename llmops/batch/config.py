@@ -50,11 +50,30 @@ class InputConfig(StrictModel):
     """Hugging Face dataset input: the subset (configuration) of a dataset that has several."""
 
 
+class EmbedOutput(StrictModel):
+    """Embedding jobs (`--task embed`): what each vector is and how it is stored. All of it is part of the
+    job's identity: a resume that changes it is refused."""
+
+    normalize: bool = True
+    """Scale each vector to length 1 (cosine similarity is then a dot product); vLLM's `use_activation`."""
+    dimensions: Optional[int] = Field(default=None, ge=1)
+    """Keep the first N dimensions (Matryoshka truncation); only for models trained for it."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """How vectors are stored: float16 halves the size."""
+    on_long: Literal["truncate", "fail"] = "truncate"
+    """A text longer than the model's window: embed its start and set the row's `truncated` flag, or fail
+    the row."""
+
+
 class BatchConfig(StrictModel):
     """One `llmops batch` job (YAML file, `--set`, flags)."""
 
     model: str = DEFAULT_MODEL
     """Registry alias, local model folder or Hugging Face id."""
+    task: Literal["auto", "generate", "embed"] = "auto"
+    """What each row becomes: generated text, or an embedding vector. auto: embed for a model the registry
+    records as an embedding model, else generate."""
+    output: EmbedOutput = Field(default_factory=EmbedOutput)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)

@@ -1,4 +1,5 @@
-"""Running one engine over units: keep vLLM's batch full, commit every finished unit, stop cleanly.
+"""Running one engine over units: keep vLLM's batch full, commit every finished unit, stop cleanly; and
+starting and stopping that engine (`start_llm`, `close_engine`), which every placement uses.
 
 The loop drives `llm.llm_engine` directly (add_request/step) instead of calling `LLM.generate` per chunk:
 the next unit's requests are queued while the current ones decode, so the scheduler never drains between
@@ -13,17 +14,23 @@ piece of their unit (`outputs.py`), and a rerun generates only the rest.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from llmops.batch.config import SamplingConfig, sampling_params
+from llmops.batch.config import SamplingConfig
 from llmops.batch.identity import JobIdentity
 from llmops.batch.inputs import Row, Unit
 from llmops.batch.outputs import OutputDir, UnitStats
+from llmops.batch.tasks import Generate, RowTask, _adapter_of  # noqa: F401 (_adapter_of: tests import it here)
 from llmops.errors import RuntimeFailure, Stopped
+from llmops.reaper import watch_children
+
+if TYPE_CHECKING:
+    from llmops.vllm_engine import ResolvedEngine
 
 # Requests kept queued in the engine, as a multiple of its max_num_seqs: enough that finished sequences
 # are replaced at once, few enough that only a couple of units are held in memory.
@@ -100,13 +107,15 @@ class _InFlight:
     unit: Unit
     results: list[dict[str, Any] | None]
     remaining: int
+    outputs: dict[int, list[Any]] = field(default_factory=dict)
+    """A row's request outputs so far, by position, while some of its requests still run."""
 
 
-def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDir, job: JobIdentity,
-             progress: Progress, stop: StopRequest | None = None, writer: str = "engine 0"
-             ) -> Iterator[tuple[str, UnitStats]]:
-    """Run every unit through the engine; yield (key, stats) as each unit's shard (or piece) is committed.
-    With `stop` requested, returns early after committing the finished rows of the units in flight."""
+def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: JobIdentity, progress: Progress,
+              stop: StopRequest | None = None, writer: str = "engine 0") -> Iterator[tuple[str, UnitStats]]:
+    """Run every unit through the engine as `task` says; yield (key, stats) as each unit's shard (or piece)
+    is committed. With `stop` requested, returns early after committing the finished rows of the units in
+    flight."""
     from jinja2 import TemplateError
 
     stop = stop or StopRequest()
@@ -117,24 +126,11 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
         row_errors += (VLLMValidationError,)
     except ImportError:
         pass
-    try:  # newer vLLM takes pre-tokenized input as an EngineInput; older ones as a TokensPrompt dict
-        from vllm.inputs import tokens_input
-    except ImportError:
-        def tokens_input(ids: list[int]) -> dict:
-            return {"prompt_token_ids": ids}
     engine = llm.llm_engine
-    tokenizer = llm.get_tokenizer()
-    lora_requests = {}  # an adapter rides on each request that uses it; the base weights stay as they are
-    if job.model.adapters:
-        from vllm.lora.request import LoRARequest
-
-        lora_requests = {name: LoRARequest(name, number, adapter.path)
-                         for number, (name, adapter) in enumerate(sorted(job.model.adapters.items()), 1)}
-    # One SamplingParams for every row without overrides, as LLM.generate does (the engine copies it).
-    job_params = sampling_params(sampling)
+    state = task.open(llm, job)
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
     inflight: dict[str, _InFlight] = {}
-    where: dict[str, tuple[str, int]] = {}  # request id -> (unit key, position in unit)
+    where: dict[str, tuple[str, int, int]] = {}  # request id -> (unit key, position in unit, request of row)
     units = iter(units)
     more = True
     step_s = 0.0
@@ -145,25 +141,34 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
             if unit is None:
                 more = False
                 break
-            state = inflight[unit.key] = _InFlight(unit, [None] * len(unit.rows), len(unit.rows))
+            unit_state = inflight[unit.key] = _InFlight(unit, [None] * len(unit.rows), len(unit.rows))
             failed = 0
             for pos, row in enumerate(unit.rows):
                 if row.error is None:
-                    request_id = f"{unit.key}/{pos}"
+                    row.error = task.check(row)
+                if row.error is None:
+                    added = []
                     try:
-                        params = sampling_params(sampling, row.body) if row.body else job_params
-                        engine.add_request(request_id, tokens_input(_token_ids(tokenizer, row)), params,
-                                           lora_request=lora_requests.get(_adapter_of(row, job)))
-                        where[request_id] = (unit.key, pos)
+                        requests = task.requests(state, row)
+                        for n, (prompt, params, lora) in enumerate(requests):
+                            request_id = f"{unit.key}/{pos}" if len(requests) == 1 else f"{unit.key}/{pos}/{n}"
+                            engine.add_request(request_id, prompt, params, lora_request=lora)
+                            added.append(request_id)
+                            where[request_id] = (unit.key, pos, n)
+                        unit_state.outputs[pos] = [None] * len(requests)
                         continue
                     except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
                         row.error = str(e).strip() or type(e).__name__
-                state.results[pos] = _failure(row)
-                state.remaining -= 1
+                        if added:  # the row's first requests went in before one of them was refused
+                            engine.abort_request(added)
+                            for request_id in added:
+                                where.pop(request_id)
+                unit_state.results[pos] = task.failure(row)
+                unit_state.remaining -= 1
                 failed += 1
             progress.advance(failed, 0)
-            if state.remaining == 0:
-                yield _commit(inflight.pop(unit.key), out, job, writer)
+            if unit_state.remaining == 0:
+                yield _commit(inflight.pop(unit.key), out, job, writer, task, state)
         # A step can take seconds on a CPU (a long prefill): stop before one that would end past finish_by.
         if stop.requested and (not inflight or time.monotonic() + step_s >= stop.finish_by):
             break
@@ -186,60 +191,47 @@ def generate(llm, units: Iterable[Unit], sampling: SamplingConfig, out: OutputDi
         for output in outputs:
             if not output.finished:
                 continue
-            key, pos = where.pop(output.request_id)
-            state = inflight[key]
-            completion = output.outputs[0]
-            state.results[pos] = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
-                                  "prompt_tokens": len(output.prompt_token_ids or ()),
-                                  "completion_tokens": len(completion.token_ids), "error": None}
-            state.remaining -= 1
+            key, pos, n = where.pop(output.request_id)
+            unit_state = inflight[key]
+            parts = unit_state.outputs[pos]
+            parts[n] = output
+            if any(part is None for part in parts):
+                continue
+            del unit_state.outputs[pos]
+            result = unit_state.results[pos] = task.result(state, unit_state.unit.rows[pos], parts)
+            unit_state.remaining -= 1
             rows += 1
-            tokens += len(completion.token_ids)
-            if state.remaining == 0:
-                yield _commit(inflight.pop(key), out, job, writer)
+            tokens += result.get("completion_tokens") or 0
+            if unit_state.remaining == 0:
+                yield _commit(inflight.pop(key), out, job, writer, task, state)
         if rows:
             progress.advance(rows, tokens)
     if inflight and stop.requested:
         # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece.
         with contextlib.suppress(Exception):
             engine.abort_request(list(where))
-        for state in inflight.values():
-            if any(r is not None for r in state.results):
-                yield _commit(state, out, job, writer)
+        for unit_state in inflight.values():
+            if any(r is not None for r in unit_state.results):
+                yield _commit(unit_state, out, job, writer, task, state)
     elif inflight:  # cannot happen: every request of a unit ends finished or failed
         raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
 
 
-def _adapter_of(row: Row, job: JobIdentity) -> str | None:
-    """The adapter a row generates with: the one its OpenAI `body.model` names, none when it names the base
-    model, else the job's (`--model ADAPTER`)."""
-    asked = (row.body or {}).get("model")
-    if asked in job.model.adapters:
-        return asked
-    return None if asked == job.model.name else job.model.adapter
-
-
-def _token_ids(tokenizer, row: Row) -> list[int]:
-    if row.messages is not None:
-        text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
-        # The chat template already holds the special tokens (as vLLM's chat path does).
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(row.prompt)
-
-
 def _failure(row: Row) -> dict[str, Any]:
-    return {"generated_text": None, "finish_reason": None, "prompt_tokens": None, "completion_tokens": None,
-            "error": row.error}
+    """A failed row of a generation job (tests build shards with it)."""
+    return Generate(SamplingConfig()).failure(row)
 
 
-def _commit(state: _InFlight, out: OutputDir, job: JobIdentity, writer: str = "engine 0") -> tuple[str, UnitStats]:
+def _commit(unit_state: _InFlight, out: OutputDir, job: JobIdentity, writer: str = "engine 0",
+            task: RowTask | None = None, state: Any = None) -> tuple[str, UnitStats]:
     """Commit the finished rows of a unit: all of them (a shard), or some (a piece, when stopping or when
-    an earlier run committed the others)."""
+    an earlier run committed the others). The result columns are the task's (generation when not given)."""
     import pyarrow as pa
 
-    unit = state.unit
-    positions = [pos for pos, r in enumerate(state.results) if r is not None]
-    results = [state.results[pos] for pos in positions]
+    task = task or Generate(SamplingConfig())
+    unit = unit_state.unit
+    positions = [pos for pos, r in enumerate(unit_state.results) if r is not None]
+    results = [unit_state.results[pos] for pos in positions]
     rows = [unit.rows[pos] for pos in positions]
     kept = unit.kept if len(positions) == len(unit.rows) else unit.kept.take(positions)
     arrays = {"row": pa.array([r.index for r in rows], pa.int64())}
@@ -247,13 +239,62 @@ def _commit(state: _InFlight, out: OutputDir, job: JobIdentity, writer: str = "e
         arrays["id"] = pa.array([r.id for r in rows], pa.string())
     for name in kept.column_names:
         arrays[name] = kept.column(name)
-    for name, kind in (("generated_text", pa.string()), ("finish_reason", pa.string()),
-                       ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("error", pa.string())):
+    for name, kind in task.columns(state):
         arrays[name] = pa.array([r[name] for r in results], kind)
     failed = sum(r["error"] is not None for r in results)
     stats = UnitStats(rows=len(results), ok=len(results) - failed, failed=failed,
-                      prompt_tokens=sum(r["prompt_tokens"] or 0 for r in results),
-                      completion_tokens=sum(r["completion_tokens"] or 0 for r in results))
+                      prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in results),
+                      completion_tokens=sum(r.get("completion_tokens") or 0 for r in results))
     out.commit(unit.key, pa.table(arrays), stats, job, piece=unit.piece or len(positions) < len(unit.rows),
                writer=writer)
     return unit.key, stats
+
+
+# --- starting and stopping the engine -------------------------------------------------------------------
+
+
+def load_engine(engine: ResolvedEngine):
+    """A `vllm.LLM` for this resolved engine; vLLM's logs go to stderr (its default is stdout, where results
+    go)."""
+    return start_llm(engine.llm_args, engine.env)
+
+
+# When stopping, vLLM's engine process gets this long to exit before it is killed: its default at exit is
+# 5 s, which with the rest of the exit overran a 12 s grace period (measured on 2 CPU cores).
+ENGINE_STOP_TIMEOUT_S = 1.0
+
+
+def close_engine(llm) -> None:
+    """Stop the engine's processes now (a stopping job has committed everything it keeps)."""
+    try:
+        llm.llm_engine.engine_core.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
+    except Exception:  # an engine that is already gone
+        pass
+
+
+def start_llm(args: dict[str, Any], env: dict[str, str]):
+    """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
+    caller that goes on (a test session, a notebook) does not pass our settings to later processes."""
+    from llmops.quiet import verbose
+
+    debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0") or verbose()
+    engine_env = {
+        "VLLM_LOGGING_STREAM": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stderr"),
+        # vLLM warns once per weight when it casts a float32 checkpoint to bf16 (hundreds of lines): show
+        # its errors only, unless LLMOPS_DEBUG or -v asks for everything.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO" if debug else "ERROR"),
+        **env,
+    }
+    saved = {key: os.environ.get(key) for key in engine_env}
+    os.environ.update(engine_env)
+    watch_children()  # vLLM's engine processes do not watch us: without this a kill -9 leaves them running
+    try:
+        from vllm import LLM
+
+        return LLM(**args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

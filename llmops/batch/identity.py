@@ -57,11 +57,16 @@ class JobIdentity(BaseModel):
     sampling: dict[str, Any]
     engine: EngineIdentity
     chunk_rows: int
+    task: dict[str, Any] = {}
+    """What the row task adds (`tasks.RowTask.identity`): its name and the options that change its output
+    (an embedding's pooling, normalization and dimensions). Empty for generation."""
 
     def key(self) -> str:
         """A short digest of what decides the output (names and paths left out); stored in every shard."""
         deciding = {"input": self.input.model_dump(exclude={"files"}), "model": self.model.digest,
                     "sampling": self.sampling, "engine": self.engine.model_dump(), "chunk_rows": self.chunk_rows}
+        if self.task:  # only then, so generation jobs keep their key
+            deciding["task"] = self.task
         if self.model.adapters:  # only then, so jobs without adapters keep their key
             deciding["adapters"] = {"default": self.model.adapter,
                                     **{name: a.digest for name, a in self.model.adapters.items()}}
@@ -95,6 +100,10 @@ class JobIdentity(BaseModel):
         for key, value in self.engine.model_dump().items():
             if getattr(old.engine, key) != value:
                 changes.append(f"engine.{key} changed: {getattr(old.engine, key)!r} -> {value!r}")
+        for key in sorted(set(old.task) | set(self.task)):
+            if old.task.get(key) != self.task.get(key):
+                before, after = old.task.get(key, "generate" if key == "name" else None), self.task.get(key)
+                changes.append(f"{'task' if key == 'name' else 'output.' + key} changed: {before!r} -> {after!r}")
         if old.chunk_rows != self.chunk_rows:
             changes.append(f"chunk_rows changed: {old.chunk_rows} -> {self.chunk_rows}")
         return changes

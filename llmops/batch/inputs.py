@@ -34,11 +34,14 @@ Location = Union[Path, str]
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
             ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow", ".arrows": "arrow"}
+# The OpenAI Batch URLs a generation job answers; each task says its own (`tasks.RowTask.openai_urls`).
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
 HF_DATASET_URI = "hf://datasets/"
 # The files `Dataset.save_to_disk` writes beside its Arrow shards (`dataset_dict.json` for a DatasetDict).
 HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
-RESULT_COLUMNS = ("row", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
+# The columns any task writes (`tasks.py`): an input column of the same name would be ambiguous.
+RESULT_COLUMNS = ("row", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "embedding",
+                  "truncated", "error")
 # Lines read ahead to detect a JSONL flavour: the first parseable object decides.
 _SNIFF_LINES = 100
 
@@ -54,6 +57,8 @@ class InputSpec:
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
+    openai_urls: tuple[str, ...] = OPENAI_URLS
+    """OpenAI Batch input: the request URLs the job's task answers; a line with another fails alone."""
 
     def __post_init__(self):
         object.__setattr__(self, "files", tuple(f if isinstance(f, Path) or is_uri(f) else Path(f)
@@ -103,7 +108,11 @@ class Row:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     body: dict[str, Any] | None = None
+    texts: list[str] | None = None
+    """An OpenAI `/v1/embeddings` request whose `input` is a list of strings: one embedding each."""
     error: str | None = None
+    truncated: bool = False
+    """Set by a task that cut the row's text to the model's window (an embedding job flags it)."""
 
 
 @dataclass
@@ -489,7 +498,7 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
         bad_text = _lone_surrogate(raw, obj)
         if bad_text:
             obj = _escaped(obj)
-        row = _openai_row(index, line_no, obj) if openai else _prompt_row(index, line_no, obj)
+        row = _openai_row(index, line_no, obj, spec.openai_urls) if openai else _prompt_row(index, line_no, obj)
         if bad_text:
             row.error, row.body = f"line {line_no}: {bad_text}", None
         rows.append(row)
@@ -594,22 +603,24 @@ def check_custom_ids(spec: InputSpec) -> set[str]:
     return models
 
 
-def _openai_row(index: int, line_no: int, obj: Any) -> Row:
+def _openai_row(index: int, line_no: int, obj: Any, urls: tuple[str, ...] = OPENAI_URLS) -> Row:
     if not isinstance(obj, dict):
         return Row(index, f"line-{line_no}", error=f"line {line_no}: expected a JSON object")
     custom_id = obj.get("custom_id")
-    row = Row(index, str(custom_id) if custom_id is not None else None)
     body, url = obj.get("body"), obj.get("url")
+    row = Row(index, str(custom_id) if custom_id is not None else None)
     if custom_id is None:
         row.error = f"line {line_no}: no custom_id"
     elif obj.get("method", "POST") != "POST":
         row.error = f"method must be POST, got {obj.get('method')!r}"
-    elif url not in OPENAI_URLS:
-        row.error = f"url must be one of {', '.join(OPENAI_URLS)}, got {url!r}"
+    elif url not in urls:
+        row.error = f"url must be one of {', '.join(urls)}, got {url!r}"
     elif not isinstance(body, dict):
         row.error = "body must be a JSON object"
     elif url == "/v1/chat/completions":
         row.messages, row.error = _messages(body.get("messages"))
+    elif url == "/v1/embeddings":
+        row.prompt, row.texts, row.error = _embedding_input(body.get("input"))
     else:
         row.prompt, row.error = _prompt(body.get("prompt"))
     if row.error is None:
@@ -623,6 +634,17 @@ def _prompt(value: Any) -> tuple[str | None, str | None]:
     if not value.strip():
         return None, "empty prompt"
     return value, None
+
+
+def _embedding_input(value: Any) -> tuple[str | None, list[str] | None, str | None]:
+    """An OpenAI embeddings `input`: a string, or a list of strings (one embedding each)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        empty = [i for i, v in enumerate(value) if not v.strip()]
+        return (None, None, f"input[{empty[0]}] is empty") if empty else (None, value, None)
+    if isinstance(value, list):
+        return None, None, "input must be a string or a non-empty list of strings (token ids are not supported)"
+    prompt, error = _prompt(value)
+    return prompt, None, error and error.replace("prompt", "input")
 
 
 def _messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:

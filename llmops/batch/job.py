@@ -4,7 +4,7 @@ fast and leaves the folder as it was)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,32 @@ from llmops.batch.config import BatchConfig
 from llmops.batch.identity import AdapterIdentity, EngineIdentity, JobIdentity, ModelIdentity
 from llmops.batch.inputs import InputSpec, check_custom_ids, count_rows, open_input, unit_sizes
 from llmops.batch.outputs import Manifest, OutputDir
+from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S
+from llmops.batch.embed import Embed
+from llmops.batch.tasks import Generate, RowTask
 from llmops.errors import UsageError
+
+
+@dataclass
+class EngineWork:
+    """Everything an engine needs to run its share of a job, wherever it runs: in this process, in a local
+    worker process (pickled on its stdin) or in a Ray actor (`ray.put`). Nothing is re-planned there."""
+
+    spec: InputSpec
+    """With absolute locations: openable from any process and any node that sees the same storage."""
+    row_counts: list[int]
+    chunk_rows: int
+    task: RowTask
+    identity: JobIdentity
+    output_dir: str
+    engine: Any
+    """llmops.vllm_engine.ResolvedEngine"""
+    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
+    """Time from a stop (SIGTERM) to the end: finished rows are committed within it."""
+
+    @property
+    def unit_sizes(self) -> dict[str, int]:
+        return unit_sizes(self.row_counts, self.chunk_rows)
 
 
 @dataclass
@@ -33,10 +58,33 @@ class BatchJob:
     overwrite: bool
     base_model: str | None = None
     """When `model_name` is a LoRA adapter: the model it runs on (what `model_path` holds)."""
+    task: RowTask | None = None
+    """What each row becomes (`tasks.py`); from the config when not given."""
+
+    def __post_init__(self):
+        self.task = self.task or task_for(self.config, "generate" if self.config.task == "auto" else self.config.task,
+                                          self.input_spec.format == "openai")
 
     @property
     def units(self) -> list[str]:
         return list(self.unit_sizes)
+
+    @property
+    def engine(self):
+        """The engine, resolved once from the plan (llmops.vllm_engine.ResolvedEngine): the manifest, the
+        dry run and every placement use this one."""
+        from llmops.vllm_engine import resolve_engine
+
+        path = self.model_path or f"<{self.model_name}, not downloaded yet>"
+        if getattr(self, "_engine_for", None) != path:
+            self._engine, self._engine_for = resolve_engine(self.plan, path), path
+        return self._engine
+
+    def work(self, grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> EngineWork:
+        spec = self.input_spec
+        absolute = replace(spec, files=tuple(spec.locations()))
+        return EngineWork(absolute, list(self.row_counts), self.config.chunk_rows, self.task, self.identity,
+                          self.output.location, self.engine, grace_period_s)
 
     def with_model(self, model_path: Path) -> None:
         """Record the model's folder once it is local, and its digest in the identity."""
@@ -47,13 +95,11 @@ class BatchJob:
                                                                      "digest": model_digest(model_path)})
 
     def manifest(self) -> Manifest:
-        from llmops.vllm_engine import engine_args, engine_env
-
         return Manifest(job=self.identity, job_key=self.identity.key(), status="running",
                         files=["config.yaml", *(["output.jsonl", "errors.jsonl"]
                                                 if self.input_spec.format == "openai" else [])],
                         input_paths=self.input_spec.locations(),
-                        engine_args=engine_args(self.plan, self.model_path), engine_env=engine_env(self.plan))
+                        engine_args=self.engine.llm_args, engine_env=self.engine.env)
 
     def warnings(self) -> list[str]:
         dp = self.plan.data_parallel_size
@@ -61,6 +107,13 @@ class BatchJob:
             return [f"{len(self.unit_sizes)} shards for {dp} engines leaves engines idle: lower chunk_rows "
                     f"(--set chunk_rows=N) to about {max(1, sum(self.row_counts) // (4 * dp))}"]
         return []
+
+
+def task_for(config: BatchConfig, name: str = "generate", openai: bool = False) -> RowTask:
+    """The job's row task: `name` is the config's task with "auto" resolved (`plan_batch`)."""
+    if name == "embed":
+        return Embed(config.output, openai=openai)
+    return Generate(config.sampling)
 
 
 def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
@@ -85,12 +138,17 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
                     lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
     model = ModelIdentity(name=resolved.name, adapters={a.name: _adapter_identity(a) for a in adapters},
                           adapter=adapters[0].name if adapters and adapters[0].name == config.model else None)
+    task = task_for(config, _task_name(config, resolved), spec.format == "openai")
+    spec = replace(spec, openai_urls=task.openai_urls)
+    if task.name == "embed":
+        _check_embedding_options(config, resolved)
     identity = JobIdentity(input=spec.identity(), model=model,
-                           sampling=config.sampling.model_dump(mode="json"),
+                           sampling=config.sampling.model_dump(mode="json") if task.name == "generate" else {},
                            engine=EngineIdentity(dtype=plan.dtype, max_model_len=plan.max_model_len),
-                           chunk_rows=config.chunk_rows)
+                           chunk_rows=config.chunk_rows, task=task.identity())
     job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, model.adapter or model.name,
-                   None, identity, OutputDir(output_dir), overwrite, adapters[0].spec.base if adapters else None)
+                   None, identity, OutputDir(output_dir), overwrite, adapters[0].spec.base if adapters else None,
+                   task)
     if (path := resolved.local_path()) is not None:
         job.with_model(path)
     job.output.check(job.identity, overwrite)
@@ -131,16 +189,28 @@ def resolved_config(config: BatchConfig, plan) -> BatchConfig:
                                                                 for k, v in planned.items()})})
 
 
-def dry_run(job: BatchJob) -> dict[str, Any]:
-    """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
-    from llmops.batch.workers import engines
+def _task_name(config: BatchConfig, resolved) -> str:
+    """The config's task, "auto" resolved: embed for a model the registry records as an embedding model."""
+    if config.task != "auto":
+        return config.task
+    return "embed" if resolved.spec is not None and resolved.spec.task == "embed" else "generate"
 
-    done = 0 if job.overwrite else len(job.output.committed(job.unit_sizes, None).done)
-    return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
-            "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
-                      "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
-                      "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
-            "output_dir": job.output.location, "units": len(job.unit_sizes), "units_done": done,
-            "identity": job.identity.model_dump(mode="json"),
-            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
-            "warnings": job.warnings()}
+
+def _check_embedding_options(config: BatchConfig, resolved) -> None:
+    """Refuse, before any engine starts, the embedding options this model cannot honour."""
+    from llmops.registry import read_model_config
+
+    from llmops.batch.config import SamplingConfig
+
+    if config.sampling != SamplingConfig():
+        raise UsageError("sampling settings do not apply to an embedding job (--task embed)",
+                         "drop the --max-tokens/--temperature/sampling.* settings, or use --task generate")
+    if config.output.dimensions is not None:
+        hf = read_model_config(resolved) or {}
+        sizes = hf.get("matryoshka_dimensions")
+        if not (hf.get("is_matryoshka") or sizes):
+            raise UsageError(f"{resolved.name} is not a Matryoshka model: output.dimensions cannot shorten its "
+                             "embeddings", "drop output.dimensions (the model's full size is used)")
+        if sizes and config.output.dimensions not in sizes:
+            raise UsageError(f"{resolved.name} supports output.dimensions of {', '.join(map(str, sizes))}, not "
+                             f"{config.output.dimensions}")

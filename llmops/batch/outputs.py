@@ -103,6 +103,41 @@ class Committed:
         return sum(s.rows for s in self.done.values()) + sum(len(r) for r in self.partial.values())
 
 
+# The shards are the commit; the manifest is an index, refreshed every few seconds so that rewriting it
+# stays cheap however many shards a job has.
+MANIFEST_EVERY_S = 5.0
+
+
+class CommitLog:
+    """The one path by which every placement (this process, worker processes, Ray replicas) reports a
+    committed shard or piece: it updates what is committed, advances the progress and refreshes the
+    manifest every MANIFEST_EVERY_S."""
+
+    def __init__(self, out: OutputDir, manifest: Manifest, committed: Committed, unit_sizes: dict[str, int],
+                 progress) -> None:
+        self.out, self.manifest, self.committed = out, manifest, committed
+        self.unit_sizes, self.progress = unit_sizes, progress
+        self.written = time.monotonic()
+
+    def record(self, key: str, stats: UnitStats, *, counted: bool = False, node: str | None = None) -> None:
+        """`stats` of a shard or piece just committed for unit `key`. `counted`: its rows were already shown
+        as progress (an engine in this process reports rows as they finish)."""
+        if not counted:
+            self.progress.advance(stats.rows, stats.completion_tokens)
+        committed = self.committed
+        done = committed.partial_stats.pop(key, UnitStats()) + stats  # the rest of a unit a stopped run began
+        if done.rows < self.unit_sizes[key]:  # a piece committed while stopping (its rows are in the shards)
+            committed.partial_stats[key] = done
+        else:
+            committed.partial.pop(key, None)
+            committed.done[key] = done
+        if node is not None:
+            self.manifest.nodes[key] = node
+        if time.monotonic() - self.written > MANIFEST_EVERY_S:
+            self.out.write_manifest(self.manifest, committed, "running")
+            self.written = time.monotonic()
+
+
 def shard_name(key: str, piece: int | None = None) -> str:
     return f"part-{key}.parquet" if piece is None else f"part-{key}.{piece}.parquet"
 
@@ -497,26 +532,33 @@ class OutputDir:
                 break
             for r in self._read_table(shard).slice(0, limit - len(rows)).to_pylist():
                 rows.append({"row": r["row"], "id": r["id"], "prompt": _prompt_text(r, described),
-                             "completion": r["generated_text"], "error": r["error"]})
+                             "completion": _result_text(r), "error": r["error"]})
         return rows
 
-    def write_openai_files(self, model: str, served: Iterable[str] = ()) -> list[str]:
+    def write_openai_files(self, model: str, served: Iterable[str] = (), task=None) -> list[str]:
         """output.jsonl and errors.jsonl in the OpenAI Batch format, from the shards, in input order; returns
         their locations. Each line names the model that answered it: the one its request's `body.model` asked
-        for where the job served that name (the base or one of its adapters), else `model`."""
+        for where the job served that name (the base or one of its adapters), else `model`. The response
+        body of a row that did not fail is the task's (`RowTask.openai_body`)."""
         import pyarrow as pa
 
+        if task is None:
+            from llmops.batch.config import SamplingConfig
+            from llmops.batch.tasks import Generate
+
+            task = Generate(SamplingConfig())
         created = int(time.time())
         served = set(served)
-        columns = ["row", "id", "url", "body", "generated_text", "finish_reason", "prompt_tokens",
-                   "completion_tokens", "error"]
+        columns = ["row", "id", "url", "body", *(name for name, _ in task.columns(None))]
         shards = self.shards()
         table = (pa.concat_tables(self._read_table(s, columns) for s in shards).sort_by("row") if shards else None)
 
         def lines(want_errors: bool):
-            for r in table.to_pylist() if table is not None else ():
-                if (r["error"] is not None) == want_errors:
-                    yield (json.dumps(openai_line(r, _answered_by(r, model, served), created)) + "\n").encode()
+            for batch in table.to_batches(max_chunksize=1000) if table is not None else ():
+                for r in batch.to_pylist():
+                    if (r["error"] is not None) == want_errors:
+                        line = openai_line(r, task, _answered_by(r, model, served), created)
+                        yield (json.dumps(line) + "\n").encode()
 
         names = ["output.jsonl", "errors.jsonl"]
         for name, want_errors in zip(names, (False, True)):
@@ -609,24 +651,29 @@ def _answered_by(r: dict[str, Any], model: str, served: set[str]) -> str:
     return asked if asked in served else model
 
 
-def openai_line(r: dict[str, Any], model: str, created: int) -> dict[str, Any]:
-    """One result line as OpenAI's Batch API writes it."""
+def openai_line(r: dict[str, Any], task, model: str, created: int) -> dict[str, Any]:
+    """One result line as OpenAI's Batch API (and vLLM's `run-batch`) writes it."""
     row = r["row"]
     if r["error"] is not None:
         body = {"error": {"message": r["error"], "type": "invalid_request_error", "param": None, "code": None}}
         status = 400
     else:
-        chat = r["url"] == "/v1/chat/completions"
-        choice = {"index": 0, "finish_reason": r["finish_reason"], "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": r["generated_text"]}} if chat
-                      else {"text": r["generated_text"]})
-        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{row}", "object": "chat.completion" if chat
-                else "text_completion", "created": created, "model": model, "choices": [choice],
-                "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}}
-        status = 200
+        body, status = task.openai_body(r, model, created), 200
     return {"id": f"batch_req_{row}", "custom_id": r["id"],
             "response": {"status_code": status, "request_id": f"req_{row}", "body": body}, "error": None}
+
+
+def _result_text(r: dict[str, Any]) -> str | None:
+    """A result row's answer in one line: the generated text, or an embedding's size and first values."""
+    if "embedding" in r and "generated_text" not in r:
+        vector = r["embedding"]
+        if vector is None:
+            return None
+        if vector and isinstance(vector[0], list):  # an OpenAI request with a list of inputs
+            return f"{len(vector)} embeddings of {len(vector[0])} dimensions"
+        head = ", ".join(f"{v:.4f}" for v in vector[:4])
+        return f"embedding of {len(vector)} dimensions [{head}, ...]" + (" (input truncated)" if r.get("truncated") else "")
+    return r.get("generated_text")
 
 
 def _prompt_text(r: dict[str, Any], described: dict[str, Any]) -> str:

@@ -24,62 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.batch.config import SamplingConfig
-from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, QUEUE_DEPTH_FACTOR, Progress, StopRequest
-from llmops.batch.identity import JobIdentity
+from llmops.batch.engine import QUEUE_DEPTH_FACTOR, Progress, StopRequest, start_llm
 from llmops.batch.inputs import InputSpec
-from llmops.batch.outputs import Committed, OutputDir, UnitStats
-from llmops.batch.workers import host_cores
+from llmops.batch.job import EngineWork
+from llmops.batch.outputs import CommitLog, Committed, OutputDir, UnitStats
 from llmops.errors import RuntimeFailure, UsageError
+from llmops.placement import Replica, host_cores, plan_replicas
 from llmops.ray_cluster import connect
 from llmops.storage import is_uri
+
+__all__ = ["EngineReplica", "Replica", "host_cores", "nodes_of", "plan_replicas", "process_env", "ray_dry_run",
+           "replica_env", "run_ray"]
 
 # Calls queued on each actor: the next one is already there when the current one returns.
 CALLS_PER_ACTOR = 2
 META_NODE = b"llmops.node"
-MANIFEST_EVERY_S = 5.0
 CLOSE_TIMEOUT_S = 20.0
 # Placing the actors waits for free CPUs/GPUs on their nodes; past this the cluster is busy with other work.
 PLACE_TIMEOUT_S = 300.0
 
 
-# --- planning the replicas ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Replica:
-    rank: int
-    node_id: str
-    node_ip: str
-    cpus: float
-    gpus: int
-    host_slot: int = 0
-    """Its place among the replicas on the same host (several Ray nodes may share one machine)."""
-    host_replicas: int = 1
-
-
-def plan_replicas(nodes: list[dict[str, Any]], plan) -> list[Replica]:
-    """One replica per live CPU node, or one per group of tensor_parallel_size GPUs on each GPU node."""
-    found: list[Replica] = []
-    for node in sorted((n for n in nodes if n.get("Alive")), key=lambda n: n["NodeID"]):
-        resources = node.get("Resources", {})
-        cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-        if plan.device == "cuda":
-            tp = plan.tensor_parallel_size
-            for _ in range(gpus // tp):
-                found.append(Replica(len(found), node["NodeID"], node["NodeManagerAddress"], 1.0, tp))
-        elif cpus >= 1:
-            # The whole node: vLLM's CPU engine uses every core it is given.
-            found.append(Replica(len(found), node["NodeID"], node["NodeManagerAddress"], cpus, 0))
-    if not found:
-        need = (f"{plan.tensor_parallel_size} GPU(s)" if plan.device == "cuda" else "1 CPU")
-        raise UsageError(f"the Ray cluster has no live node with {need} for an engine replica; add nodes "
-                         "(`ray start --address HEAD:PORT`) or check `ray status`")
-    by_host: dict[str, list[int]] = {}
-    for r in found:
-        by_host.setdefault(r.node_ip, []).append(r.rank)
-    return [Replica(r.rank, r.node_id, r.node_ip, r.cpus, r.gpus, by_host[r.node_ip].index(r.rank),
-                    len(by_host[r.node_ip])) for r in found]
+# --- the replicas' environment -------------------------------------------------------------------------
 
 
 def process_env(replica: Replica) -> dict[str, str]:
@@ -106,22 +71,6 @@ def replica_env(engine_env: dict[str, str], replica: Replica, cores: list[int] |
 
 
 # --- what each replica runs -----------------------------------------------------------------------------
-
-
-@dataclass
-class ReplicaWork:
-    """Everything a replica needs, handed over by the driver (nothing is re-planned on the node)."""
-
-    spec: InputSpec
-    row_counts: list[int]
-    chunk_rows: int
-    sampling: SamplingConfig
-    identity: JobIdentity
-    output_dir: str
-    engine_args: dict[str, Any]
-    engine_env: dict[str, str]
-    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
-    """Time from the driver's stop (its SIGTERM) to the end: finished rows are committed within it."""
 
 
 class _StopWhenCancelled(StopRequest):
@@ -153,7 +102,7 @@ class _NodeOutputDir(OutputDir):
 class EngineReplica:
     """A Ray actor: one vLLM engine on its node, generating and committing whole units."""
 
-    def __init__(self, work: ReplicaWork, replica: Replica):
+    def __init__(self, work: EngineWork, replica: Replica):
         import ray
 
         self.work, self.replica = work, replica
@@ -176,17 +125,15 @@ class EngineReplica:
         return None
 
     def start(self) -> dict[str, Any]:
-        from llmops.batch.runner import start_llm
-
         cores = sorted(os.sched_getaffinity(0))
-        env = replica_env(self.work.engine_env, self.replica, cores)
+        env = replica_env(self.work.engine.env, self.replica, cores)
         if "VLLM_CPU_OMP_THREADS_BIND" in env:
             # vLLM does not bind an engine in its caller's process: pin this thread before the engine starts
             # its OpenMP threads, which inherit it (+15% against unpinned, measured).
             os.sched_setaffinity(0, [int(c) for c in env["VLLM_CPU_OMP_THREADS_BIND"].split(",")])
         t0 = time.monotonic()
         try:
-            self.llm = start_llm(self.work.engine_args, env)
+            self.llm = start_llm(self.work.engine.llm_args, env)
         except Exception as e:
             self.start_error = f"{type(e).__name__}: {e}"
             raise
@@ -200,9 +147,9 @@ class EngineReplica:
             self.llm = None
 
     def run_units(self, keys: list[str], done_rows: dict[str, list[int]]) -> dict[str, Any]:
-        """Generate and commit these units (without the rows in `done_rows`) in one engine loop, so the
-        engine's batch stays full from one unit to the next. An exception fails the units not committed yet."""
-        from llmops.batch.engine import generate
+        """Run and commit these units (without the rows in `done_rows`) in one engine loop, so the engine's
+        batch stays full from one unit to the next. An exception fails the units not committed yet."""
+        from llmops.batch.engine import run_units
         from llmops.batch.inputs import iter_units
 
         if self.llm is None:
@@ -214,7 +161,7 @@ class EngineReplica:
                                {k: set(rows) for k, rows in done_rows.items()})
             writer = f"ray engine {self.replica.rank} on node {self.node[:12]}"
             stop = _StopWhenCancelled(w.grace_period_s)
-            for key, stats in generate(self.llm, units, w.sampling, self.out, w.identity, Progress(), stop, writer):
+            for key, stats in run_units(self.llm, units, w.task, self.out, w.identity, Progress(), stop, writer):
                 done.setdefault(key, []).append(stats.model_dump())
         except Exception as e:
             return {"node": self.node, "done": done, "error": f"{type(e).__name__}: {e}".strip()}
@@ -231,38 +178,25 @@ def _readable(location) -> bool:
         return False
 
 
-def replica_work(job, grace_period_s: float = DEFAULT_GRACE_PERIOD_S) -> ReplicaWork:
-    from llmops.vllm_engine import engine_args, engine_env
-
-    spec = job.input_spec
-    absolute = InputSpec(tuple(spec.locations()), spec.format, spec.prompt_column,
-                         spec.messages_column, spec.id_column)
-    return ReplicaWork(absolute, list(job.row_counts), job.config.chunk_rows, job.config.sampling, job.identity,
-                       job.output.location, engine_args(job.plan, job.model_path), engine_env(job.plan),
-                       grace_period_s)
-
-
 # --- the driver -----------------------------------------------------------------------------------------
 
 
 def ray_dry_run(job, address: str) -> dict[str, Any]:
     """The cluster, the replicas and each one's engine call, as data (`--dry-run --ray`)."""
-    from llmops.vllm_engine import engine_args, engine_env
-
     ray = connect(address)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     replicas = plan_replicas(nodes, job.plan)
-    args = engine_args(job.plan, job.model_path or f"<{job.model_name}, not downloaded yet>")
+    engine = job.engine
     engines = []
     for r in replicas:
-        env = replica_env(engine_env(job.plan), r, None)
+        env = replica_env(engine.env, r, None)
         bind = (f" VLLM_CPU_OMP_THREADS_BIND=<share {r.host_slot + 1} of {r.host_replicas} of the host's cores>"
                 if r.gpus == 0 and r.host_replicas > 1 else "")
         where = f"node {r.node_ip} {r.node_id[:12]} ({r.cpus:g} CPU{f', {r.gpus} GPU' if r.gpus else ''}):"
-        call = " ".join([where, *(f"{k}={v}" for k, v in env.items())]) + bind + f" vllm.LLM(**{args!r})"
+        call = " ".join([where, *(f"{k}={v}" for k, v in env.items())]) + bind + f" vllm.LLM(**{engine.llm_args!r})"
         engines.append({"rank": r.rank, "node_id": r.node_id, "node_ip": r.node_ip, "cpus": r.cpus,
                         "gpus": r.gpus, "host_slot": r.host_slot, "host_replicas": r.host_replicas, "env": env,
-                        "call": call, "llm_args": args})
+                        "call": call, "llm_args": engine.llm_args})
     cluster = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "resources": {
         k: v for k, v in n.get("Resources", {}).items() if k in ("CPU", "GPU", "memory")}} for n in nodes]
     ray.shutdown()
@@ -280,7 +214,7 @@ class _Replicas:
     lost: list[str] = field(default_factory=list)
 
 
-def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, manifest, address: str
+def run_ray(job, work: EngineWork, commits: CommitLog, progress: Progress, stop: StopRequest, address: str
             ) -> tuple[int, float]:
     """Place the replicas, hand out the pending units, follow their commits; returns how many replicas ran
     and the seconds until the last of them had started its engine.
@@ -296,17 +230,17 @@ def run_ray(job, committed: Committed, progress: Progress, stop: StopRequest, ma
         remote = ray.remote(max_restarts=0, max_concurrency=1)(EngineReplica)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        work = ray.put(replica_work(job, stop.grace_period_s))
+        work_ref = ray.put(work)
         actors = [remote.options(num_cpus=r.cpus, num_gpus=r.gpus, runtime_env={"env_vars": process_env(r)},
                                  scheduling_strategy=NodeAffinitySchedulingStrategy(r.node_id, soft=False)
-                                 ).remote(work, r) for r in replicas]
+                                 ).remote(work_ref, r) for r in replicas]
         state = _Replicas(actors, replicas, set(range(len(actors))), {i: 0 for i in range(len(actors))})
         _check_shared_output(ray, state, out, job.input_spec)
         hosts = len({r.node_ip for r in replicas})
         progress.phase(f"starting {len(replicas)} vLLM engines on {len({r.node_id for r in replicas})} Ray nodes "
                        f"({hosts} host{'s' if hosts > 1 else ''}); engine logs are in each node's Ray log folder")
         t0 = time.monotonic()
-        started = _dispatch(ray, state, job, committed, progress, stop, manifest)
+        started = _dispatch(ray, state, job, commits, progress, stop)
         return len(replicas), round(max(started, t0) - t0, 2)
     finally:
         if state is not None and not stop.requested:
@@ -353,10 +287,9 @@ def nodes_of(out: OutputDir, committed: Committed) -> dict[str, str]:
     return nodes
 
 
-def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progress, stop: StopRequest,
-              manifest) -> float:
+def _dispatch(ray, state: _Replicas, job, commits: CommitLog, progress: Progress, stop: StopRequest) -> float:
     """Returns when the last engine had started (time.monotonic)."""
-    out = job.output
+    out, committed = job.output, commits.committed
     last_start = 0.0
     todo = deque(k for k in job.units if k not in committed.done)
     running: dict[Any, tuple[int, list[str]]] = {}  # ObjectRef -> (replica, unit keys)
@@ -364,7 +297,6 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
     depth: dict[int, int] = {}  # rows an engine keeps queued (QUEUE_DEPTH_FACTOR x its max_num_seqs)
     # Rows per call for an even split of the job over every engine's queued calls.
     share = -(-sum(job.unit_sizes[k] for k in todo) // (len(state.actors) * CALLS_PER_ACTOR))
-    written = time.monotonic()
     cancelled = False
     while True:
         # 1. Keep CALLS_PER_ACTOR calls queued on every started replica (none once a stop is requested).
@@ -413,8 +345,8 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
                 _requeue(todo, keys, job, committed, progress)
                 continue
             for key, stats in result["done"].items():
-                _record(committed, key, [UnitStats(**s) for s in stats], job.unit_sizes[key], progress)
-                manifest.nodes[key] = result["node"]
+                for piece in stats:
+                    commits.record(key, UnitStats(**piece), node=result["node"])
             if result.get("lost"):
                 _lose(state, i, f"engine {i} did not start: {result['error']}", progress)
                 _requeue(todo, keys, job, committed, progress)
@@ -423,11 +355,8 @@ def _dispatch(ray, state: _Replicas, job, committed: Committed, progress: Progre
                 unfinished = [k for k in keys if k not in result["done"]]
                 progress.phase(f"{len(unfinished)} units failed on node {result['node'][:12]} (first: "
                                f"{unfinished[0] if unfinished else '-'}): {result['error']}")
-            if time.monotonic() - written > MANIFEST_EVERY_S:
-                out.write_manifest(manifest, committed, "running")
-                written = time.monotonic()
     if todo and not state.alive and not stop.requested:
-        out.write_manifest(manifest, committed, "incomplete")
+        out.write_manifest(commits.manifest, committed, "incomplete")
         raise RuntimeFailure(f"every engine replica is gone ({state.lost[-1]}); {len(todo)} units were not run",
                              "the committed shards are kept: run the same command again to finish the job")
     return last_start
@@ -457,19 +386,6 @@ def _requeue(todo: deque, keys: list[str], job, committed: Committed, progress: 
     for key in keys:
         if key in now.partial:
             committed.partial[key], committed.partial_stats[key] = now.partial[key], now.partial_stats[key]
-
-
-def _record(committed: Committed, key: str, stats: list[UnitStats], size: int, progress: Progress) -> None:
-    from llmops.batch.outputs import totals
-
-    new = totals(stats)
-    progress.advance(new.rows, new.completion_tokens)
-    done = committed.partial_stats.pop(key, UnitStats()) + new
-    if done.rows < size:  # pieces committed while stopping (the runner reads their rows from the shards)
-        committed.partial_stats[key] = done
-        return
-    committed.partial.pop(key, None)
-    committed.done[key] = done
 
 
 def _lose(state: _Replicas, i: int, why: str, progress: Progress) -> None:

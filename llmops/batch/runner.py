@@ -1,8 +1,10 @@
-"""`run_batch`: plan the job, lock the output folder, skip what is done, generate, commit, summarize.
+"""`run_batch`: plan the job, lock the output folder, skip what is done, run the engines, summarize.
 
-The work is split by job: `job.py` plans (model, input, engine plan, identity, folder checks), `engine.py`
-runs one engine over units and commits them, `workers.py` places several engines (one process per GPU
-group). This module runs a job end to end and starts the engine.
+The work is split by job: `job.py` plans (model, input, task, engine, identity, folder checks) and builds
+the `EngineWork` every engine gets; `tasks.py` says what a row becomes; `engine.py` runs one engine over
+units and commits them. Where the engines run is a placement, picked here: this process (`run_here`),
+local worker processes (`workers.py`) or Ray actors (`ray_engines.py`). Each takes the same `EngineWork`
+and reports its commits through one `CommitLog`.
 """
 
 from __future__ import annotations
@@ -14,20 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from llmops.batch.config import BatchConfig
-from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, generate, stop_on_signals
+from llmops.batch.engine import (DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, close_engine, load_engine, run_units,
+                                 stop_on_signals)
 from llmops.batch.inputs import iter_units
-from llmops.batch.job import BatchJob, dry_run, plan_batch, resolved_config
-from llmops.batch.outputs import Committed, totals
-from llmops.batch.workers import run_workers, units_for_rank
+from llmops.batch.job import BatchJob, EngineWork, plan_batch, resolved_config
+from llmops.batch.outputs import CommitLog, Committed, totals
+from llmops.batch.ray_engines import nodes_of, run_ray
+from llmops.batch.workers import engines, run_workers
 from llmops.errors import RuntimeFailure
 from llmops.quiet import engine_output, new_log_file
-from llmops.reaper import watch_children
 
-__all__ = ["BatchJob", "BatchSummary", "Progress", "dry_run", "generate", "load_engine", "plan_batch",
-           "run_batch", "start_llm", "units_for_rank"]
-# The shards are the commit; the manifest is an index, refreshed every few seconds so that rewriting it
-# stays cheap however many shards a job has.
-MANIFEST_EVERY_S = 5.0
+__all__ = ["BatchJob", "BatchSummary", "Progress", "dry_run", "load_engine", "plan_batch", "run_batch"]
 
 
 @dataclass
@@ -49,6 +48,8 @@ class BatchSummary:
     failed: list[dict[str, Any]] = field(default_factory=list)
     """The first few failed rows (row, id, error); all of them are in the shards' `error` column."""
     files: list[str] = field(default_factory=list)
+    rows_per_s: float = 0.0
+    """Rows this run finished per second of generation or embedding (engine start excluded)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,9 +72,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
     from llmops.registry import ensure_local, resolve
 
     started = time.monotonic()
-    engines = 1
+    engines_ran = 1
     if ray_address is not None:
-        from llmops.batch.ray_engines import nodes_of, run_ray
         from llmops.ray_cluster import import_ray
 
         import_ray()  # not installed: exit 2 with the install command, before anything is planned
@@ -92,54 +92,29 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         out.write_config(resolved_config(config, job.plan))
         before = _counts(committed)
 
-        # 2. Generate the pending units: in this process, or in one worker process per GPU group.
+        # 2. Run the pending units where the engines go: Ray actors, local worker processes, or this process.
         pending = [k for k in job.units if k not in committed.done]
         engine_start = generation = 0.0
+        work = job.work(stop.grace_period_s)
+        commits = CommitLog(out, manifest, committed, job.unit_sizes, progress)
         try:
-            if pending and ray_address is not None:
-                progress.start(sum(job.row_counts), before.rows)
-                t0 = time.monotonic()
-                stop.generating = True
-                engines, engine_start = run_ray(job, committed, progress, stop, manifest, ray_address)
-                generation = time.monotonic() - t0 - engine_start
-            elif pending and job.plan.data_parallel_size > 1 and llm is None:
+            if pending:
                 for warning in job.warnings():
                     progress.phase(f"warning: {warning}")
-                progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
-                progress.start(sum(job.row_counts), before.rows)
                 t0 = time.monotonic()
-                stop.generating = True
-
-                def on_commit(now: Committed) -> None:
-                    out.write_manifest(manifest, now, "running")
-
-                with engine_output(new_log_file("batch")):  # the workers' engines log there, not on screen
-                    engine_start = run_workers(job, committed, progress, stop, on_commit)
+                if ray_address is not None:
+                    progress.start(sum(job.row_counts), before.rows)
+                    stop.generating = True
+                    engines_ran, engine_start = run_ray(job, work, commits, progress, stop, ray_address)
+                elif job.plan.data_parallel_size > 1 and llm is None:
+                    progress.phase(f"starting {job.plan.data_parallel_size} vLLM engines, one per GPU group")
+                    progress.start(sum(job.row_counts), before.rows)
+                    stop.generating = True
+                    with engine_output(new_log_file("batch")):  # the workers' engines log there, not on screen
+                        engine_start = run_workers(job, work, commits, progress, stop)
+                else:
+                    engine_start = run_here(job, work, commits, progress, stop, llm)
                 generation = time.monotonic() - t0 - engine_start
-            elif pending:
-                own_engine = llm is None
-                if own_engine:
-                    progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
-                    t0 = time.monotonic()
-                    log_file = new_log_file("batch")
-                    try:
-                        with engine_output(log_file):  # vLLM's start-up logs go there, not on screen
-                            llm = load_engine(job.plan, job.model_path)
-                    except Exception as e:  # vLLM refusing its memory is llmops's "does not fit" (exit 3)
-                        from llmops.vllm_engine import explain_engine_failure
-
-                        if (known := explain_engine_failure(e, log_file, job.plan)) is not None:
-                            raise known from None
-                        raise
-                    engine_start = time.monotonic() - t0
-                progress.phase("generating")
-                progress.start(sum(job.row_counts), before.rows)
-                t0 = time.monotonic()
-                stop.generating = True
-                _generate_here(job, llm, set(pending), committed, manifest, progress, stop)
-                if stop.requested and own_engine:
-                    close_engine(llm)
-                generation = time.monotonic() - t0
         finally:
             stop.generating = False
             progress.stop()
@@ -155,7 +130,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
                                  f"{missing[0]}); run the same command again to finish them")
         files = []
         if job.input_spec.format == "openai":
-            files = out.write_openai_files(job.model_name, {job.identity.model.name, *job.identity.model.adapters})
+            files = out.write_openai_files(job.model_name, {job.identity.model.name, *job.identity.model.adapters},
+                                           job.task)
         out.write_manifest(manifest, committed, "complete")
     finally:
         out.unlock()
@@ -165,76 +141,57 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         out.location, sum(job.row_counts), after.ok, after.failed, before.rows,
         after.prompt_tokens, after.completion_tokens, round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
-        engines if ray_address is not None else job.plan.data_parallel_size, out.failed_rows(5) if after.failed else [], files)
+        engines_ran if ray_address is not None else job.plan.data_parallel_size,
+        out.failed_rows(5) if after.failed else [], files,
+        rows_per_s=round((after.rows - before.rows) / generation, 1) if generation else 0.0)
 
 
 def _counts(committed: Committed):
     return totals([*committed.done.values(), *committed.partial_stats.values()])
 
 
-def _generate_here(job: BatchJob, llm, pending: set[str], committed: Committed, manifest, progress: Progress,
-                   stop: StopRequest) -> None:
-    units = iter_units(job.input_spec, job.row_counts, job.config.chunk_rows, pending, committed.partial)
-    written = time.monotonic()
-    for key, stats in generate(llm, units, job.config.sampling, job.output, job.identity, progress, stop):
-        if key in committed.partial_stats:  # the rest of a unit that a stopped run committed part of
-            stats = committed.partial_stats.pop(key) + stats
-            committed.partial.pop(key, None)
-        if stats.rows < job.unit_sizes[key]:  # a piece committed while stopping
-            committed.partial_stats[key] = stats
-        else:
-            committed.done[key] = stats
-        if time.monotonic() - written > MANIFEST_EVERY_S:
-            job.output.write_manifest(manifest, committed, "running")
-            written = time.monotonic()
+def run_here(job: BatchJob, work: EngineWork, commits: CommitLog, progress: Progress, stop: StopRequest,
+             llm=None) -> float:
+    """The placement of one engine in this process (`llm`: one already started, reused). Returns the
+    seconds its start took."""
+    engine_start = 0.0
+    own_engine = llm is None
+    if own_engine:
+        progress.phase(f"starting vLLM ({job.plan.device}, {job.plan.dtype})")
+        t0 = time.monotonic()
+        log_file = new_log_file("batch")
+        try:
+            with engine_output(log_file):  # vLLM's start-up logs go there, not on screen
+                llm = load_engine(work.engine)
+        except Exception as e:  # vLLM refusing its memory is llmops's "does not fit" (exit 3)
+            from llmops.vllm_engine import explain_engine_failure
+
+            if (known := explain_engine_failure(e, log_file, job.plan)) is not None:
+                raise known from None
+            raise
+        engine_start = time.monotonic() - t0
+    progress.phase("embedding" if work.task.name == "embed" else "generating")
+    progress.start(sum(job.row_counts), commits.committed.rows)
+    stop.generating = True
+    committed = commits.committed
+    pending = {k for k in job.units if k not in committed.done}
+    units = iter_units(work.spec, work.row_counts, work.chunk_rows, pending, committed.partial)
+    for key, stats in run_units(llm, units, work.task, job.output, work.identity, progress, stop):
+        commits.record(key, stats, counted=True)
+    if stop.requested and own_engine:
+        close_engine(llm)
+    return engine_start
 
 
-# --- the engine ---------------------------------------------------------------------------------------
-
-
-def load_engine(plan, model_path: str | Path):
-    """A `vllm.LLM` for this plan; vLLM's logs go to stderr (its default is stdout, where results go)."""
-    from llmops.vllm_engine import engine_args, engine_env
-
-    return start_llm(engine_args(plan, model_path), engine_env(plan))
-
-
-# When stopping, vLLM's engine process gets this long to exit before it is killed: its default at exit is
-# 5 s, which with the rest of the exit overran a 12 s grace period (measured on 2 CPU cores).
-ENGINE_STOP_TIMEOUT_S = 1.0
-
-
-def close_engine(llm) -> None:
-    """Stop the engine's processes now (a stopping job has committed everything it keeps)."""
-    try:
-        llm.llm_engine.engine_core.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
-    except Exception:  # an engine that is already gone
-        pass
-
-
-def start_llm(args: dict[str, Any], env: dict[str, str]):
-    """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
-    caller that goes on (a test session, a notebook) does not pass our settings to later processes."""
-    from llmops.quiet import verbose
-
-    debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0") or verbose()
-    engine_env = {
-        "VLLM_LOGGING_STREAM": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stderr"),
-        # vLLM warns once per weight when it casts a float32 checkpoint to bf16 (hundreds of lines): show
-        # its errors only, unless LLMOPS_DEBUG or -v asks for everything.
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO" if debug else "ERROR"),
-        **env,
-    }
-    saved = {key: os.environ.get(key) for key in engine_env}
-    os.environ.update(engine_env)
-    watch_children()  # vLLM's engine processes do not watch us: without this a kill -9 leaves them running
-    try:
-        from vllm import LLM
-
-        return LLM(**args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def dry_run(job: BatchJob) -> dict[str, Any]:
+    """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
+    done = 0 if job.overwrite else len(job.output.committed(job.unit_sizes, None).done)
+    return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
+            "task": job.task.name,
+            "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
+                      "rows": sum(job.row_counts), "prompt_column": job.input_spec.prompt_column,
+                      "messages_column": job.input_spec.messages_column, "id_column": job.input_spec.id_column},
+            "output_dir": job.output.location, "units": len(job.unit_sizes), "units_done": done,
+            "identity": job.identity.model_dump(mode="json"),
+            "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
+            "warnings": job.warnings()}

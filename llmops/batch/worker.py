@@ -1,75 +1,76 @@
-"""One data-parallel engine of a batch job:
-`python -m llmops.batch.worker OUTPUT_DIR --rank R --world N [--grace-period S]`.
+"""One engine of a batch job in its own process:
+`python -m llmops.batch.worker OUTPUT_DIR --rank R --world N [--grace-period S] < WORK` (the job's
+`EngineWork`, pickled).
 
-Started by `run_workers` with CUDA_VISIBLE_DEVICES set to its GPU group. It reads the job from the output
-folder (config.yaml and the typed manifest.json, written by the coordinator), takes every N-th unit starting
-at R that is not committed yet, and commits shards exactly as a single engine does. SIGTERM (passed on by
-the coordinator) stops it the same way as a single-engine run: finished rows are committed, exit 75.
+Started by `run_workers` with its GPU group or its cores set in its environment. It takes every N-th unit
+starting at R that is not committed yet, and commits shards exactly as a single engine does, reporting each
+commit to the coordinator. SIGTERM (passed on by the coordinator) stops it the same way as a single-engine
+run: finished rows are committed, exit 75.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import pickle
 import sys
-from pathlib import Path
 
-from llmops.batch.config import BatchConfig
-from llmops.batch.engine import DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, generate, stop_on_signals
-from llmops.batch.inputs import InputSpec, count_rows, iter_units, unit_sizes
-from llmops.batch.outputs import CONFIG, OutputDir
-from llmops.batch.runner import close_engine, start_llm
-from llmops.batch.workers import STARTED_FD_VAR, units_for_rank
-from llmops.config import load_config
+from llmops.batch.engine import (DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, close_engine, load_engine, run_units,
+                                 stop_on_signals)
+from llmops.batch.inputs import iter_units
+from llmops.batch.job import EngineWork
+from llmops.batch.outputs import OutputDir
+from llmops.batch.workers import REPORT_FD_VAR, units_for_rank
 from llmops.errors import LlmopsError
 
 
-def run_worker(output_dir: str | Path, rank: int, world: int, llm=None, stop: StopRequest | None = None) -> int:
-    """Generate this rank's share of the pending units; returns how many shards or pieces it committed.
+def run_worker(work: EngineWork, rank: int, world: int, llm=None, stop: StopRequest | None = None) -> int:
+    """Run this rank's share of the pending units; returns how many shards or pieces it committed.
 
     `llm` reuses a started engine (tests); normally the worker starts its own on its GPU group."""
-    out = OutputDir(output_dir)
-    manifest = out.read_manifest()
-    if manifest is None:
-        raise LlmopsError(f"{output_dir} has no readable manifest.json; workers are started by `llmops batch`")
-    import yaml
-
-    config = load_config(BatchConfig, yaml_data=yaml.safe_load(out.read_text(CONFIG) or "{}"), source=out.at(CONFIG))
-    described = manifest.job.input
-    spec = InputSpec(tuple(manifest.input_paths), described.format,
-                     described.prompt_column, described.messages_column, described.id_column)
-    counts = count_rows(spec)
-    sizes = unit_sizes(counts, config.chunk_rows)
-    committed = out.committed(sizes, manifest.job_key)
+    out = OutputDir(work.output_dir)
+    sizes = work.unit_sizes
+    committed = out.committed(sizes, work.identity.key())
     mine = units_for_rank(list(sizes), rank, world) - set(committed.done)
     if not mine:
         return 0
     own_engine = llm is None
-    llm = llm or start_llm(manifest.engine_args, manifest.engine_env)
-    if (started_fd := os.environ.get(STARTED_FD_VAR)) is not None:  # tell the coordinator: generation begins
-        with contextlib.suppress(OSError, ValueError):
-            os.write(int(started_fd), f"{rank}\n".encode())
+    llm = llm or load_engine(work.engine)
+    _report({"started": rank})
     if stop is not None:
         stop.generating = True
-    units = iter_units(spec, counts, config.chunk_rows, mine, committed.partial)
-    count = sum(1 for _ in generate(llm, units, config.sampling, out, manifest.job, Progress(), stop,
-                                   writer=f"worker {rank}"))
+    units = iter_units(work.spec, work.row_counts, work.chunk_rows, mine, committed.partial)
+    count = 0
+    for key, stats in run_units(llm, units, work.task, out, work.identity, Progress(), stop, writer=f"worker {rank}"):
+        _report({"commit": key, "stats": stats.model_dump()})
+        count += 1
     if own_engine and stop is not None and stop.requested:
         close_engine(llm)  # exit within the grace period (vLLM's exit would wait 5 s for it)
     return count
 
 
+def _report(message: dict) -> None:
+    """One line to the coordinator, when there is one (a line this short is written atomically)."""
+    if (fd := os.environ.get(REPORT_FD_VAR)) is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(int(fd), (json.dumps(message) + "\n").encode())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmops.batch.worker")
-    parser.add_argument("output_dir")
+    parser.add_argument("output_dir", help="the job's output folder (as in the work on stdin)")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD_S)
     args = parser.parse_args(argv)
     try:
+        work = pickle.load(sys.stdin.buffer)
+        if work.output_dir != args.output_dir:
+            raise LlmopsError(f"the work on stdin is for {work.output_dir}, not {args.output_dir}")
         with stop_on_signals(StopRequest(args.grace_period)) as stop:
-            committed = run_worker(args.output_dir, args.rank, args.world, stop=stop)
+            committed = run_worker(work, args.rank, args.world, stop=stop)
             if stop.requested:
                 raise stop.stopped(f"worker {args.rank} committed {committed} shards or pieces")
     except LlmopsError as e:

@@ -1,15 +1,18 @@
-"""Placing several engines: one worker process per GPU group (`EnginePlan.data_parallel_size` > 1).
+"""Local worker processes: one engine per GPU group (`EnginePlan.data_parallel_size` > 1), or several CPU
+engines of one host, each on its own cores.
 
-Each worker (`llmops.batch.worker`) reads the job from the output folder's typed manifest, takes every
-n-th unit and commits shards exactly as a single engine does, so resume works the same way. The
-coordinator follows the commits, forwards a stop request to the workers and waits for them within the
-grace period.
+Each worker (`llmops.batch.worker`) gets the job's `EngineWork` pickled on its stdin, takes every n-th unit
+and commits shards exactly as a single engine does, so resume works the same way. It reports each commit on
+a pipe; the coordinator records it through the job's `CommitLog`, forwards a stop request to the workers
+and waits for them within the grace period.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pickle
 import select
 import signal
 import subprocess
@@ -18,68 +21,50 @@ import time
 from typing import Any
 
 from llmops.batch.engine import Progress, StopRequest
-from llmops.batch.outputs import Committed
+from llmops.batch.job import EngineWork
+from llmops.batch.outputs import CommitLog, UnitStats
 from llmops.errors import RuntimeFailure
+from llmops.placement import gpu_group, host_cores
 
 # A worker gets this much less of the grace period than the coordinator, which then still has time to
 # collect its commits and write the manifest.
 WORKER_GRACE_MARGIN_S = 3.0
-# A worker writes its rank to this file descriptor once its engine has started (the coordinator reports the
-# engines' start apart from generation, as for a single engine).
-STARTED_FD_VAR = "LLMOPS_WORKER_STARTED_FD"
+# A worker reports on this file descriptor (one JSON line each): its engine has started (the coordinator
+# reports the engines' start apart from generation, as for a single engine), and each commit.
+REPORT_FD_VAR = "LLMOPS_WORKER_REPORT_FD"
 
 
-def worker_gpus(plan, rank: int) -> list[int]:
-    """The physical GPU indices of engine `rank`: consecutive groups of tensor_parallel_size GPUs."""
-    from llmops.hardware import detect
-
-    tp = plan.tensor_parallel_size
-    indices = [g.index for g in detect().gpus]
-    return indices[rank * tp:(rank + 1) * tp]
-
-
-def worker_command(job, rank: int, grace_period_s: float | None = None) -> list[str]:
-    command = [sys.executable, "-m", "llmops.batch.worker", job.output.location, "--rank", str(rank),
-               "--world", str(job.plan.data_parallel_size)]
+def worker_command(output_dir: str, rank: int, world: int, grace_period_s: float | None = None) -> list[str]:
+    """The worker's command line; the output folder is there for `ps` (the work itself comes on stdin)."""
+    command = [sys.executable, "-m", "llmops.batch.worker", output_dir, "--rank", str(rank), "--world", str(world)]
     if grace_period_s is not None:
         command += ["--grace-period", str(max(1.0, grace_period_s - WORKER_GRACE_MARGIN_S))]
     return command
 
 
 def engines(job, grace_period_s: float | None = None) -> list[dict[str, Any]]:
-    """One entry per engine: the GPUs it gets, its environment and the exact call or command."""
-    from llmops.vllm_engine import engine_args, engine_env
-
-    args = engine_args(job.plan, job.model_path or f"<{job.model_name}, not downloaded yet>")
-    env = engine_env(job.plan)
+    """One entry per engine: the GPUs or cores it gets, its environment and the exact call or command."""
+    engine = job.engine
     dp = job.plan.data_parallel_size
     if dp == 1:
-        call = " ".join([*(f"{k}={v}" for k, v in env.items()), f"vllm.LLM(**{args!r})"])
-        return [{"rank": 0, "env": env, "call": call, "llm_args": args}]
+        return [{"rank": 0, "env": engine.env, "call": engine.call(), "llm_args": engine.llm_args}]
     found = []
     cores = sorted(os.sched_getaffinity(0))
     for rank in range(dp):
         if job.plan.device == "cpu":
-            # Each engine on its own share of the cores: vLLM's automatic binding would put every engine on
-            # the same ones (measured: 2 engines on 2 cores, 273 tok/s bound alike against 1160 apart).
             gpus = ""
-            worker_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, host_cores(cores, rank, dp)))}
+            worker_env = {**engine.env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, host_cores(cores, rank, dp)))}
         else:
-            gpus = ",".join(str(i) for i in worker_gpus(job.plan, rank))
-            worker_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
-        cmd = worker_command(job, rank, grace_period_s)
-        command = " ".join([*(f"{k}={v}" for k, v in worker_env.items()), *cmd])
+            from llmops.hardware import detect
+
+            gpus = ",".join(str(i) for i in gpu_group([g.index for g in detect().gpus],
+                                                      job.plan.tensor_parallel_size, rank))
+            worker_env = {**engine.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
+        cmd = worker_command(job.output.location, rank, dp, grace_period_s)
+        command = " ".join([*(f"{k}={v}" for k, v in worker_env.items()), *cmd, "< (the job, pickled)"])
         found.append({"rank": rank, "gpus": gpus, "env": worker_env, "command": command, "argv": cmd,
-                      "llm_args": args})
+                      "llm_args": engine.llm_args})
     return found
-
-
-def host_cores(cores: list[int], slot: int, engines: int) -> list[int]:
-    """Engine `slot`'s even share of this host's cores (one core each, shared round-robin, if there are more
-    engines than cores)."""
-    cores = sorted(cores)
-    share = cores[slot * len(cores) // engines:(slot + 1) * len(cores) // engines]
-    return share or cores[slot % len(cores):slot % len(cores) + 1]
 
 
 def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
@@ -90,25 +75,29 @@ def units_for_rank(units: list[str], rank: int, world: int) -> set[str]:
     return {key for i, key in enumerate(units) if i % world == rank}
 
 
-def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest, on_commit) -> float:
-    """Start one worker per engine, follow their commits, fail if any of them fails. On a stop request,
+def run_workers(job, work: EngineWork, commits: CommitLog, progress: Progress, stop: StopRequest) -> float:
+    """Start one worker per engine, record their commits, fail if any of them fails. On a stop request,
     pass it on (SIGTERM) and wait for the workers to commit what they finished, within the grace period.
     Returns the seconds until the last engine had started."""
     procs = []
     t0 = time.monotonic()
-    started_r, started_w = os.pipe()
-    os.set_blocking(started_r, False)
+    report_r, report_w = os.pipe()
+    os.set_blocking(report_r, False)
+    payload = pickle.dumps(work)
     for engine in engines(job, stop.grace_period_s):
         # The workers share the folder's lock (the same open file): a rerun cannot start while a worker of
         # a killed coordinator is still committing.
-        procs.append(subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"],
-                                                           STARTED_FD_VAR: str(started_w)},
-                                      preexec_fn=_die_with_parent, pass_fds=(*job.output.lock_fds(), started_w)))
-    os.close(started_w)
+        proc = subprocess.Popen(engine["argv"], env={**os.environ, **engine["env"], REPORT_FD_VAR: str(report_w)},
+                                stdin=subprocess.PIPE, preexec_fn=_die_with_parent,
+                                pass_fds=(*job.output.lock_fds(), report_w))
+        with contextlib.suppress(BrokenPipeError):  # a worker that died at once is reported below
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        procs.append(proc)
+    os.close(report_w)
     engine_start = 0.0
     forwarded = False
-    seen = {key: stats.rows for key, stats in committed.done.items()}
-    seen.update({key: len(rows) for key, rows in committed.partial.items()})
+    pending = b""
     try:
         while True:
             if stop.requested and not forwarded:
@@ -118,26 +107,21 @@ def run_workers(job, committed: Committed, progress: Progress, stop: StopRequest
                 forwarded = True
             running = [p for p in procs if p.poll() is None]
             with contextlib.suppress(BlockingIOError):
-                for rank in os.read(started_r, 4096).decode().split():
+                while chunk := os.read(report_r, 65536):
+                    pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                report = json.loads(line)
+                if "started" in report:
                     engine_start = time.monotonic() - t0
-                    progress.phase(f"engine {rank} started in {engine_start:.1f} s")
-            now = job.output.committed(job.unit_sizes, job.identity.key())
-            rows_now = {key: stats.rows for key, stats in now.done.items()}
-            rows_now.update({key: len(rows) for key, rows in now.partial.items()})
-            new_rows = sum(rows_now.values()) - sum(seen.values())
-            if new_rows:
-                new_tokens = (sum(s.completion_tokens for s in now.done.values())
-                              + sum(s.completion_tokens for s in now.partial_stats.values())
-                              - sum(s.completion_tokens for s in committed.done.values())
-                              - sum(s.completion_tokens for s in committed.partial_stats.values()))
-                progress.advance(new_rows, new_tokens)
-                seen, committed = rows_now, now
-                on_commit(now)
+                    progress.phase(f"engine {report['started']} started in {engine_start:.1f} s")
+                else:
+                    commits.record(report["commit"], UnitStats(**report["stats"]))
             if not running or (stop.requested and time.monotonic() >= stop.finish_by):
                 break
-            select.select([started_r], [], [], 0.5 if stop.requested else 2)  # wakes early when an engine starts
+            select.select([report_r], [], [], 0.5 if stop.requested else 2)  # wakes at once on a report
     finally:
-        os.close(started_r)
+        os.close(report_r)
         for p in procs:
             if p.poll() is None:
                 p.kill()  # past the grace period (or the coordinator failed): its committed units are safe

@@ -1,4 +1,5 @@
-"""`llmops batch`: offline generation over a prompt file or Parquet/Arrow shards, resumable (llmops.batch)."""
+"""`llmops batch`: offline generation or embeddings over a prompt file or Parquet/Arrow shards, resumable
+(llmops.batch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmops.batch.config import InputConfig, SamplingConfig
+from llmops.batch.config import BatchConfig, InputConfig, SamplingConfig
 from llmops.cli import _output as out
 from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
 
@@ -29,6 +30,10 @@ def batch_command(
                                "Parquet shards, manifest, config; rerun to resume.",
         show_default=False)],
     model: ModelOpt = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", metavar="auto|generate|embed", help=_doc(BatchConfig, "task")
+        + " Embedding options: --set output.normalize=false, output.dimensions=N, output.dtype=float16, "
+          "output.on_long=fail.", show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     max_tokens: Annotated[Optional[int], typer.Option(help=_doc(SamplingConfig, "max_tokens"))] = None,
@@ -57,7 +62,12 @@ def batch_command(
     json: JsonOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """Generate completions for every row of INPUT with vLLM, as fast as the hardware allows.
+    """Generate completions (or, with --task embed, embeddings) for every row of INPUT with vLLM, as fast as
+    the hardware allows.
+
+    Embeddings of a Parquet text column, on the offline default embedding model:
+    `llmops batch docs.parquet -o out/emb --task embed --model all-minilm-l6-v2 --prompt-column text`
+    writes each row's `embedding` (a fixed-size float32 list) and `truncated` flag beside its columns.
 
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
     stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
@@ -68,7 +78,7 @@ def batch_command(
     from llmops.batch.outputs import OutputDir
     from llmops.config import load_config
 
-    flags = {"model": model, "sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
+    flags = {"model": model, "task": task, "sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
              "sampling.top_p": top_p, "sampling.seed": seed, "sampling.stop": stop or None,
              "input.prompt_column": prompt_column, "input.messages_column": messages_column,
              "input.id_column": id_column}
@@ -95,6 +105,7 @@ def batch_command(
             ("tokens", f"{summary.prompt_tokens} prompt, {summary.completion_tokens} output"),
             ("wall time", f"{summary.wall_s:.1f} s (engine start {summary.engine_start_s:.1f} s, "
                           f"generation {summary.generation_s:.1f} s)"),
+            ("rows/s", f"{summary.rows_per_s:.1f}") if summary.completion_tokens == 0 else
             ("output tokens/s", f"{summary.output_tokens_per_s:.1f}"),
             ("results", f"{summary.output_dir}/results/*.parquet"),
             *(("OpenAI results", f) for f in summary.files),
@@ -118,6 +129,7 @@ def _print_plan(plan: dict, json: bool) -> None:
     notes = engine_plan.pop("notes", ())
     out.key_values("Batch plan", [
         ("model", f"{plan['model']} ({plan['model_path'] or 'not downloaded yet'})"),
+        ("task", plan["task"]),
         ("input", f"{inp['format']}, {inp['rows']} rows in {len(inp['files'])} file(s)"),
         ("output", f"{plan['output_dir']}: {plan['units']} shards, {plan['units_done']} already done"),
         *((f"engine.{k}", v) for k, v in engine_plan.items()),
@@ -136,7 +148,7 @@ class _Bar:
 
     def __init__(self) -> None:
         self.bar = None
-        self.total = self.done = self.tokens = 0
+        self.total = self.done = self.tokens = self.rows = 0
         self.started = self.last_log = time.monotonic()
 
     def phase(self, text: str) -> None:
@@ -157,9 +169,12 @@ class _Bar:
 
     def advance(self, rows: int, completion_tokens: int) -> None:
         self.done += rows
+        self.rows += rows
         self.tokens += completion_tokens
         now = time.monotonic()
-        speed = f"{self.tokens / max(now - self.started, 1e-9):.0f} tok/s"
+        elapsed = max(now - self.started, 1e-9)
+        # rows/s where nothing is generated (embeddings), output tokens/s where text is
+        speed = f"{self.tokens / elapsed:.0f} tok/s" if self.tokens else f"{self.rows / elapsed:.0f} rows/s"
         if self.bar is not None:
             self.bar.update(self.task, advance=rows, speed=speed)
         elif now - self.last_log >= 30:
