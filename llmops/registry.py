@@ -66,6 +66,8 @@ class ModelShape(StrictModel):
     vocab_size: int
     intermediate_size: int | None = None
     tie_word_embeddings: bool = False
+    encoder_only: bool = False
+    """Bidirectional attention (BERT-style encoders): vLLM keeps no KV cache for them."""
 
 
 class SamplingDefaults(StrictModel):
@@ -655,6 +657,11 @@ def _gguf_to_hf_folder(gguf_path: Path, out: Path) -> None:
 # --- shape for planning -------------------------------------------------------------------------------
 
 
+# `model_type`s of encoder-only (bidirectional) models that vLLM runs as pooling models.
+ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "modernbert", "nomic_bert",
+                                 "new", "electra", "mpnet"})
+
+
 def shape_from_config(config: dict) -> ModelShape:
     text = config.get("text_config", config)  # multimodal configs nest the language model
     heads = text["num_attention_heads"]
@@ -668,6 +675,7 @@ def shape_from_config(config: dict) -> ModelShape:
         vocab_size=text["vocab_size"],
         intermediate_size=text.get("intermediate_size"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        encoder_only=config.get("model_type") in ENCODER_MODEL_TYPES,
     )
 
 

