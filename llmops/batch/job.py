@@ -133,12 +133,16 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
                                                                and entries[n][0].is_adapter))
     counts = count_rows(spec)
     rows = sum(counts)
-    plan = plan_for(config.engine, model_facts(resolved), detect(), "batch", rows=rows,
-                    prompt_tokens=typical_prompt_tokens(spec, rows), max_tokens=config.sampling.max_tokens,
-                    lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
+    facts = model_facts(resolved)
+    name = config.task if config.task != "auto" else ("embed" if facts.task == "embed" else "generate")
+    plan = plan_for(config.engine, facts, detect(), "batch", rows=rows,
+                    prompt_tokens=typical_prompt_tokens(spec, rows),
+                    max_tokens=config.sampling.max_tokens if name == "generate" else 0,
+                    lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters),  # 16: PEFT's default r
+                    task=name)
     model = ModelIdentity(name=resolved.name, adapters={a.name: _adapter_identity(a) for a in adapters},
                           adapter=adapters[0].name if adapters and adapters[0].name == config.model else None)
-    task = task_for(config, _task_name(config, resolved), spec.format == "openai")
+    task = task_for(config, name, spec.format == "openai")
     spec = replace(spec, openai_urls=task.openai_urls)
     if task.name == "embed":
         _check_embedding_options(config, resolved)
@@ -182,18 +186,19 @@ def _adapter_identity(adapter) -> AdapterIdentity:
 
 def resolved_config(config: BatchConfig, plan) -> BatchConfig:
     """`config` with every "auto" engine field replaced by the planned value (what is written to config.yaml)."""
+    from pydantic import ValidationError
+
     from llmops.vllm_engine import EngineConfig
 
-    planned = {k: getattr(plan, k) for k in EngineConfig.model_fields}
-    return config.model_copy(update={"engine": EngineConfig(**{k: "auto" if v is None else v
-                                                                for k, v in planned.items()})})
-
-
-def _task_name(config: BatchConfig, resolved) -> str:
-    """The config's task, "auto" resolved: embed for a model the registry records as an embedding model."""
-    if config.task != "auto":
-        return config.task
-    return "embed" if resolved.spec is not None and resolved.spec.task == "embed" else "generate"
+    planned = {k: getattr(config.engine, k) if getattr(plan, k) is None else getattr(plan, k)
+               for k in EngineConfig.model_fields}
+    try:
+        engine = EngineConfig(**planned)
+    except ValidationError as e:  # a planned value the config cannot say (an encoder's 0 GiB KV cache): as given
+        for error in e.errors():
+            planned[error["loc"][0]] = getattr(config.engine, error["loc"][0])
+        engine = EngineConfig(**planned)
+    return config.model_copy(update={"engine": engine})
 
 
 def _check_embedding_options(config: BatchConfig, resolved) -> None:
