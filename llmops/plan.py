@@ -170,6 +170,11 @@ class EnginePlan:
     """VLLM_CPU_NUM_OF_RESERVED_CPU."""
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    max_num_queued_reqs: int | None = None
+    """serve: requests admitted at once, waiting or running (vLLM's --max-num-queued-reqs); beyond it a request
+    gets 503 at once. None: no limit (vLLM's default). See `plan_admission`."""
+    max_num_queued_tokens: int | None = None
+    """serve: prompt tokens waiting for their first token (vLLM's --max-num-queued-tokens); beyond it, 503."""
     max_lora_rank: int | None = None
     """Set when LoRA adapters are served or batched (vLLM's --enable-lora): the largest rank they need."""
     max_loras: int | None = None
@@ -359,6 +364,57 @@ def plan_lora(plan: EnginePlan, ranks: tuple[int, ...]) -> EnginePlan:
     return replace(plan, max_lora_rank=rank, max_loras=len(ranks), enforce_eager=eager, notes=tuple(notes))
 
 
+# --- serve: admission control ---------------------------------------------------------------------------
+
+# vLLM's default max_num_seqs for its OpenAI server on GPUs (vllm/engine/arg_utils.py,
+# `_set_default_max_num_seqs_and_batched_tokens_args`, 0.32): 1024 on GPUs of 70 GiB or more, else 256.
+GPU_SERVE_DEFAULT_MAX_NUM_SEQS = {"large": 1024, "other": 256}
+# Prefill compute of one GPU, for the prompt tokens a server clears per second. Rough and on the safe side
+# (a lower rate refuses earlier): about half an A100's dense bf16 peak, a sixth of an H100's.
+GPU_PREFILL_FLOPS = 150e12
+
+
+def plan_admission(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, max_queue: int | None,
+                   ttft_target_ms: float) -> EnginePlan:
+    """Bound what a server admits, so that a burst is answered at once (503 with Retry-After) instead of
+    queued past the TTFT target: vLLM's queue is unbounded by default, and under a spike every request waits.
+
+    1. Requests (`max_num_queued_reqs`): the streams the engine runs at once. A request beyond them waits for
+       a running answer to finish, far past any TTFT target. `max_queue` overrides it; 0 turns both limits off.
+    2. Prompt tokens waiting for their first token (`max_num_queued_tokens`): what the engine prefills within
+       the target at its estimated rate, vLLM's own formula for that flag (target TTFT x prefill throughput).
+    """
+    if max_queue == 0:
+        return replace(plan, notes=(*plan.notes, "no admission control (max_queue 0): vLLM queues every "
+                                                 "request, and under a burst every TTFT grows with the queue"))
+    if plan.device == "cpu":
+        seqs = plan.max_num_seqs or CPU_DEFAULT_MAX_NUM_SEQS["serve"]
+        streams = min(seqs, SERVE_STREAMS_PER_CORE * engine_cores(hw))
+        streams_why = (f"the streams this engine runs at once ({SERVE_STREAMS_PER_CORE} per core, as its KV cache "
+                       f"is sized)" if streams < seqs else f"the sequences this engine runs at once (max_num_seqs)")
+        tok_s = cpu_tokens_per_s(facts, hw, plan.cpu_reserved_cores or 0)
+        rate_why = f"~{tok_s:.0f} tok/s, estimated from the compute of its cores"
+    else:
+        large = min(g.memory_total_bytes for g in hw.gpus) >= 70 * GIB
+        seqs = plan.max_num_seqs or GPU_SERVE_DEFAULT_MAX_NUM_SEQS["large" if large else "other"]
+        streams = seqs * plan.data_parallel_size
+        streams_why = f"the sequences its {plan.data_parallel_size} engine(s) run at once ({seqs} each)"
+        gpus = plan.tensor_parallel_size * plan.data_parallel_size * plan.pipeline_parallel_size
+        tok_s = GPU_PREFILL_FLOPS * gpus / (2 * facts.params)
+        rate_why = f"~{tok_s:.0f} tok/s, estimated from {gpus} GPU(s) at {GPU_PREFILL_FLOPS / 1e12:.0f} TFLOPS each"
+    reqs = streams if max_queue is None else max_queue
+    if max_queue is None:
+        reqs_why = (f"max_num_queued_reqs {reqs}: {streams_why}; a request beyond them would wait for a running "
+                    "answer to finish, past any TTFT target, so it gets 503 with Retry-After at once")
+    else:
+        reqs_why = f"max_num_queued_reqs {reqs}: --max-queue (the engine runs {streams} at once)"
+    tokens = max(1, int(tok_s * ttft_target_ms / 1000))
+    tokens_why = (f"max_num_queued_tokens {tokens}: the prompt tokens it prefills within the {ttft_target_ms:.0f} "
+                  f"ms TTFT target at {rate_why}; a request arriving past that backlog gets 503")
+    return replace(plan, max_num_queued_reqs=reqs, max_num_queued_tokens=tokens,
+                   notes=(*plan.notes, reqs_why, tokens_why))
+
+
 def _resolved(config: EngineConfig, name: str, decision: tuple, notes: list[str]):
     """The planner's `decision` (value, why) when the config says auto (noting why), else the config's value."""
     explicit = getattr(config, name)
@@ -539,8 +595,7 @@ def compile_decision(facts: ModelFacts, hw: Hardware, workload: Workload, work: 
     if work.rows is None:
         return True, (f"enforce_eager: the job's size is not known; compiling costs ~{cost:.0f} s at start-up "
                       f"({cache}) for ~{gain:.0%} throughput")
-    compute_cores = max(1, engine_cores(hw) - reserved)
-    tok_s = CPU_BATCH_FLOPS_PER_CORE[kind] * compute_cores / (2 * facts.params)
+    tok_s = cpu_tokens_per_s(facts, hw, reserved)
     job_s = work.rows * (work.max_tokens or 256) / tok_s
     saved_s = job_s * gain / (1 + gain)
     if saved_s > cost:
@@ -549,6 +604,13 @@ def compile_decision(facts: ModelFacts, hw: Hardware, workload: Workload, work: 
                        f"({cache})")
     return True, (f"enforce_eager: the job is ~{job_s:.0f} s at ~{tok_s:.0f} tok/s (estimated); compiling would "
                   f"cost ~{cost:.0f} s ({cache}) to save ~{saved_s:.0f} s")
+
+
+def cpu_tokens_per_s(facts: ModelFacts, hw: Hardware, reserved: int) -> float:
+    """Tokens a CPU engine computes per second in a large batch (rough): its cores' effective FLOPs over 2 FLOPs
+    per parameter per token."""
+    kind = "native_bf16" if hw.cpu.has_native_bf16 else "other"
+    return CPU_BATCH_FLOPS_PER_CORE[kind] * max(1, engine_cores(hw) - reserved) / (2 * facts.params)
 
 
 def cpu_kv_room_bytes(hw: Hardware, weights: int) -> tuple[int, str]:

@@ -80,7 +80,7 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
     if plan.workload == "serve" and plan.data_parallel_size > 1:
         # Offline batch runs one engine per GPU group itself; the server lets vLLM balance its replicas.
         args["data_parallel_size"] = plan.data_parallel_size
-    for knob in ("max_num_seqs", "max_num_batched_tokens"):
+    for knob in ("max_num_seqs", "max_num_batched_tokens", "max_num_queued_reqs", "max_num_queued_tokens"):
         if getattr(plan, knob) is not None:
             args[knob] = getattr(plan, knob)
     if plan.max_lora_rank is not None:

@@ -29,6 +29,8 @@ helper = subprocess.Popen([sys.executable, "-c", "import signal, time\nsignal.si
                            "time.sleep(600)"])
 with open("pids.txt", "w") as f:
     f.write(f"{helper.pid}\n")
+with open("drain-file.txt", "w") as f:  # where llmops serve says it will start a drain (llmops.serve.traffic)
+    f.write(os.environ.get("LLMOPS_DRAIN_FILE", ""))
 
 
 class Health(http.server.BaseHTTPRequestHandler):

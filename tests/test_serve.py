@@ -485,7 +485,7 @@ port, mode, fake = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 engine = EnginePlan("fake", "cpu", "float32", 1, 1, 256, True)
 plan = ServerPlan("fake", "/nowhere", engine, [sys.executable, fake, str(port), mode], {}, "127.0.0.1", port)
 try:
-    code = run_server(plan, ServeConfig(shutdown_timeout_s=1), log_path=Path("serve.log"),
+    code = run_server(plan, ServeConfig(shutdown_timeout_s=1, grace_period_s=1), log_path=Path("serve.log"),
                       on_ready=lambda p: print("READY", flush=True))
     print("EXIT", code, flush=True)
 except LlmopsError as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -37,9 +37,20 @@ def serve_command(
         help="Plan for the nodes of a live Ray cluster (HOST:PORT, or `auto` for the one this machine belongs "
              "to): a model too large for one node is served across them, pipeline parallel. Needs "
              "`pip install 'llmops[ray]'`.")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        "--max-queue", min=0, show_default=False, help=_FIELDS["max_queue"].description)] = None,
+    ttft_target_ms: Annotated[Optional[float], typer.Option(
+        "--ttft-target-ms", show_default=False,
+        help=_FIELDS["ttft_target_ms"].description + _default("ttft_target_ms"))] = None,
+    grace_period: Annotated[Optional[float], typer.Option(
+        "--grace-period", metavar="SECONDS", show_default=False,
+        help=_FIELDS["grace_period_s"].description + _default("grace_period_s"))] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
+    format_: Annotated[Literal["text", "json", "k8s"], typer.Option(
+        "--format", help="With --dry-run: the plan as text, as JSON (same as --json), or as a Kubernetes "
+                         "Deployment and Service (YAML) that run this plan.")] = "text",
     json: JsonOpt = False,
 ) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible server until Ctrl+C or SIGTERM.
@@ -58,16 +69,24 @@ def serve_command(
     if model_arg and model and model_arg != model:
         raise UsageError(f"two models given: {model_arg!r} and --model {model!r}", "give one of them")
     flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key,
-             "allow_unauthenticated": allow_unauthenticated}
+             "allow_unauthenticated": allow_unauthenticated, "max_queue": max_queue,
+             "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
         cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
     if adapter:
         cfg = cfg.model_copy(update={"adapters": [*cfg.adapters, *adapter]})
 
+    if format_ != "text" and not dry_run:
+        raise UsageError(f"--format {format_} describes a plan: it needs --dry-run", "add --dry-run")
     if dry_run:
+        if format_ == "k8s":
+            from llmops.serve.k8s import manifest
+
+            out.result(manifest(cfg, ray_address=ray))
+            return
         plan = plan_server(cfg, download=False, ray_address=ray)
-        if json:
+        if json or format_ == "json":
             out.print_json(plan.to_dict())
             return
         engine = plan.engine.to_dict()

@@ -23,6 +23,9 @@ from llmops.registry import DEFAULT_MODEL
 from llmops.serve.server import LOG_TAIL_LINES, failure_hint, free_port, health_ok
 
 HELP = "/clear forgets the conversation, /exit (or Ctrl+D) quits, /? shows this."
+# A busy `llmops serve` refuses what it cannot answer in time with 503 and Retry-After (its TTFT target,
+# rounded up); the `openai` client waits that long and tries again on its own, this many times.
+BUSY_RETRIES = 5
 
 
 @dataclass
@@ -73,11 +76,11 @@ def connect(url: str, api_key: str | None, model: str | None) -> tuple[object, s
     base = url.rstrip("/")
     if not base.endswith("/v1"):
         base += "/v1"
-    client = openai.OpenAI(base_url=base, api_key=api_key or "none", max_retries=0)
+    client = openai.OpenAI(base_url=base, api_key=api_key or "none", max_retries=BUSY_RETRIES)
     if model:
         return client, model
-    try:
-        models = [m.id for m in client.models.list()]
+    try:  # no retries here: a server that is not there should say so at once
+        models = [m.id for m in client.with_options(max_retries=0).models.list()]
     except openai.AuthenticationError:
         raise UsageError(f"{base} wants an API key", "pass --api-key or set LLMOPS_API_KEY") from None
     except openai.APIConnectionError:
@@ -119,7 +122,9 @@ def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str],
         except openai.APIConnectionError:
             raise RuntimeFailure("lost the connection to the server") from None
         except openai.APIStatusError as e:
-            raise RuntimeFailure(f"the server answered {e.status_code}: {e.message}") from None
+            busy = (f"the server is busy (asked {BUSY_RETRIES + 1} times, each after its Retry-After); try again "
+                    "later, or serve with a longer --max-queue" if e.status_code == 503 else None)
+            raise RuntimeFailure(f"the server answered {e.status_code}: {e.message}", busy) from None
         finally:
             answer.close()
         write("\n\n" if interactive else "\n")

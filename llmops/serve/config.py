@@ -32,7 +32,17 @@ class ServeConfig(StrictModel):
     """How vLLM runs; every "auto" is planned from the hardware and the model."""
     vllm_args: list[str] = []
     """Extra `vllm serve` flags, passed through unchanged (the CLI takes them after `--`)."""
+    max_queue: Optional[int] = Field(default=None, ge=0)
+    """Requests admitted at once, running or waiting; beyond it a request gets 503 with Retry-After at once.
+    Default: planned, the streams the engine runs at once. 0: no limit (vLLM's default, an unbounded queue)."""
+    ttft_target_ms: float = Field(default=2000, gt=0)
+    """Time to first token to keep for admitted requests: the prompt tokens waiting for prefill are capped at
+    what the engine clears in this time, and Retry-After is this long (rounded up to seconds)."""
+    grace_period_s: float = Field(default=25, ge=0)
+    """On SIGTERM, streams in flight get this long to finish (vLLM's --shutdown-timeout, less a few seconds
+    for its teardown) while /ready and new requests answer 503; then vLLM is killed. Under Kubernetes' 30 s."""
     startup_timeout_s: float = Field(default=1800, gt=0)
     """Give up if /health does not answer within this many seconds (large models load slowly)."""
     shutdown_timeout_s: float = Field(default=15, gt=0)
-    """After SIGTERM, wait this long for vLLM to stop before killing its processes."""
+    """Stopping a vLLM that is not serving (it never became ready): wait this long after SIGTERM before killing
+    its processes. A serving one gets grace_period_s."""
