@@ -111,9 +111,15 @@ class BatchJob:
 
 def task_for(config: BatchConfig, name: str = "generate", openai: bool = False) -> RowTask:
     """The job's row task: `name` is the config's task with "auto" resolved (`plan_batch`)."""
+    from llmops.batch.label import label_task
+
+    labeling = label_task(config.label, config.sampling)
     if name == "embed":
+        if labeling is not None:
+            raise UsageError("--choices, --json-schema and --regex constrain generated answers: they do not apply "
+                             "to an embedding job", "drop them, or use --task generate")
         return Embed(config.output, openai=openai)
-    return Generate(config.sampling)
+    return labeling or Generate(config.sampling)
 
 
 def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
@@ -147,7 +153,7 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
     if task.name == "embed":
         _check_embedding_options(config, resolved)
     identity = JobIdentity(input=spec.identity(), model=model,
-                           sampling=config.sampling.model_dump(mode="json") if task.name == "generate" else {},
+                           sampling=config.sampling.model_dump(mode="json") if task.name != "embed" else {},
                            engine=EngineIdentity(dtype=plan.dtype, max_model_len=plan.max_model_len),
                            chunk_rows=config.chunk_rows, task=task.identity())
     job = BatchJob(config, spec, counts, unit_sizes(counts, config.chunk_rows), plan, model.adapter or model.name,
@@ -203,19 +209,17 @@ def resolved_config(config: BatchConfig, plan) -> BatchConfig:
 
 def _check_embedding_options(config: BatchConfig, resolved) -> None:
     """Refuse, before any engine starts, the embedding options this model cannot honour."""
-    from llmops.registry import read_model_config
-
     from llmops.batch.config import SamplingConfig
+    from llmops.registry import matryoshka_dimensions, read_model_config
 
     if config.sampling != SamplingConfig():
         raise UsageError("sampling settings do not apply to an embedding job (--task embed)",
                          "drop the --max-tokens/--temperature/sampling.* settings, or use --task generate")
     if config.output.dimensions is not None:
-        hf = read_model_config(resolved) or {}
-        sizes = hf.get("matryoshka_dimensions")
-        if not (hf.get("is_matryoshka") or sizes):
+        sizes = matryoshka_dimensions(read_model_config(resolved) or {})
+        if not sizes:
             raise UsageError(f"{resolved.name} is not a Matryoshka model: output.dimensions cannot shorten its "
                              "embeddings", "drop output.dimensions (the model's full size is used)")
-        if sizes and config.output.dimensions not in sizes:
+        if sizes is not True and config.output.dimensions not in sizes:
             raise UsageError(f"{resolved.name} supports output.dimensions of {', '.join(map(str, sizes))}, not "
                              f"{config.output.dimensions}")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmops.batch.config import BatchConfig, InputConfig, SamplingConfig
+from llmops.batch.config import BatchConfig, InputConfig, LabelConfig, SamplingConfig
 from llmops.cli import _output as out
 from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
 
@@ -44,6 +44,12 @@ def batch_command(
     prompt_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "prompt_column"))] = None,
     messages_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "messages_column"))] = None,
     id_column: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "id_column"))] = None,
+    prompt_template: Annotated[Optional[str], typer.Option(help=_doc(InputConfig, "prompt_template"))] = None,
+    choices: Annotated[Optional[str], typer.Option(
+        help=_doc(LabelConfig, "choices") + " Comma-separated.", show_default=False)] = None,
+    choices_file: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "choices_file"))] = None,
+    json_schema: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "json_schema"))] = None,
+    regex: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "regex"))] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Discard the results of another job in OUTPUT (other model, input, sampling or "
                             "engine dtype/context); removes only files llmops wrote there.")] = False,
@@ -65,9 +71,16 @@ def batch_command(
     """Generate completions (or, with --task embed, embeddings) for every row of INPUT with vLLM, as fast as
     the hardware allows.
 
-    Embeddings of a Parquet text column, on the offline default embedding model:
-    `llmops batch docs.parquet -o out/emb --task embed --model all-minilm-l6-v2 --prompt-column text`
-    writes each row's `embedding` (a fixed-size float32 list) and `truncated` flag beside its columns.
+    Labeling, on the offline default model (every label is one of the choices, with its confidence):
+    `llmops batch examples/batch/reviews.jsonl -o out/reviews --choices "positive,negative,neutral"
+    --prompt-template "Classify the sentiment of this review as positive, negative or neutral: {text}"`
+    writes `label`, `confidence` and `label_probs`; `--json-schema schema.json` writes JSON answers and a
+    typed `parsed` column; `--regex` constrains answers to a pattern.
+
+    Embeddings, on the offline default embedding model (an embedding model embeds by default):
+    `llmops batch examples/batch/docs.jsonl -o out/docs --model all-minilm-l6-v2` writes each row's
+    `embedding` (a fixed-size float32 list) and `truncated` flag beside its columns; for another model, or a
+    Parquet text column: `--task embed --prompt-column text`.
 
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
     stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
@@ -81,7 +94,9 @@ def batch_command(
     flags = {"model": model, "task": task, "sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
              "sampling.top_p": top_p, "sampling.seed": seed, "sampling.stop": stop or None,
              "input.prompt_column": prompt_column, "input.messages_column": messages_column,
-             "input.id_column": id_column}
+             "input.id_column": id_column, "input.prompt_template": prompt_template,
+             "label.choices": choices.split(",") if choices is not None else None,
+             "label.choices_file": choices_file, "label.json_schema": json_schema, "label.regex": regex}
     cfg = load_config(BatchConfig, yaml_path=config, sets=set_, flags=flags,
                       source=str(config) if config else "batch config")
     if dry_run:
