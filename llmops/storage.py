@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from llmops.errors import LlmopsError, UsageError
 
@@ -92,7 +93,7 @@ def base_name(location: str | Path) -> str:
     """The last part of a path or URI (`s3://b/in/x.jsonl?region=r` -> `x.jsonl`), for messages."""
     if not is_uri(location):
         return Path(location).name
-    return _split_query(str(location))[0].rstrip("/").rsplit("/", 1)[-1]
+    return unquote(_split_query(str(location))[0].rstrip("/").rsplit("/", 1)[-1])
 
 
 def parent(location: str | Path) -> str:
@@ -149,7 +150,9 @@ def find_objects(uri: str) -> tuple[str, list[str]]:
     prefix = folder.rstrip("/")[:len(folder.rstrip("/")) - len(folder_path.rstrip("/"))]
 
     def to_uri(path: str) -> str:
-        return prefix + path + (f"?{query}" if query else "")
+        # Keys are bytes, not URI text: pyarrow percent-decodes a URI's path when it opens it, so a listed key
+        # is quoted to come back as itself (`f%41.jsonl` was read as `fA.jsonl`; `#` and spaces did not parse).
+        return prefix + quote(path, safe="/") + (f"?{query}" if query else "")
 
     if glob_at < 0:
         kind = fs.get_file_info(folder_path).type

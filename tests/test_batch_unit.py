@@ -315,3 +315,21 @@ def test_cpu_engines_of_one_host_each_get_their_own_cores(tmp_path, monkeypatch)
     found = engines(job)
     assert [e["env"]["VLLM_CPU_OMP_THREADS_BIND"] for e in found] == ["0,1", "2,3"]
     assert all("CUDA_VISIBLE_DEVICES" not in e["env"] for e in found)
+
+
+def test_progress_off_a_terminal_logs_only_what_happened(monkeypatch, capsys):
+    """Off a TTY (a CI log) the bar printed `0/N rows, 0 tok/s` before anything was done: the first unit's
+    zero failed rows, 30 s after the bar was made (while the engine started)."""
+    from llmops.cli import batch as cli_batch
+
+    now = [1000.0]
+    monkeypatch.setattr(cli_batch.time, "monotonic", lambda: now[0])
+    bar = cli_batch._Bar()
+    now[0] += 60  # the engine took a minute to start
+    bar.start(10, 0)
+    bar.advance(0, 0)
+    now[0] += 31
+    bar.advance(0, 0)
+    assert "rows" not in capsys.readouterr().err
+    bar.advance(4, 40)
+    assert "4/10 rows" in capsys.readouterr().err

@@ -246,3 +246,22 @@ def test_split_and_subset_are_refused_for_other_inputs(tmp_path):
     write_lines(tmp_path / "in.jsonl", ROWS)
     with pytest.raises(UsageError, match="input.split and input.subset apply to Hugging Face datasets"):
         open_input(str(tmp_path / "in.jsonl"), InputConfig(split="test"))
+
+
+def test_every_listed_key_is_read_as_itself_whatever_its_characters(tmp_path, bucket):
+    """A listed key was turned back into a URI and percent-decoded: `f%41.jsonl` read as `fA.jsonl` (its 3 rows
+    lost, fA's row twice, exit 0), and a key with a space or `#` refused the whole prefix (issue 25)."""
+    fs, root = filesystem(f"s3://{bucket}")
+    names = ["a.jsonl", "f%41.jsonl", "fA.jsonl", "sp ace.jsonl", "h#sh.jsonl", "q?x=1.jsonl", "ü+é.jsonl",
+             "pct%2F.jsonl"]
+    rows = {name: [f"{name}:{n}" for n in range(1 + i % 3)] for i, name in enumerate(names)}
+    for name, prompts in rows.items():
+        with fs.open_output_stream(f"{root.rstrip('/')}/data/{name}") as stream:  # the raw key, no URI parsing
+            stream.write("".join(json.dumps({"prompt": p}) + "\n" for p in prompts).encode())
+    for location in (f"s3://{bucket}/data/", f"s3://{bucket}/data/*.jsonl"):
+        spec, counts, units = read_all(location, chunk_rows=10)
+        assert len(spec.files) == len(names), spec.files
+        got = [r.prompt for u in units for r in u.rows]
+        expected = [p for name in sorted(names) for p in rows[name]]
+        assert sorted(got) == sorted(expected) and len(got) == len(set(got))  # every row once, none lost
+        assert sorted(spec.identity().files) == sorted(names)  # messages name the keys as they are

@@ -172,6 +172,7 @@ class _Bar:
 
     def start(self, total_rows: int, done_rows: int) -> None:
         self.total, self.done = total_rows, done_rows
+        self.last_log = time.monotonic()
         if done_rows:
             out.log(f"llmops batch: resuming, {done_rows} of {total_rows} rows already done")
         if out.stderr.is_terminal:
@@ -183,6 +184,8 @@ class _Bar:
             self.bar.start()
 
     def advance(self, rows: int, completion_tokens: int) -> None:
+        if not rows and not completion_tokens:  # nothing happened: no "0/N rows, 0 tok/s" line in a CI log
+            return
         self.done += rows
         self.rows += rows
         self.tokens += completion_tokens
