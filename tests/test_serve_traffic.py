@@ -48,18 +48,18 @@ def _flag(command: list[str], name: str) -> str | None:
 def test_the_queue_limit_is_planned_from_the_engine_and_the_ttft_target(cpu_machine):
     data = dry_run("smollm2-135m")
     plan, command = data["plan"], data["command"]
-    # 2 AVX2 cores: 16 streams (8 per core, as the KV cache is sized); ~275 tok/s prefill x 2 s target
-    assert plan["max_num_queued_reqs"] == 16 and _flag(command, "--max-num-queued-reqs") == "16"
+    # 2 AVX2 cores: the 68 sequences of 2048 tokens its KV cache holds (of vLLM's 128); ~275 tok/s prefill x 2 s
+    assert plan["max_num_queued_reqs"] == 68 and _flag(command, "--max-num-queued-reqs") == "68"
     assert plan["max_num_queued_tokens"] == 550 and _flag(command, "--max-num-queued-tokens") == "550"
     notes = " ".join(plan["notes"])
-    assert "max_num_queued_reqs 16: the streams this engine runs at once" in notes
+    assert "max_num_queued_reqs 68: the sequences this engine runs at once: its KV cache holds 68" in notes
     assert "within the 2000 ms TTFT target at ~275 tok/s" in notes
-    assert data["env"]["LLMOPS_RETRY_AFTER_S"] == "2" and data["env"]["LLMOPS_MAX_QUEUE"] == "16"
+    assert data["env"]["LLMOPS_RETRY_AFTER_S"] == "2" and data["env"]["LLMOPS_MAX_QUEUE"] == "68"
     # the drain and the middleware that answers /ready, Retry-After and refusals while draining
     assert _flag(command, "--shutdown-timeout") == "17" and _flag(command, "--middleware") == MIDDLEWARE
     # --dry-run's text shows the limits and why
     text = run_cli("serve", "smollm2-135m", "--dry-run").stdout
-    assert "max_num_queued_reqs: 16" in text and "why: max_num_queued_reqs 16:" in text
+    assert "max_num_queued_reqs: 68" in text and "why: max_num_queued_reqs 68:" in text
 
     fewer = dry_run("smollm2-135m", "--set", "engine.max_num_seqs=4", "--ttft-target-ms", "500")["plan"]
     assert fewer["max_num_queued_reqs"] == 4 and fewer["max_num_queued_tokens"] == 137
@@ -277,7 +277,7 @@ def test_k8s_manifest_is_valid_and_carries_the_probes_grace_secret_and_resources
     assert resources["requests"]["cpu"] == "2" and resources["limits"]["memory"].endswith("Gi")
     args = container["args"]
     assert args[:2] == ["serve", "smollm2-135m"] and _flag(args, "--grace-period") == "20"
-    assert _flag(args, "--max-queue") == "16" and "engine.dtype=float32" in args
+    assert _flag(args, "--max-queue") == "68" and "engine.dtype=float32" in args
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
     # an invalid manifest fails the schema (the test would catch a typo)
@@ -473,7 +473,7 @@ def test_the_openai_client_and_llmops_chat_retry_a_busy_server(planned_server):
 
 @pytest.mark.engine
 def test_sigterm_drains_8_streams_refuses_new_work_and_exits_0(default_model_dir, tmp_path):
-    """The default plan (16 at once on 2 cores). SIGTERM while 8 streams are in flight: /ready turns 503, a new
+    """The default plan (68 at once on 2 cores). SIGTERM while 8 streams are in flight: /ready turns 503, a new
     request is refused with 503, all 8 finish whole, llmops exits 0 with the port freed and no vLLM left."""
     import httpx
 
