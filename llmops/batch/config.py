@@ -48,6 +48,10 @@ class InputConfig(StrictModel):
     none means `train`. A slice such as `train[:100]` is not supported."""
     subset: Optional[str] = None
     """Hugging Face dataset input: the subset (configuration) of a dataset that has several."""
+    prompt_template: Optional[str] = None
+    """Build each row's prompt from its columns (Parquet/Arrow columns, JSONL fields), e.g. "Classify the
+    sentiment of this review: {text}"; sent as a user chat message (chat-formatted by the model's template).
+    Part of the job's identity."""
 
 
 class EmbedOutput(StrictModel):
@@ -65,6 +69,23 @@ class EmbedOutput(StrictModel):
     the row."""
 
 
+class LabelConfig(StrictModel):
+    """Constrained answers (labeling): each row's answer is one of `choices`, JSON valid against `json_schema`,
+    or text matching `regex` (vLLM structured outputs). Set at most one; all are part of the job's identity
+    (the schema by content)."""
+
+    choices: list[str] = Field(default_factory=list)
+    """The label set: every answer is exactly one of them, with `label`, `confidence` and `label_probs`
+    columns (--choices "positive,negative,neutral")."""
+    choices_file: Optional[str] = None
+    """A file with one choice a line (blank lines skipped), instead of `choices`."""
+    json_schema: Optional[str] = None
+    """A JSON Schema file: every answer validates against it; a typed `parsed` column holds it as a struct
+    where the schema maps to Arrow types."""
+    regex: Optional[str] = None
+    """Every answer matches this regular expression (IDs, dates, short codes)."""
+
+
 class BatchConfig(StrictModel):
     """One `llmops batch` job (YAML file, `--set`, flags)."""
 
@@ -74,6 +95,7 @@ class BatchConfig(StrictModel):
     """What each row becomes: generated text, or an embedding vector. auto: embed for a model the registry
     records as an embedding model, else generate."""
     output: EmbedOutput = Field(default_factory=EmbedOutput)
+    label: LabelConfig = Field(default_factory=LabelConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -99,6 +121,9 @@ def sampling_params(base: SamplingConfig, body: dict[str, Any] | None = None):
             if key == "stream" and value:
                 raise ValueError("stream: true is not supported in a batch")
             continue
+        if key == "response_format":
+            values["structured_outputs"] = response_format(value)
+            continue
         if key not in _BODY_SAMPLING_FIELDS:
             raise ValueError(f"unsupported body field `{key}`")
         if key == "n":
@@ -119,8 +144,28 @@ def sampling_params(base: SamplingConfig, body: dict[str, Any] | None = None):
             raise ValueError(f"{key} must be a number, got {values[key]!r}")
     if not isinstance(values["stop"], list) or not all(isinstance(s, str) for s in values["stop"]):
         raise ValueError(f"stop must be a string or a list of strings, got {values['stop']!r}")
+    if values.get("structured_outputs") is None:
+        values.pop("structured_outputs", None)
     try:
         # FINAL_ONLY: the engine reports a request once, when it is finished (what LLM.generate does too).
         return SamplingParams(**values, output_kind=RequestOutputKind.FINAL_ONLY)
     except Exception as e:  # vLLM raises its own validation error type; every one of them fails this row
         raise ValueError(str(e)) from None
+
+
+def response_format(value: Any):
+    """vLLM `StructuredOutputsParams` for an OpenAI `response_format` (`text`, `json_object`, `json_schema`),
+    as OpenAI's API takes it; None for plain text. Raises ValueError for a malformed one (the row fails)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
+        return StructuredOutputsParams(json=spec["schema"])
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")

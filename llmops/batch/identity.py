@@ -24,6 +24,7 @@ class InputIdentity(BaseModel):
     prompt_column: Optional[str] = None
     messages_column: Optional[str] = None
     id_column: Optional[str] = None
+    prompt_template: Optional[str] = None
 
 
 class AdapterIdentity(BaseModel):
@@ -63,7 +64,9 @@ class JobIdentity(BaseModel):
 
     def key(self) -> str:
         """A short digest of what decides the output (names and paths left out); stored in every shard."""
-        deciding = {"input": self.input.model_dump(exclude={"files"}), "model": self.model.digest,
+        # prompt_template only when set, so jobs without one keep their key
+        unset = {"prompt_template"} if self.input.prompt_template is None else set()
+        deciding = {"input": self.input.model_dump(exclude={"files"} | unset), "model": self.model.digest,
                     "sampling": self.sampling, "engine": self.engine.model_dump(), "chunk_rows": self.chunk_rows}
         if self.task:  # only then, so generation jobs keep their key
             deciding["task"] = self.task
@@ -79,7 +82,7 @@ class JobIdentity(BaseModel):
         if old.input.model_dump(exclude={"files"}) != self.input.model_dump(exclude={"files"}):
             before, after = ", ".join(old.input.files), ", ".join(self.input.files)
             columns = [f"input.{k}: {getattr(old.input, k)!r} -> {getattr(self.input, k)!r}"
-                       for k in ("format", "prompt_column", "messages_column", "id_column")
+                       for k in ("format", "prompt_column", "messages_column", "id_column", "prompt_template")
                        if getattr(old.input, k) != getattr(self.input, k)]
             changes += columns or [f"input changed: {before} -> {after}" if before != after
                                    else f"input changed: the content of {after} differs"]
@@ -102,8 +105,13 @@ class JobIdentity(BaseModel):
                 changes.append(f"engine.{key} changed: {getattr(old.engine, key)!r} -> {value!r}")
         for key in sorted(set(old.task) | set(self.task)):
             if old.task.get(key) != self.task.get(key):
-                before, after = old.task.get(key, "generate" if key == "name" else None), self.task.get(key)
-                changes.append(f"{'task' if key == 'name' else 'output.' + key} changed: {before!r} -> {after!r}")
+                before, after = (t.get(key, "generate" if key == "name" else None) for t in (old.task, self.task))
+                what = {"name": "task", "choices": "--choices", "json_schema": "--json-schema (its content)",
+                        "regex": "--regex"}.get(key, "output." + key)
+                if key == "json_schema":  # a schema is long: say that it changed, not how
+                    before, after = ("none" if v is None else "a schema" for v in (before, after))
+                changes.append(f"{what} changed: {before!r} -> {after!r}" if key != "json_schema"
+                               else f"{what} changed: {before} -> {after}")
         if old.chunk_rows != self.chunk_rows:
             changes.append(f"chunk_rows changed: {old.chunk_rows} -> {self.chunk_rows}")
         return changes

@@ -41,7 +41,7 @@ HF_DATASET_URI = "hf://datasets/"
 HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
 # The columns any task writes (`tasks.py`): an input column of the same name would be ambiguous.
 RESULT_COLUMNS = ("row", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens", "embedding",
-                  "truncated", "error")
+                  "truncated", "label", "confidence", "label_probs", "parsed", "error")
 # Lines read ahead to detect a JSONL flavour: the first parseable object decides.
 _SNIFF_LINES = 100
 
@@ -59,6 +59,8 @@ class InputSpec:
     id_column: str | None = None
     openai_urls: tuple[str, ...] = OPENAI_URLS
     """OpenAI Batch input: the request URLs the job's task answers; a line with another fails alone."""
+    prompt_template: str | None = None
+    """`input.prompt_template`: each row's prompt is built from its columns (a user chat message)."""
 
     def __post_init__(self):
         object.__setattr__(self, "files", tuple(f if isinstance(f, Path) or is_uri(f) else Path(f)
@@ -94,7 +96,7 @@ class InputSpec:
             raise UsageError(f"cannot read {e.filename}: {(e.strerror or str(e)).lower()}") from None
         return InputIdentity(format=self.format, files=[base_name(f) for f in self.files], digest=digest,
                              prompt_column=self.prompt_column, messages_column=self.messages_column,
-                             id_column=self.id_column)
+                             id_column=self.id_column, prompt_template=self.prompt_template)
 
 
 @dataclass
@@ -146,13 +148,71 @@ def open_input(path: str, config: InputConfig) -> InputSpec:
             raise UsageError(f"{path} mixes input formats ({listing})", "give one format per job")
         fmt = next(iter(kinds.values()))
         if fmt == "jsonl":
-            fmt = _jsonl_flavour(files[0])
+            fmt = _jsonl_flavour(files[0], templated=config.prompt_template is not None)
     if fmt in ("jsonl", "openai"):
         if config.prompt_column or config.messages_column or config.id_column:
             raise UsageError("--prompt-column, --messages-column and --id-column apply to Parquet/Arrow input",
                              f"{path} is JSONL: name the fields `prompt`/`messages`/`id` in each line")
-        return InputSpec(tuple(files), fmt)
+        if config.prompt_template is not None:
+            if fmt == "openai":
+                raise UsageError("--prompt-template does not apply to OpenAI Batch input (its requests hold their "
+                                 "prompts)", "drop --prompt-template, or give prompt JSONL or Parquet rows")
+            _check_template(config.prompt_template, _first_object_keys(files[0]), files[0])
+        return InputSpec(tuple(files), fmt, prompt_template=config.prompt_template)
     return _columns(files, fmt, config)
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a prompt template fills (`{text}`, `{title}`), in order; ValueError if malformed."""
+    import string
+
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"`{{{name}}}` is not a column name: write {{column}} (double a brace, {{{{ }}}}, "
+                             "for a literal one)")
+        names.append(name)
+    if not names:
+        raise ValueError("it names no column: write the columns to fill as {column}")
+    return list(dict.fromkeys(names))
+
+
+def _check_template(template: str, columns: list[str], where: Location) -> None:
+    """A template that cannot be filled exits 2 before any engine starts, naming what is missing."""
+    try:
+        fields = template_fields(template)
+    except ValueError as e:
+        raise UsageError(f"--prompt-template {template!r}: {e}") from None
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise UsageError(f"--prompt-template names {', '.join(map(repr, missing))}, which {base_name(where)} does "
+                         f"not have (columns: {', '.join(columns[:20]) or 'none'})",
+                         "name existing columns in the template as {column}")
+
+
+def _first_object_keys(path: Location) -> list[str]:
+    with reading(path), _open_bytes(path) as f:
+        for n, line in enumerate(f):
+            if n >= _SNIFF_LINES:
+                break
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(obj, dict):
+                return list(obj)
+    return []
+
+
+def _fill(template: str, values: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None]:
+    """A row's prompt from the template, as one user message; or why this row cannot fill it."""
+    missing = [f for f in template_fields(template) if values.get(f) is None]
+    if missing:
+        return None, f"no value for {', '.join(missing)} (--prompt-template)"
+    text = template.format(**{k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()})
+    return [{"role": "user", "content": text}], None
 
 
 def _hf_dataset(location: str, config: InputConfig) -> InputSpec:
@@ -282,8 +342,9 @@ def _sniff(path: Location) -> str:
                      "name it .jsonl, .parquet or .arrow, or pass --set input.format=jsonl|openai|parquet|arrow")
 
 
-def _jsonl_flavour(path: Location) -> str:
-    """`openai` for OpenAI Batch request lines, `jsonl` for prompt/messages lines."""
+def _jsonl_flavour(path: Location, templated: bool = False) -> str:
+    """`openai` for OpenAI Batch request lines, `jsonl` for prompt/messages lines (or, with a prompt
+    template, any object: the template names its fields)."""
     with reading(path), _open_bytes(path) as f:
         for n, line in enumerate(f):
             if n >= _SNIFF_LINES:
@@ -296,7 +357,7 @@ def _jsonl_flavour(path: Location) -> str:
                 continue
             if "custom_id" in obj or "body" in obj:
                 return "openai"
-            if "prompt" in obj or "messages" in obj:
+            if "prompt" in obj or "messages" in obj or templated:
                 return "jsonl"
             raise UsageError(f"cannot detect the input format: the first object in {path} has keys "
                              f"{sorted(obj)[:10]}",
@@ -330,7 +391,12 @@ def _columns(files: list[Location], fmt: str, config: InputConfig) -> InputSpec:
     if config.prompt_column and config.messages_column:
         raise UsageError("Can't provide both `--prompt-column` and `--messages-column`. Choose one.")
     prompt_col, messages_col = config.prompt_column, config.messages_column
-    if not prompt_col and not messages_col:
+    if config.prompt_template is not None:
+        if prompt_col or messages_col:
+            raise UsageError("Can't provide both `--prompt-template` and `--prompt-column`/`--messages-column`. "
+                             "Choose one.")
+        _check_template(config.prompt_template, names, files[0])
+    elif not prompt_col and not messages_col:
         if "messages" in names:
             messages_col = "messages"
         else:
@@ -349,7 +415,7 @@ def _columns(files: list[Location], fmt: str, config: InputConfig) -> InputSpec:
         if missing:
             raise UsageError(f"{f} has no column {', '.join(missing)} (columns: {', '.join(sorted(have)[:20])})",
                              "check --prompt-column/--messages-column/--id-column")
-    return InputSpec(tuple(files), fmt, prompt_col, messages_col, id_col)
+    return InputSpec(tuple(files), fmt, prompt_col, messages_col, id_col, prompt_template=config.prompt_template)
 
 
 def _open_arrow(path: Location):
@@ -498,7 +564,8 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
         bad_text = _lone_surrogate(raw, obj)
         if bad_text:
             obj = _escaped(obj)
-        row = _openai_row(index, line_no, obj, spec.openai_urls) if openai else _prompt_row(index, line_no, obj)
+        row = _openai_row(index, line_no, obj, spec.openai_urls) if openai \
+            else _prompt_row(index, line_no, obj, spec.prompt_template)
         if bad_text:
             row.error, row.body = f"line {line_no}: {bad_text}", None
         rows.append(row)
@@ -550,12 +617,14 @@ def _kept_openai(obj: Any) -> tuple[str | None, str | None]:
     return url, json.dumps(obj.get("body")) if "body" in obj else None
 
 
-def _prompt_row(index: int, line_no: int, obj: Any) -> Row:
+def _prompt_row(index: int, line_no: int, obj: Any, template: str | None = None) -> Row:
     if not isinstance(obj, dict):
         return Row(index, str(index), error=f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
     row_id = str(obj["id"]) if obj.get("id") is not None else str(index)
     row = Row(index, row_id)
-    if "messages" in obj:
+    if template is not None:
+        row.messages, row.error = _fill(template, obj)
+    elif "messages" in obj:
         row.messages, row.error = _messages(obj["messages"])
     elif "prompt" in obj:
         row.prompt, row.error = _prompt(obj["prompt"])
@@ -671,12 +740,15 @@ def _messages(value: Any) -> tuple[list[dict[str, str]] | None, str | None]:
 
 def _table_unit(spec: InputSpec, key: str, start: int, table) -> Unit:
     ids = table.column(spec.id_column).to_pylist() if spec.id_column else None
-    source = table.column(spec.messages_column or spec.prompt_column).to_pylist()
+    source = table.select(template_fields(spec.prompt_template)).to_pylist() if spec.prompt_template \
+        else table.column(spec.messages_column or spec.prompt_column).to_pylist()
     rows = []
     for n, value in enumerate(source):
         index = start + n
         row = Row(index, str(ids[n]) if ids is not None and ids[n] is not None else str(index))
-        if spec.messages_column:
+        if spec.prompt_template:
+            row.messages, row.error = _fill(spec.prompt_template, value)
+        elif spec.messages_column:
             row.messages, row.error = _messages(value)
         else:
             row.prompt, row.error = _prompt(value)

@@ -673,11 +673,18 @@ def _result_text(r: dict[str, Any]) -> str | None:
             return f"{len(vector)} embeddings of {len(vector[0])} dimensions"
         head = ", ".join(f"{v:.4f}" for v in vector[:4])
         return f"embedding of {len(vector)} dimensions [{head}, ...]" + (" (input truncated)" if r.get("truncated") else "")
+    if "label" in r and "generated_text" not in r:  # a --choices job
+        return None if r["label"] is None else f"{r['label']} (confidence {r['confidence']:.2f})"
     return r.get("generated_text")
 
 
 def _prompt_text(r: dict[str, Any], described: dict[str, Any]) -> str:
     """The prompt of a result row as one line of text: the text, or a chat's last message."""
+    if described.get("prompt_template"):  # --prompt-template: the prompt as it was filled
+        try:
+            return described["prompt_template"].format(**r)
+        except (KeyError, IndexError, ValueError):
+            return ""
     value = r.get(described.get("prompt_column") or described.get("messages_column") or "")
     if value is None and described.get("format") == "openai" and r.get("body"):
         body = json.loads(r["body"]) or {}

@@ -16,6 +16,7 @@ per-engine state (tokenizer, parameters, adapters) once the engine is up.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from llmops.batch.config import SamplingConfig, sampling_params
@@ -92,9 +93,17 @@ class Generate(RowTask):
     def result(self, state, row: Row, outputs: list[Any]) -> dict[str, Any]:
         output = outputs[0]
         completion = output.outputs[0]
-        return {"generated_text": completion.text, "finish_reason": completion.finish_reason,
-                "prompt_tokens": len(output.prompt_token_ids or ()),
-                "completion_tokens": len(completion.token_ids), "error": None}
+        r = {"generated_text": completion.text, "finish_reason": completion.finish_reason,
+             "prompt_tokens": len(output.prompt_token_ids or ()), "completion_tokens": len(completion.token_ids),
+             "error": None}
+        if ((row.body or {}).get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+            try:  # an OpenAI row that asked for JSON: half a JSON object (cut by max_tokens) fails the row
+                json.loads(completion.text)
+            except json.JSONDecodeError:
+                r["error"] = (f"the answer is not complete JSON (finish_reason {completion.finish_reason}"
+                              + (f": max_tokens cut it after {r['completion_tokens']} tokens; raise max_tokens)"
+                                 if completion.finish_reason == "length" else ")"))
+        return r
 
     def columns(self, state=None) -> list[tuple[str, Any]]:
         import pyarrow as pa
