@@ -204,6 +204,28 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
 
 @pytest.mark.ray
 @pytest.mark.engine
+def test_an_embedding_job_runs_on_both_nodes(cluster, tmp_path, default_embed_model_dir):
+    rows = 40
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)],
+                             "text": [f"Note {i}: " + "the quick brown fox jumps. " * (1 + i % 5) for i in range(rows)]}),
+                   path)
+    out = tmp_path / "out"
+    done = run_cli(*batch_args(cluster, path, out, "--model", "all-minilm-l6-v2", "--set", "chunk_rows=4", "--json"),
+                   env=cluster.env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert (summary["rows_ok"], summary["engines"]) == (rows, 2)
+    table = pq.read_table(out / "results").sort_by("row")
+    assert table.column("id").to_pylist() == [f"d{i}" for i in range(rows)]
+    assert table.column("embedding").null_count == 0 and len(table.column("embedding")[0].as_py()) == 384
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["job"]["task"]["name"] == "embed" and len(set(manifest["nodes"].values())) == 2
+    cluster.wait_for_engines_gone()
+
+
+@pytest.mark.ray
+@pytest.mark.engine
 def test_killing_the_driver_mid_job_then_rerun_gives_every_row_once(cluster, tmp_path, default_model_dir):
     rows = 24
     path = write_prompts(tmp_path / "in.parquet", rows)
