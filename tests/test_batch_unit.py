@@ -333,3 +333,20 @@ def test_progress_off_a_terminal_logs_only_what_happened(monkeypatch, capsys):
     assert "rows" not in capsys.readouterr().err
     bar.advance(4, 40)
     assert "4/10 rows" in capsys.readouterr().err
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused_before_anything_runs(tmp_path):
+    """`llmops batch DIR -o DIR/out` ran once, then every rerun was refused ("DIR mixes input formats"), so the
+    job could never resume (issue 25)."""
+    from llmops.batch import plan_batch
+    from llmops.errors import UsageError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "hi"}\n')
+    for given, out in ((str(folder), folder / "out"), (f"{folder}/*.jsonl", folder / "sub" / "out"),
+                       (f"{folder}/", folder), ("s3://bucket/in/", "s3://bucket/in/out"),
+                       ("s3://bucket/in/*.parquet", "s3://bucket/in/out")):
+        with pytest.raises(UsageError, match="inside the input"):
+            plan_batch(BatchConfig(), given, out)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jsonl"]  # nothing written

@@ -131,6 +131,7 @@ def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,
     from llmops.registry import all_entries, resolve_adapters
     from llmops.vllm_engine import plan_for
 
+    _check_output_outside_input(input_path, output_dir)
     spec = open_input(input_path, config.input)
     asked = check_custom_ids(spec) if spec.format == "openai" else set()
     # An adapter name gives its base and itself; requests may name other adapters of that base.
@@ -223,3 +224,29 @@ def _check_embedding_options(config: BatchConfig, resolved) -> None:
         if sizes is not True and config.output.dimensions not in sizes:
             raise UsageError(f"{resolved.name} supports output.dimensions of {', '.join(map(str, sizes))}, not "
                              f"{config.output.dimensions}")
+
+
+def _check_output_outside_input(input_path: str, output_dir: str | Path) -> None:
+    """An output folder inside a folder (or glob, or bucket prefix) that is the input would be read as input
+    by the next run, which then refused every resume ("mixes input formats"): refuse it before anything runs."""
+    from llmops.storage import is_uri
+
+    def folder_of(location: str) -> str:
+        glob_at = min((location.find(c) for c in "*?[" if c in location), default=-1)
+        if glob_at >= 0:
+            return location[:location.rfind("/", 0, glob_at) + 1]
+        if is_uri(location):
+            return location if location.endswith("/") else ""  # an object, or a prefix given with its '/'
+        return location if Path(location).is_dir() else ""
+
+    inputs, output = folder_of(str(input_path)), str(output_dir)
+    if not inputs or input_path.startswith("hf://") or is_uri(inputs) != is_uri(output):
+        return
+    if is_uri(output):
+        inside = (output.rstrip("/") + "/").startswith(inputs.rstrip("/") + "/")
+    else:
+        inside = Path(output).resolve().is_relative_to(Path(inputs).resolve())
+    if inside:
+        raise UsageError(f"the output folder {output} is inside the input {input_path}: the next run would read "
+                         "the results as input", "give an --output outside the input folder")
+

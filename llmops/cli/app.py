@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -150,13 +151,15 @@ def _tidy_help(command: Any) -> None:
     """Help that reads like a well-kept CLI's: paragraphs reflowed to the terminal (typer's rich mode keeps the
     docstring's line breaks), no metavar on switches, arguments named in capitals as in the usage line."""
     if command.help:
-        command.help = reflow(command.help)
+        command.help = _escape_markup(reflow(command.help))
     # get_params adds (and caches) the --help option, which needs the tidying too.
     _tidy_params(command.get_params(typer.Context(command, help_option_names=HELP_OPTION_NAMES)))
 
 
 def _tidy_params(params: list[Any]) -> None:
     for param in params:
+        if getattr(param, "help", None):
+            param.help = _escape_markup(param.help)
         if getattr(param, "is_flag", False):
             param.metavar = ""  # typer shows the metavar in place of the type: `--json` not `--json <bool>`
         elif param.param_type_name == "argument" and param.metavar is None:
@@ -183,6 +186,12 @@ def reflow(text: str) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("[", r"\[")  # typer renders help as rich markup
+
+
+def _escape_markup(text: str) -> str:
+    """Help text with every `[` that is not escaped yet escaped: typer renders help as rich markup, which took
+    `'llmops[ray]'` for a style and printed `'llmops'`."""
+    return re.sub(r"(?<!\\)\[", r"\\[", text)
 
 
 app = typer.Typer(
