@@ -350,3 +350,25 @@ def test_an_output_folder_inside_the_input_folder_is_refused_before_anything_run
         with pytest.raises(UsageError, match="inside the input"):
             plan_batch(BatchConfig(), given, out)
     assert sorted(p.name for p in folder.iterdir()) == ["a.jsonl"]  # nothing written
+
+
+def test_lines_of_a_folder_of_jsonl_files_are_named_with_their_file(tmp_path):
+    """Row errors said "line 1" without the file, generated `line-N` ids collided between files, and a prompt
+    that is not text was kept as null (issue 25)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{not json\n{"prompt": 42}\n')
+    (folder / "b.jsonl").write_text('{not json\n[1]\n')
+    spec = open_input(str(folder), InputConfig())
+    counts = count_rows(spec)
+    units = list(iter_units(spec, counts, 10, set(unit_keys(counts, 10))))
+    rows = [r for u in units for r in u.rows]
+    assert [r.id for r in rows] == ["a.jsonl:line-1", "1", "b.jsonl:line-1", "3"]
+    assert rows[0].error.startswith("a.jsonl line 1: not valid JSON")
+    assert rows[2].error.startswith("b.jsonl line 1: not valid JSON")
+    assert rows[3].error.startswith("b.jsonl line 2: expected a JSON object")
+    assert "must be a string" in rows[1].error
+    assert units[0].kept.column("prompt").to_pylist() == [None, "42"]  # kept as its JSON, not dropped
+    single = open_input(str(folder / "a.jsonl"), InputConfig())
+    one = next(iter(iter_units(single, count_rows(single), 10, {"00000-000000"})))
+    assert (one.rows[0].id, one.rows[0].error.split(":")[0]) == ("line-1", "line 1")  # one file: as before

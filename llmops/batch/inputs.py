@@ -550,13 +550,16 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
 
     rows, kept = [], []
     openai = spec.format == "openai"
+    # In a folder of several files a line is named with its file, and an id made from it carries the file
+    # too: "line 1" and `line-1` would be the first line of every file.
+    name = base_name(spec.files[int(key.split("-", 1)[0])]) if len(spec.files) > 1 else None
     for n, (line_no, raw) in enumerate(lines):
         index = start + n
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            rows.append(Row(index, None if openai else f"line-{line_no}",
-                            error=f"line {line_no}: not valid JSON ({e})"))
+            rows.append(Row(index, None if openai else _in_file(name, f"line-{line_no}", ":"),
+                            error=_in_file(name, f"line {line_no}: not valid JSON ({e})")))
             kept.append(_kept_openai(None) if openai else (None, None, raw.decode(errors="replace")))
             continue
         # Valid JSON may still hold text that is not Unicode (a lone surrogate such as "\ud800"): it could be
@@ -568,13 +571,19 @@ def _jsonl_unit(spec: InputSpec, key: str, start: int, lines: list[tuple[int, by
             else _prompt_row(index, line_no, obj, spec.prompt_template)
         if bad_text:
             row.error, row.body = f"line {line_no}: {bad_text}", None
+        if row.error and row.error.startswith("line "):
+            row.error = _in_file(name, row.error)
+        if not isinstance(obj, dict) and row.id == f"line-{line_no}":  # an id made from the line
+            row.id = _in_file(name, row.id, ":")
         rows.append(row)
         if openai:
             kept.append(_kept_openai(obj))
         else:
             extra = {k: v for k, v in obj.items() if k not in ("prompt", "messages", "id")} \
                 if isinstance(obj, dict) else {"value": obj}
-            kept.append((obj.get("prompt") if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) else None,
+            prompt = obj.get("prompt") if isinstance(obj, dict) else None
+            # Every input column is kept: a prompt that is not text (and fails) is kept as its JSON.
+            kept.append((prompt if isinstance(prompt, str) or prompt is None else json.dumps(prompt),
                          json.dumps(obj["messages"]) if isinstance(obj, dict) and "messages" in obj else None,
                          json.dumps(extra) if extra else None))
     names = ("url", "body") if openai else ("prompt", "messages", "metadata")
@@ -615,6 +624,10 @@ def _kept_openai(obj: Any) -> tuple[str | None, str | None]:
         return None, None
     url = obj.get("url") if isinstance(obj.get("url"), str) else None
     return url, json.dumps(obj.get("body")) if "body" in obj else None
+
+
+def _in_file(name: str | None, text: str, sep: str = " ") -> str:
+    return text if name is None else f"{name}{sep}{text}"
 
 
 def _prompt_row(index: int, line_no: int, obj: Any, template: str | None = None) -> Row:
