@@ -211,3 +211,26 @@ def test_a_resumed_run_continues_its_tracker_curves_and_draws_them_on_a_terminal
     last_by_step = {int(step): float(value) for _, value, step in
                     (line.split() for line in loss_files[0].read_text().splitlines())}
     assert last_by_step == pytest.approx(losses, abs=1e-5)
+
+
+@pytest.mark.unit
+def test_a_diverging_run_is_shown_and_said_not_crashed(tmp_path):
+    """A NaN loss (what a diverging run logs) aborted `train show` on a terminal (exit 134, std::bad_alloc in
+    the plotting library); a null, list or string loss was `unexpected error` (issue 25)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    rows = [*({"step": s, "loss": 2.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 6)), {"step": 6, "loss": float("nan")},
+            {"step": 7, "loss": None}, {"step": 8, "loss": [1]}, {"step": 9, "loss": "x"},
+            {"step": 9, "eval_loss": float("inf")}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = run_cli("train", "show", str(folder), env={"FORCE_COLOR": "1", "COLUMNS": "90"})
+    assert drawn.returncode == 0, drawn.stderr
+    summary = drawn.stdout.rstrip("\n").rsplit("\n", 1)[-1]
+    assert summary.startswith("5 logged steps up to step 5") and "not a finite number from step 6 (nan)" in summary
+    assert "diverged" in summary
+    numbers = run_cli("train", "show", str(folder), "--json")
+    assert numbers.returncode == 0, numbers.stderr
+    curves = json.loads(numbers.stdout)
+    assert curves["steps"] == [1, 2, 3, 4, 5] and [b["step"] for b in curves["not_finite"]] == [6, 7, 8, 9, 9]
+    piped = run_cli("train", "show", str(folder))
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 6

@@ -22,15 +22,32 @@ def find_run(run: str | Path) -> Path:
 
 
 def read_curves(run_dir: Path) -> dict:
-    """The logged steps with their loss and learning rate, and the evaluated steps with their eval loss."""
+    """The logged steps with their loss and learning rate, and the evaluated steps with their eval loss.
+
+    Only finite numbers are points: a diverging run logs NaN, which crashed the plotting library (the
+    process aborted with std::bad_alloc), and a hand-edited file may hold anything. The steps whose loss is
+    not a finite number are listed under `not_finite` instead, and the summary says the run diverged."""
     from llmops.train.loop import read_jsonl
 
-    rows = read_jsonl(Path(run_dir) / METRICS)
-    steps = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
+    rows = [r for r in read_jsonl(Path(run_dir) / METRICS) if isinstance(r, dict) and _is_number(r.get("step"))]
+    steps = [r for r in rows if "loss" in r and _is_finite(r["loss"])]
+    evals = [r for r in rows if "eval_loss" in r and _is_finite(r["eval_loss"])]
+    bad = [{"step": r["step"], key: r[key] if isinstance(r[key], (str, type(None))) else str(r[key])}
+           for r in rows for key in ("loss", "eval_loss") if key in r and not _is_finite(r[key])]
     return {"run_dir": str(run_dir), "steps": [r["step"] for r in steps], "loss": [r["loss"] for r in steps],
-            "lr": [r.get("lr") for r in steps], "eval_steps": [r["step"] for r in evals],
-            "eval_loss": [r["eval_loss"] for r in evals]}
+            "lr": [r.get("lr") if _is_finite(r.get("lr")) else None for r in steps],
+            "eval_steps": [r["step"] for r in evals], "eval_loss": [r["eval_loss"] for r in evals],
+            "not_finite": bad}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    import math
+
+    return _is_number(value) and math.isfinite(value)
 
 
 def plot_curves(curves: dict, title: str, width: int = 80, height: int = 20) -> str:
@@ -55,13 +72,17 @@ def plot_curves(curves: dict, title: str, width: int = 80, height: int = 20) -> 
 
 def summary(curves: dict) -> str:
     """One line: how far the loss went, and the last eval loss."""
+    bad = curves.get("not_finite") or []
+    diverged = (f"the loss is not a finite number from step {bad[0]['step']} "
+                f"({next(v for k, v in bad[0].items() if k != 'step')}): the run diverged; lower the learning "
+                "rate or check the data" if bad else "")
     if not curves["steps"]:
-        return "no training steps logged yet"
+        return diverged or "no training steps logged yet"
     parts = [f"{len(curves['steps'])} logged steps up to step {curves['steps'][-1]}",
              f"loss {curves['loss'][0]:.4f} -> {curves['loss'][-1]:.4f}"]
     if curves["eval_steps"]:
         parts.append(f"eval loss {curves['eval_loss'][-1]:.4f} at step {curves['eval_steps'][-1]}")
-    return ", ".join(parts)
+    return ", ".join(parts + ([diverged] if diverged else []))
 
 
 def rows_by_step(curves: dict) -> list[tuple]:
