@@ -50,6 +50,22 @@ def reviews(n: int = 50) -> list[dict]:
     return rows
 
 
+# Obvious cases for the default model (135M parameters: its sentiment labels were right 56-62% of the time,
+# and its confidence did not follow; on these words it is right about 60% of the time, more so when sure).
+KINDS = {"animal": ["dog", "cat", "horse", "cow", "lion", "tiger", "elephant", "rabbit", "sheep", "wolf", "bear",
+                    "mouse", "fox", "goat", "zebra", "monkey", "camel"],
+         "fruit": ["apple", "banana", "orange", "grape", "mango", "pear", "cherry", "peach", "lemon", "strawberry",
+                   "pineapple", "plum", "kiwi", "melon", "apricot", "lime", "coconut"],
+         "vehicle": ["car", "bus", "truck", "bicycle", "motorcycle", "train", "airplane", "boat", "tractor",
+                     "scooter", "van", "taxi", "ship", "helicopter", "tram", "jeep", "subway"]}
+KIND_TEMPLATE = "Classify the word as animal, fruit or vehicle.\nWord: {text}"
+
+
+def words(n: int = 50) -> list[dict]:
+    kinds = list(KINDS)
+    return [{"id": f"w{i}", "text": KINDS[kinds[i % 3]][i // 3], "truth": kinds[i % 3]} for i in range(n)]
+
+
 def write_parquet(path, rows):
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -172,16 +188,19 @@ def test_a_resume_that_changes_the_labels_or_the_template_is_refused(tmp_path, e
 
 @pytest.mark.engine
 def test_choices_give_a_label_confidence_and_probabilities_and_confidence_means_something(llm, tmp_path):  # noqa: F811
-    rows = reviews(50)
-    data = write_parquet(tmp_path / "reviews.parquet", rows)
-    summary = run_batch(labeled(), str(data), tmp_path / "out", llm=llm)
+    rows = words(50)
+    data = write_parquet(tmp_path / "words.parquet", rows)
+    kinds = list(KINDS)
+    summary = run_batch(config(f"label.choices={json.dumps(kinds)}",
+                               f"input.prompt_template={json.dumps(KIND_TEMPLATE)}"), str(data), tmp_path / "out",
+                        llm=llm)
     assert (summary.rows_ok, summary.rows_failed) == (50, 0)
     table = pq.read_table(tmp_path / "out" / "results").sort_by("row")
-    assert table.schema.field("label_probs").type == pa.struct([(c, pa.float64()) for c in LABELS])
+    assert table.schema.field("label_probs").type == pa.struct([(c, pa.float64()) for c in kinds])
     got = table.to_pylist()
     assert [r["id"] for r in got] == [r["id"] for r in rows]
     for r in got:
-        assert r["label"] in LABELS
+        assert r["label"] in kinds
         assert 0 < r["confidence"] <= 1 and r["confidence"] == r["label_probs"][r["label"]]
         assert abs(sum(r["label_probs"].values()) - 1) < 1e-3
     # High-confidence rows are right more often than low-confidence ones.
