@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/llmops batch examples/prompts.jsonl -o out/demo --max-tokens 64 --show 5
 
 test: setup
-	$(PY) -m pytest -v
+	$(PY) -m pytest -v --durations=25
 
 test-unit: setup
 	$(PY) -m pytest -m unit -q

@@ -265,3 +265,16 @@ def test_every_listed_key_is_read_as_itself_whatever_its_characters(tmp_path, bu
         expected = [p for name in sorted(names) for p in rows[name]]
         assert sorted(got) == sorted(expected) and len(got) == len(set(got))  # every row once, none lost
         assert sorted(spec.identity().files) == sorted(names)  # messages name the keys as they are
+
+
+def test_a_saved_dataset_refuses_a_split_it_does_not_have_and_an_empty_one_says_so(tmp_path):
+    """A wrong input.split on a single saved Dataset was ignored (exit 0, the one split read), and an empty one
+    failed with `list index out of range` from datasets (issue 25)."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(tmp_path / "one")
+    with pytest.raises(UsageError, match="single dataset .*input.split=test cannot choose"):
+        open_input(str(tmp_path / "one"), InputConfig(split="test"))
+    assert open_input(str(tmp_path / "one"), InputConfig()).prompt_column == "text"  # no split asked: read
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(tmp_path / "empty")
+    with pytest.raises(UsageError, match="empty dataset: it has no rows"):
+        open_input(str(tmp_path / "empty"), InputConfig())

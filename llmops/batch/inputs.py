@@ -233,11 +233,19 @@ def _hf_dataset(location: str, config: InputConfig) -> InputSpec:
         if config.subset:
             raise UsageError(f"input.subset does not apply to {location}: a saved dataset has one subset",
                              "leave input.subset unset")
+        if _saved_without_rows(Path(location)):  # datasets itself fails with "list index out of range"
+            raise UsageError(f"{location} is an empty dataset: it has no rows to run",
+                             "save the dataset again with its rows, or give another input")
         try:
             dataset = datasets.load_from_disk(location)
         except Exception as e:  # datasets raises FileNotFoundError, ValueError or JSON errors for a bad folder
             raise UsageError(f"cannot load the saved dataset {location}: {_first_line(e)}",
                              "give a folder written by Dataset.save_to_disk or DatasetDict.save_to_disk") from None
+        if isinstance(dataset, datasets.Dataset) and config.split is not None and dataset.split != config.split:
+            # One saved Dataset has one split: asking for another must not silently read this one.
+            raise UsageError(f"{location} is a single dataset (split: {dataset.split or 'not named'}), so "
+                             f"input.split={config.split} cannot choose from it",
+                             "leave input.split unset, or give the folder of a saved DatasetDict")
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise UsageError(f"{location} has no split {split!r} (splits: {', '.join(dataset)})",
@@ -255,6 +263,14 @@ def _hf_dataset(location: str, config: InputConfig) -> InputSpec:
                          "give a whole split (not a slice such as train[:100]), or save the selection with "
                          "Dataset.save_to_disk (which writes only its rows) and give that folder")
     return spec
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    """A `Dataset.save_to_disk` folder of an empty dataset: its state.json lists no data files."""
+    try:
+        return json.loads((folder / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_hub_dataset(datasets, uri: str, split: str, subset: str | None):
