@@ -24,7 +24,7 @@ from llmops.config import StrictModel
 from llmops.errors import DoesNotFitError, UsageError
 from llmops.facts import DTYPE_BYTES, ModelFacts, estimate_params, model_facts  # noqa: F401 (callers import them here)
 from llmops.hardware import GIB, Hardware
-from llmops.registry import Task
+from llmops.registry import VLLM_LORA_RANKS, Task
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Workload = Literal["serve", "batch"]
@@ -341,10 +341,6 @@ def _across_nodes(plan: EnginePlan, stages: int, facts: ModelFacts, dtype: str, 
                      "to start it)")
     return replace(plan, pipeline_parallel_size=stages, distributed_executor_backend="ray", data_parallel_size=1,
                    notes=tuple(notes))
-
-
-# vLLM accepts only these as --max-lora-rank (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def plan_lora(plan: EnginePlan, ranks: tuple[int, ...]) -> EnginePlan:

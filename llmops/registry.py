@@ -274,6 +274,11 @@ def add_model(name: str, source: str, *, description: str = "", chat: bool | Non
     return spec
 
 
+# vLLM accepts only these as --max-lora-rank (`MaxLoRARanks` in vllm/config/lora.py, vLLM 0.32): an adapter
+# of a larger rank cannot be served or batched, only merged into its base.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
 def add_adapter(name: str, adapter_dir: str | Path, base: str, *, description: str = "",
                 trained_from: str | None = None, replace: bool = False) -> ModelSpec:
     """Register the LoRA adapter in `adapter_dir` (a PEFT folder) as `name`, to be served on top of `base`.
@@ -291,9 +296,22 @@ def add_adapter(name: str, adapter_dir: str | Path, base: str, *, description: s
                          "point at a folder written by PEFT's save_pretrained or `llmops train`") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read {folder / 'adapter_config.json'}: {e}", "check the adapter folder") from None
+    if not isinstance(adapter_config, dict):
+        raise UsageError(f"{folder / 'adapter_config.json'} is not a JSON object (PEFT writes one)",
+                         "point at a folder written by PEFT's save_pretrained or `llmops train`")
+    rank = adapter_config.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UsageError(f"{folder / 'adapter_config.json'}: r must be a positive integer, got {rank!r}")
+    if isinstance(rank, int) and rank > VLLM_LORA_RANKS[-1]:
+        raise UsageError(f"the adapter in {folder} has rank {rank}, larger than vLLM serves ({VLLM_LORA_RANKS[-1]})",
+                         "merge it into its base and register the merged model instead")
     base_model = resolve(base)
     if base_model.spec.is_adapter:
         raise UsageError(f"{base!r} is itself an adapter", "give the model the adapter was trained on as its base")
+    trained_on = adapter_config.get("base_model_name_or_path")
+    if isinstance(trained_on, str) and trained_on and _names_another_model(trained_on, base_model):
+        raise UsageError(f"the adapter in {folder} was trained on {trained_on}, not on {base}",
+                         f"give the model it was trained on: --adapter-of {trained_on}")
     stored_base = base_model.name if base_model.origin in ("builtin", "user") else base_model.spec.source
     spec = validate(ModelSpec, {"source": str(folder), "description": description, "chat": True,
                                 "trained_from": trained_from, "base": stored_base,
@@ -306,6 +324,18 @@ def add_adapter(name: str, adapter_dir: str | Path, base: str, *, description: s
             raise UsageError(f"model {name!r} is already in your registry", "pass --replace to overwrite it")
         entries[name] = spec
     return spec
+
+
+def _names_another_model(named: str, base: ResolvedModel) -> bool:
+    """Whether an adapter's `base_model_name_or_path` is known to be another model than `base`: a registry
+    alias or folder that is other weights, or a Hugging Face id other than the base's. A name that cannot be
+    checked here (a folder on the machine it was trained on) is not held against it."""
+    if named in all_entries() or Path(named).expanduser().is_dir():
+        return not same_model(resolve(named), base)
+    ids = {i.lower() for i in (base.hf_id, base.spec.hf_id) if i}
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not named.startswith((".", "/", "~")) and ids:
+        return named.lower() not in ids
+    return False
 
 
 def remove_model(name: str) -> list[str]:

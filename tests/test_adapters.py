@@ -266,3 +266,30 @@ def test_each_request_generates_with_the_adapter_it_names_the_base_it_names_or_t
     asks = {"desk-lora": "desk-lora", "smollm2-135m": None, "gpt-4o-mini": "lamp-lora", None: "lamp-lora"}
     for asked, expected in asks.items():
         assert _adapter_of(Row(0, "r", body={"model": asked} if asked else None), job) == expected, asked
+
+
+@pytest.mark.unit
+def test_models_add_refuses_an_adapter_of_another_base_a_rank_vllm_cannot_serve_or_a_config_that_is_not_an_object(
+        tmp_path, llmops_home):
+    """All three were accepted by `models add` (or an AttributeError, exit 1) and failed only later (issue 25)."""
+    def adapter(name, config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    other = run_cli("models", "add", "x-lora", adapter("qwen", {"r": 8, "base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}),
+                    "--adapter-of", "smollm2-135m")
+    assert other.returncode == 2 and "was trained on Qwen/Qwen2.5-0.5B, not on smollm2-135m" in other.stderr
+    huge = run_cli("models", "add", "y-lora", adapter("huge", {"r": 1024}), "--adapter-of", "smollm2-135m")
+    assert huge.returncode == 2 and "rank 1024, larger than vLLM serves (512)" in huge.stderr
+    listed = run_cli("models", "add", "z-lora", adapter("list", [{"r": 8}]), "--adapter-of", "smollm2-135m")
+    assert listed.returncode == 2 and "is not a JSON object" in listed.stderr
+    same = run_cli("models", "add", "ok-lora", adapter("ok", {"r": 8, "base_model_name_or_path":
+                                                               "HuggingFaceTB/SmolLM2-135M-Instruct"}),
+                   "--adapter-of", "smollm2-135m")
+    assert same.returncode == 0, same.stderr
+    unknown_folder = run_cli("models", "add", "far-lora", adapter("far", {"r": 8, "base_model_name_or_path":
+                                                                          "/elsewhere/base"}),
+                             "--adapter-of", "smollm2-135m")
+    assert unknown_folder.returncode == 0, unknown_folder.stderr  # trained on another machine: cannot tell
