@@ -198,38 +198,67 @@ def _glob_regex(pattern: str):
     return re.compile("".join(out))
 
 
-def read_error(uri: str, error: OSError, error_type: type[LlmopsError] = UsageError) -> LlmopsError:
-    """One line naming the object and what to do, from pyarrow's error (which names the S3 call, an error
-    code and a request id)."""
+def storage_error(uri: str, error: OSError, action: str = "read",
+                  not_found: type[LlmopsError] = UsageError) -> LlmopsError:
+    """The one explanation of an object-store error, for input and output alike: one line naming the location
+    and what to do (pyarrow's text names the S3 call, an error code and a request id), and one exit code per
+    cause. A missing bucket, refused credentials or a malformed URI are configuration: exit 2, which a job
+    scheduler should not retry. An unreachable store and anything else are runtime failures: exit 1, and a
+    rerun resumes. A missing object is `not_found` (exit 2 when the job is planned; exit 1 when an object
+    vanishes mid-job)."""
+    from llmops.errors import StorageError
+
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     text = text.split(" (Request ID", 1)[0].split("; Details:", 1)[0]
     text = text[text.find("AWS Error"):] if "AWS Error" in text else text  # not "When getting info for key..."
     upper = text.upper()
-    if isinstance(error, FileNotFoundError) or "NO_SUCH_KEY" in upper:
-        return error_type(f"input not found: {uri}", "check the bucket and the key; a folder of shards is a "
-                          "prefix (s3://bucket/data/), several files a glob (s3://bucket/data/*.parquet)")
-    if "NO_SUCH_BUCKET" in upper:
-        return error_type(f"cannot read {uri}: the bucket does not exist", "check the bucket's name, and "
-                          "AWS_ENDPOINT_URL if the bucket is on an S3-compatible server")
-    if "NETWORK_CONNECTION" in upper or "COULD NOT CONNECT" in upper or "TIMEOUT" in upper:
-        return error_type(f"cannot reach the storage of {uri}: {text}", "check the network; for an "
-                          "S3-compatible server (MinIO, Ceph) set AWS_ENDPOINT_URL to its address")
+    if "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper:
+        return missing_error(uri, action, not_found, bucket_missing=True)
     if any(word in upper for word in ("ACCESS_DENIED", "ACCESSDENIED", "FORBIDDEN", "CREDENTIALS",
                                       "INVALID_ACCESS_KEY", "SIGNATURE", "HTTP STATUS 403")):
-        return error_type(f"not allowed to read {uri}: {text}", "set credentials that may read it "
+        return UsageError(f"not allowed to {action} {uri}: {text}", f"set credentials that may {action} it "
                           "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
                           "GOOGLE_APPLICATION_CREDENTIALS for gs://)")
-    return error_type(f"cannot read {uri}: {text}", "check the URI and the credentials; for an "
-                      "S3-compatible server set AWS_ENDPOINT_URL")
+    if "NETWORK_CONNECTION" in upper or "COULD NOT CONNECT" in upper or "TIMEOUT" in upper:
+        return StorageError(f"cannot reach the storage of {uri}: {text}", "check the network; for an "
+                            "S3-compatible server (MinIO, Ceph) set AWS_ENDPOINT_URL to its address")
+    if isinstance(error, FileNotFoundError) or "NO_SUCH_KEY" in upper:
+        return missing_error(uri, action, not_found)
+    return StorageError(f"cannot {action} {uri}: {text}", "check the URI and the credentials; for an "
+                        "S3-compatible server set AWS_ENDPOINT_URL")
+
+
+def missing_error(uri: str, action: str = "read", not_found: type[LlmopsError] = UsageError,
+                  bucket_missing: bool | None = None) -> LlmopsError:
+    """What a missing object or bucket is: a missing bucket is always configuration (exit 2); a missing object
+    is `not_found`."""
+    if bucket_missing or (bucket_missing is None and bucket_missing_of(uri)):
+        return UsageError(f"cannot {action} {uri}: the bucket does not exist", "check the bucket's name, and "
+                          "AWS_ENDPOINT_URL if the bucket is on an S3-compatible server")
+    return not_found(f"input not found: {uri}" if action == "read" else f"cannot {action} {uri}: not found",
+                     "check the bucket and the key; a folder of shards is a prefix (s3://bucket/data/), several "
+                     "files a glob (s3://bucket/data/*.parquet)")
+
+
+def bucket_missing_of(uri: str) -> bool:
+    """Whether the bucket of `uri` is missing (S3 answers a HEAD of a key in a missing bucket with a plain 404,
+    which read as "input not found")."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
+    except Exception:  # cannot tell: say what the store said
+        return False
 
 
 @contextmanager
 def reading(location: str | Path, error_type: type[LlmopsError] = UsageError):
-    """Turn a storage error on a URI into a one-line `read_error`; errors on a local path pass through
+    """Turn a storage error on a URI into a one-line `storage_error`; errors on a local path pass through
     unchanged (their callers already say what they mean)."""
     try:
         yield
     except OSError as e:
         if not is_uri(location):
             raise
-        raise read_error(str(location), e, error_type) from None
+        raise storage_error(str(location), e, "read", error_type) from None

@@ -121,20 +121,32 @@ def test_prefixes_and_globs_find_the_shards_a_local_folder_would(tmp_path, bucke
     assert InputSpec(tuple(local_spec.locations()), "parquet").files == local_spec.files
 
 
-def test_missing_objects_buckets_and_endpoints_are_one_line_usage_errors(bucket, monkeypatch):
-    def error(uri):
-        with pytest.raises(UsageError) as info:
+def test_missing_objects_buckets_and_endpoints_are_one_line_errors_with_one_exit_code_per_cause(bucket, monkeypatch):
+    """Missing objects and buckets are configuration (exit 2); an unreachable store is a runtime failure (exit 1),
+    on the input side as on the output side (issue 25: it was 2 here and 1 there, and a missing bucket read
+    "input not found")."""
+    def error(uri, kind=UsageError):
+        with pytest.raises(kind) as info:
             open_input(uri, InputConfig())
+        assert type(info.value) is kind
         assert uri.split("*")[0] in info.value.message and "\n" not in info.value.message
         return str(info.value)
 
     assert "input not found" in error(f"s3://{bucket}/nope.jsonl")
     assert "input not found" in error(f"s3://{bucket}/nope/")
-    assert "input not found" in error("s3://llmops-no-such-bucket/in.jsonl")
+    assert "the bucket does not exist" in error("s3://llmops-no-such-bucket/in.jsonl")
     assert "no files match" in error("s3://llmops-no-such-bucket/data/*.jsonl")
     assert "no files match" in error(f"s3://{bucket}/*.parquet")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
-    assert "AWS_ENDPOINT_URL" in error(f"s3://{bucket}/in.jsonl")
+    assert "cannot reach the storage" in error(f"s3://{bucket}/in.jsonl", StorageError)
+
+
+def test_the_output_side_explains_a_missing_bucket_as_the_input_side_does(bucket):
+    """A missing output bucket was exit 1 with raw AWS text and a request id (issue 25)."""
+    from llmops.batch.outputs import OutputDir
+
+    with pytest.raises(UsageError, match="cannot write s3://llmops-no-such-bucket/out: the bucket does not exist"):
+        OutputDir("s3://llmops-no-such-bucket/out").check(None, False)
 
 
 def test_an_object_gone_mid_job_is_a_runtime_failure(tmp_path, bucket):

@@ -26,8 +26,8 @@ from typing import Any, Iterator, Union
 
 from llmops.batch.config import InputConfig
 from llmops.errors import StorageError, UsageError
-from llmops.storage import base_name, file_size, find_objects, is_uri, open_input_file, open_input_stream, parent, \
-    reading
+from llmops.storage import (base_name, file_size, find_objects, is_uri, missing_error, open_input_file,
+                            open_input_stream, parent, reading)
 
 # A local file, or the full URI of an object (`s3://bucket/key`) that any node can open by that name.
 Location = Union[Path, str]
@@ -323,8 +323,7 @@ def _find_remote(uri: str) -> list[str]:
     with reading(uri):
         kind, found = find_objects(uri)
     if kind == "missing":
-        raise UsageError(f"input not found: {uri}", "check the bucket and the key; give an object, a prefix "
-                         "of shards (s3://bucket/data/) or a glob like 's3://bucket/data/*.parquet'")
+        raise missing_error(uri)
     if kind == "folder":
         found = [f for f in found if Path(base_name(f)).suffix in SUFFIXES]
         if not found:

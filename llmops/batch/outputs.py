@@ -149,13 +149,10 @@ def storage_errors(action: str, where: str | None = None) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        from llmops.storage import is_uri
+        from llmops.storage import is_uri, storage_error
 
         if e.filename is None and where is not None and is_uri(where):  # pyarrow's object store errors
-            reason = (e.strerror or str(e)).splitlines()[0]
-            raise StorageError(f"cannot {action} {where}: {reason}",
-                               "check the URI, the credentials (AWS_* or GOOGLE_* variables) and, for an "
-                               "S3-compatible server, AWS_ENDPOINT_URL") from None
+            raise storage_error(where, e, action, StorageError) from None
         if e.filename is None and where is not None:
             e = OSError(e.errno, e.strerror or str(e), where)
         raise StorageError.from_os_error(e, action) from None
@@ -330,6 +327,11 @@ class OutputDir:
         if kind == pafs.FileType.File:
             raise UsageError(f"cannot use {self} as the output folder: it is a file; give a folder with -o")
         if not self.exists():
+            if self.remote:
+                from llmops.storage import bucket_missing_of, missing_error
+
+                if bucket_missing_of(self.location):  # said now, not as raw AWS text at the first write
+                    raise missing_error(self.location, "write", bucket_missing=True)
             return
         with storage_errors("read", self.location):
             manifest = self.read_manifest()
