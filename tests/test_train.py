@@ -453,3 +453,18 @@ def test_full_fine_tune_teaches_made_up_facts(default_model_dir, tmp_path, llmop
     assert json.loads(proc.stdout)["registered"] == "smollm2-glimmerfox"
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     assert resolve("smollm2-glimmerfox").local_path() == model_dir
+
+
+@pytest.mark.unit
+def test_a_malformed_data_line_is_found_by_validate_naming_file_and_line(tmp_path):
+    """It passed `train validate` and `--dry-run`; the run then failed with `unexpected error:
+    DatasetGenerationError`, exit 1 (issue 25)."""
+    rows = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    rows.write_text(f"{good}\n{good}\n{{\"messages\": [oops\n[1, 2]\n")
+    recipe = write_recipe(tmp_path / "r.yaml", **{"data.path": str(rows)})
+    proc = run_cli("train", "validate", str(recipe))
+    assert proc.returncode == 2, proc.stderr
+    assert f"{rows} line 3: not valid JSON" in proc.stderr and f"{rows} line 4: not a JSON object" in proc.stderr
+    planned = run_cli("train", str(recipe), "--dry-run")
+    assert planned.returncode == 2 and "line 3: not valid JSON" in planned.stderr

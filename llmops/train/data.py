@@ -39,6 +39,9 @@ def _load(paths: list[str], split: str, field: str, source: str):
         return datasets.load_dataset(paths[0], split=split)
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ConfigError(source, [(field, f"cannot load {', '.join(paths)}: {e}")]) from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a file that does not parse (a malformed line)
+        cause = e.__cause__ or e
+        raise ConfigError(source, [(field, f"cannot read {', '.join(paths)}: {str(cause).splitlines()[0]}")]) from None
 
 
 def _suffix(path: str) -> str:

@@ -351,7 +351,35 @@ def check_data(data: DataConfig) -> list[tuple[str, str]]:
                 problem = format_problem(data.format, columns)
                 if problem:
                     problems.append(("data.format", f"{file}: {problem}"))
+                problems += [(f"data.{key}", line) for line in bad_json_lines(p)]
     return problems
+
+
+def bad_json_lines(path: Path, limit: int = 5) -> list[str]:
+    """The first `limit` lines of a JSON-lines file that are not a JSON object, as `FILE line N: why` (a
+    malformed line passed validation, then the run failed in `datasets` with exit 1). Reads the whole file:
+    validation is the one place that can say it before anything loads."""
+    if LOCAL_DATA_SUFFIXES.get(path.suffix.lower()) != "json":
+        return []
+    found: list[str] = []
+    with path.open("rb") as f:
+        if f.read(1) == b"[":  # a .json array of records: json.load in peek_columns has parsed it whole
+            return []
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                found.append(f"{path} line {number}: not valid JSON ({e})")
+            else:
+                if not isinstance(record, dict):
+                    found.append(f"{path} line {number}: not a JSON object")
+            if len(found) >= limit:
+                found.append(f"{path}: more lines like these may follow")
+                break
+    return found
 
 
 def format_problem(fmt: str, columns: list[str]) -> str | None:
