@@ -209,6 +209,7 @@ def ray_cluster():
 
 
 @pytest.mark.ray
+@pytest.mark.engine  # it needs the converted default model, which `-m unit` must never fetch
 def test_serve_and_hw_plan_from_a_live_ray_cluster(ray_cluster, default_model_dir):
     env = ray_cluster.env
     proc = run_cli("hw", "--ray", ray_cluster.address, "--json", env=env)

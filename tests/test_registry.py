@@ -93,10 +93,13 @@ import sys, time
 from pathlib import Path
 from llmops.registry import add_model
 go, worker = Path(sys.argv[1]), sys.argv[2]
-while not go.exists():  # every writer is imported and waiting: then they all write at once
+(go.parent / f"ready-{worker}").touch()  # imported: the test starts every writer at once when all are
+while not go.exists():
     time.sleep(0.001)
+started = time.time()
 for j in range(5):
     add_model(f"m{worker}-{j}", f"org/m{worker}-{j}")
+(go.parent / f"span-{worker}").write_text(f"{started} {time.time()}")
 """
 
 
@@ -109,10 +112,16 @@ def test_concurrent_writers_keep_every_entry(llmops_home, tmp_path):
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", _ADD_WHEN_TOLD, str(go), str(i)], stderr=subprocess.PIPE,
                               text=True) for i in range(8)]
-    time.sleep(3)  # not a timing assertion: only gives the imports a head start so the writes overlap
+    deadline = time.monotonic() + 120  # a barrier, not a head start: every writer says when it is ready
+    while len(list(tmp_path.glob("ready-*"))) < 8 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.poll() is not None]
+        time.sleep(0.01)
     go.touch()
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    spans = sorted(tuple(map(float, (tmp_path / f"span-{i}").read_text().split())) for i in range(8))
+    # The writes overlapped (else this would test nothing): some writer started before another had finished.
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
     names = {name for name, (_, origin) in all_entries().items() if origin == "user"}
     assert names == {f"m{i}-{j}" for i in range(8) for j in range(5)}
     assert sorted(p.name for p in llmops_home.iterdir()) == ["registry.yaml", "registry.yaml.lock"]  # no temp files
