@@ -101,6 +101,54 @@ def test_a_prefix_holding_other_data_is_refused(job_files, bucket):  # noqa: F81
 
 
 @pytest.mark.unit
+def test_a_run_that_paused_past_the_takeover_stops_instead_of_writing_beside_the_new_holder(bucket,  # noqa: F811
+                                                                                            monkeypatch):
+    """The lease was renewed without looking: a driver paused longer than the takeover time (20 s) came back,
+    overwrote the new holder's lease, and both wrote (issue 25). Two drivers on one bucket, the first one's
+    renewals held back as by SIGSTOP."""
+    import threading
+
+    from llmops.batch import outputs
+    from llmops.errors import StorageError
+
+    for name, value in (("LEASE_RENEW_S", 0.1), ("LEASE_POLL_S", 0.05), ("LEASE_SETTLE_S", 0.05),
+                        ("LEASE_STALE_S", 0.5)):
+        monkeypatch.setattr(outputs, name, value)
+    uri = f"s3://{bucket}/fenced"
+    first = OutputDir(uri)
+    paused = threading.Event()
+    real_renew = outputs._Lease._renew
+
+    def renew_unless_paused(lease):
+        if lease.out is first:
+            paused.wait()  # stopped: no renewal until resumed
+        real_renew(lease)
+
+    monkeypatch.setattr(outputs._Lease, "_renew", renew_unless_paused)
+    first.lock()
+    second = OutputDir(uri)
+    second.lock()  # the first's lease went stale: taken over, as a rerun on another host would
+    theirs = json.loads(second.read_text(outputs.LOCK))["token"]
+    paused.set()  # the first driver resumes
+    deadline = time.monotonic() + 30
+    while first._lease.lost_to is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first._lease.lost_to is not None  # its renewal saw another holder and stopped
+    assert json.loads(second.read_text(outputs.LOCK))["token"] == theirs  # and did not overwrite the lease
+    import pyarrow as pa
+
+    from llmops.batch.identity import EngineIdentity, InputIdentity, JobIdentity, ModelIdentity
+
+    job = JobIdentity(input=InputIdentity(format="jsonl", files=[], digest="0"), model=ModelIdentity(name="m"),
+                      sampling={}, engine=EngineIdentity(dtype="float32", max_model_len=8), chunk_rows=1)
+    with pytest.raises(StorageError, match="was taken over by another llmops batch"):
+        first.commit("00000-000000", pa.table({"row": [0]}), outputs.UnitStats(rows=1, ok=1), job)
+    assert all(not name.startswith("results/") for name in objects(uri))  # the paused run wrote nothing
+    second.unlock()
+    first._lease._stop.set()
+
+
+@pytest.mark.unit
 def test_the_lease_keeps_a_second_run_out_and_a_dead_holder_does_not(bucket, monkeypatch):  # noqa: F811
     import socket
 

@@ -122,6 +122,8 @@ class CommitLog:
     def record(self, key: str, stats: UnitStats, *, counted: bool = False, node: str | None = None) -> None:
         """`stats` of a shard or piece just committed for unit `key`. `counted`: its rows were already shown
         as progress (an engine in this process reports rows as they finish)."""
+        if self.out._lease is not None and self.out._lease.lost_to is not None:
+            self.out._lease.check()  # another run took the folder over: stop the job (raises)
         if not counted:
             self.progress.advance(stats.rows, stats.completion_tokens)
         committed = self.committed
@@ -496,6 +498,8 @@ class OutputDir:
         good. False when another writer committed the unit first (ours is dropped)."""
         from llmops.storage import parquet_bytes, put_once
 
+        if self._lease is not None:
+            self._lease.check()
         table = table.replace_schema_metadata({
             **(table.schema.metadata or {}), META_STATS: stats.model_dump_json(), META_UNIT: key,
             META_JOB: job.key(), META_IDENTITY: job.model_dump_json(),
@@ -587,6 +591,8 @@ class _Lease:
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="llmops-lease", daemon=True)
+        self.lost_to: str | None = None
+        """Who took the folder over while this run held it (set by the renewal thread or a commit's check)."""
 
     def _body(self) -> bytes:
         return json.dumps({"holder": f"pid {os.getpid()} on host {self.host}", "pid": os.getpid(),
@@ -634,7 +640,26 @@ class _Lease:
     def _renew(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):
             with contextlib.suppress(Exception):  # a missed renewal is retried; the next ones still hold it
+                # Fenced: a run that paused past the takeover (a GC pause, a suspended VM) finds the lease
+                # another run's, and stops instead of overwriting it and writing beside it.
+                held = self._current()
+                if held is not None and held.get("token") != self.token:
+                    self.lost_to = held.get("holder", "another run")
+                    return
                 self.out._write(LOCK, self._body())
+
+    def check(self) -> None:
+        """Before a commit: raise if another run has taken the folder over (read from the store, not only
+        what the renewal thread saw). Without conditional writes in pyarrow's S3 client a takeover between
+        this read and the PUT is still possible; the shard is then first-writer-wins as ever."""
+        if self.lost_to is None:
+            held = self._current()
+            if held is not None and held.get("token") != self.token:
+                self.lost_to = held.get("holder", "another run")
+        if self.lost_to is not None:
+            raise StorageError(f"{self.out} was taken over by another llmops batch ({self.lost_to}) while this "
+                               "run was not renewing its lease (paused past the takeover time); this run stops "
+                               "and writes nothing more", "let the other run finish the job")
 
     def release(self) -> None:
         self._stop.set()
