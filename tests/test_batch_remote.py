@@ -247,3 +247,40 @@ def test_a_job_from_the_bucket_killed_mid_way_and_rerun_writes_every_row_to_it_e
     manifest = json.loads(fs.open_input_stream(f"{root}/manifest.json").read())
     assert manifest["status"] == "complete" and manifest["units_done"] == rows // 2
     assert ".llmops-batch.lock" not in objects(out)
+
+
+@pytest.mark.unit
+def test_two_engines_committing_the_same_unit_at_once_leave_every_row_once(bucket):  # noqa: F811
+    """put_once checks, then uploads: two writers racing on one unit can both PUT (issue 25). Each PUT is a
+    whole shard of the same rows, so the folder still holds every row exactly once."""
+    import threading
+
+    import pyarrow as pa
+
+    from llmops.batch.identity import EngineIdentity, InputIdentity, JobIdentity, ModelIdentity
+    from llmops.batch.outputs import UnitStats
+
+    job = JobIdentity(input=InputIdentity(format="jsonl", files=[], digest="0"), model=ModelIdentity(name="m"),
+                      sampling={}, engine=EngineIdentity(dtype="float32", max_model_len=8), chunk_rows=4)
+    uri = f"s3://{bucket}/race"
+    start = threading.Barrier(8)
+    results = []
+
+    def writer(n: int) -> None:
+        table = pa.table({"row": [0, 1, 2, 3], "id": ["a", "b", "c", "d"], "generated_text": [f"w{n}"] * 4,
+                          "error": pa.array([None] * 4, pa.string())})
+        out = OutputDir(uri)
+        start.wait()
+        results.append(out.commit("00000-000000", table, UnitStats(rows=4, ok=4), job, writer=f"engine {n}"))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 8 and any(results)
+    found = OutputDir(uri).committed({"00000-000000": 4}, job.key())
+    assert list(found.done) == ["00000-000000"] and found.done["00000-000000"].rows == 4
+    table = pq.read_table(f"{bucket}/race/results", filesystem=filesystem(uri)[0])
+    assert sorted(table.column("row").to_pylist()) == [0, 1, 2, 3]  # every row once, whoever won
+    assert len(set(table.column("generated_text").to_pylist())) == 1  # one writer's whole shard, not a mix
