@@ -154,8 +154,9 @@ def test_the_lease_keeps_a_second_run_out_and_a_dead_holder_does_not(bucket, mon
 
     from llmops.batch import outputs
 
+    # A live holder renews every 0.2 s; 5 s without a renewal is stale (room for a loaded machine).
     for name, value in (("LEASE_RENEW_S", 0.2), ("LEASE_POLL_S", 0.05), ("LEASE_SETTLE_S", 0.05),
-                        ("LEASE_STALE_S", 1.0)):
+                        ("LEASE_STALE_S", 5.0)):
         monkeypatch.setattr(outputs, name, value)
     uri = f"s3://{bucket}/leased"
     first = OutputDir(uri)

@@ -46,14 +46,11 @@ def make_model(folder, weights: bytes = b"weights-A"):
 
 
 @pytest.fixture()
-def env(tmp_path, llmops_home):
-    """An empty LLMOPS_HOME, and this process's idea of the machine for the CLI subprocesses, so that the
-    plans of `previous_run` (in this process) and of the command agree whatever the machine."""
-    from llmops.hardware import detect
-
-    hw = tmp_path / "hw.json"
-    hw.write_text(json.dumps(detect().to_dict()))
-    return {"LLMOPS_HARDWARE": str(hw), "LLMOPS_HOME": str(llmops_home)}
+def env(cpu_machine, llmops_home):
+    """An empty LLMOPS_HOME, and one fixed machine (2 AVX2 cores, no GPU) for this process and the CLI
+    subprocesses alike: the plans of `previous_run` and of the command agree, and neither depends on the
+    machine the tests run on."""
+    return {"LLMOPS_HARDWARE": str(cpu_machine), "LLMOPS_HOME": str(llmops_home)}
 
 
 @pytest.fixture()

@@ -643,7 +643,9 @@ class _Lease:
                 # Fenced: a run that paused past the takeover (a GC pause, a suspended VM) finds the lease
                 # another run's, and stops instead of overwriting it and writing beside it.
                 held = self._current()
-                if held is not None and held.get("token") != self.token:
+                if held is None:  # unreadable this time (or gone): never write over what was not read
+                    continue
+                if held.get("token") != self.token:
                     self.lost_to = held.get("holder", "another run")
                     return
                 self.out._write(LOCK, self._body())
