@@ -310,3 +310,29 @@ def test_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_labels_of_a_whol
     run_batch(labeled("chunk_rows=20"), str(data), tmp_path / "whole", llm=llm)
     whole = pq.read_table(tmp_path / "whole" / "results").sort_by("row")
     assert got.column("label").to_pylist() == whole.column("label").to_pylist()
+
+
+@pytest.mark.engine
+def test_two_worker_processes_share_a_labeling_job(llm, tmp_path, monkeypatch):  # noqa: F811
+    # No GPUs here: plan two engines on the CPU to run the real coordinator and worker processes, which get
+    # the task pickled (Ray replicas get the same EngineWork).
+    import dataclasses
+
+    import llmops.vllm_engine
+
+    plan_for = llmops.vllm_engine.plan_for
+    monkeypatch.setattr(llmops.vllm_engine, "plan_for",
+                        lambda *a, **k: dataclasses.replace(plan_for(*a, **k), data_parallel_size=2))
+    data = write_parquet(tmp_path / "words.parquet", words(40))
+    sets = [f"label.choices={json.dumps(list(KINDS))}", f"input.prompt_template={json.dumps(KIND_TEMPLATE)}",
+            "chunk_rows=10"]
+    summary = run_batch(config(*sets), str(data), tmp_path / "out")
+    assert (summary.engines, summary.rows_ok, summary.rows_failed) == (2, 40, 0)
+    writers = sorted({pq.read_schema(s).metadata[b"llmops.writer"].decode().split(" (")[0]
+                      for s in (tmp_path / "out").glob("results/*.parquet")})
+    assert writers == ["worker 0", "worker 1"]
+    monkeypatch.undo()
+    run_batch(config(*sets), str(data), tmp_path / "here", llm=llm)
+    got, here = (pq.read_table(tmp_path / d / "results").sort_by("row") for d in ("out", "here"))
+    assert got.column("id").to_pylist() == [f"w{i}" for i in range(40)]
+    assert got.column("label").to_pylist() == here.column("label").to_pylist()
