@@ -340,8 +340,9 @@ def test_data_parallel_run_with_a_failing_worker_a_sigterm_and_a_kill_resumes_ea
     rows = 48
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count from {i} to {i + 5}."} for i in range(rows)])
     out = tmp_path / "out"
+    # One unit (4 rows) runs at a time on each engine, so units commit apart and a kill lands between them.
     args = ["batch", path, "-o", out, "--max-tokens", "16", "--set", "chunk_rows=4", "--grace-period", "10",
-            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+            "--set", "engine.max_num_seqs=4", *(a for s in SMALL_ENGINE for a in ("--set", s))]
 
     # 1. Worker 1 dies at once (kill -9): the job fails naming it, and worker 0's share is committed.
     proc = start_batch(args, tmp_path / "1.log", python_prefix=TWO_ENGINES)
