@@ -9,7 +9,6 @@ and reports its commits through one `CommitLog`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
