@@ -88,6 +88,11 @@ class Manifest(BaseModel):
     engine_env: dict[str, str] = {}
     nodes: dict[str, str] = {}
     """With --ray: the Ray node id that committed each unit (also in the shard's `llmops.node` metadata)."""
+    rows_total: int | None = None
+    """Rows of the whole job (None in manifests rebuilt from shards or written before it was recorded)."""
+    runs: list[dict[str, Any]] = []
+    """The runs of this job, oldest first: started, host, pid, rows_before, estimated_s; when ended: ended,
+    rows_after, engine_start_s, generation_s, rows_per_s (`llmops batch status` reads them)."""
 
 
 @dataclass

@@ -9,6 +9,8 @@ and reports its commits through one `CommitLog`.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from llmops.batch.outputs import CommitLog, Committed, totals
 from llmops.batch.ray_engines import nodes_of, run_ray
 from llmops.batch.workers import engines, run_workers
 from llmops.errors import RuntimeFailure
+from llmops.estimate import duration
 from llmops.quiet import engine_output, new_log_file
 
 __all__ = ["BatchJob", "BatchSummary", "Progress", "dry_run", "load_engine", "plan_batch", "run_batch"]
@@ -49,6 +52,8 @@ class BatchSummary:
     files: list[str] = field(default_factory=list)
     rows_per_s: float = 0.0
     """Rows this run finished per second of generation or embedding (engine start excluded)."""
+    estimate: dict[str, Any] | None = None
+    """What the estimate said before the run (`llmops.estimate`): wall time with its range and source."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +90,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
             progress.phase(f"fetching {job.model_name}")
             job.with_model(ensure_local(resolve(job.base_model or config.model), progress=progress.phase))
         manifest = job.manifest()
+        manifest.rows_total = sum(job.row_counts)
+        manifest.runs = _runs_so_far(out, manifest.job_key)
         committed = out.prepare(job.identity, job.unit_sizes, overwrite, manifest)
         if ray_address is not None:
             manifest.nodes = nodes_of(out, committed)
@@ -94,6 +101,15 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         # 2. Run the pending units where the engines go: Ray actors, local worker processes, or this process.
         pending = [k for k in job.units if k not in committed.done]
         engine_start = generation = 0.0
+        estimate = _estimate_quietly(job, sum(job.row_counts) - before.rows)
+        if pending and estimate is not None:
+            progress.phase(f"estimated ~{duration(estimate.wall.value)} ({duration(estimate.wall.low)}-"
+                           f"{duration(estimate.wall.high)}), {estimate.generation.source}")
+        if pending:
+            manifest.runs.append({"started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                                  "rows_before": before.rows,
+                                  "estimated_s": round(estimate.wall.value, 1) if estimate else None})
+            out.write_manifest(manifest, committed, "running")  # `llmops batch status` sees this run at once
         work = job.work(stop.grace_period_s)
         commits = CommitLog(out, manifest, committed, job.unit_sizes, progress)
         try:
@@ -120,6 +136,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
 
         # 3. Every unit must be committed now; then the OpenAI files and the final manifest.
         committed = out.committed(job.unit_sizes, job.identity.key())
+        if pending:
+            manifest.runs[-1].update(_run_end(committed, before, engine_start, generation))
         missing = [k for k in job.units if k not in committed.done]
         if missing:
             out.write_manifest(manifest, committed, "stopped" if stop.requested else "incomplete")
@@ -136,13 +154,113 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         out.unlock()
     after = _counts(committed)
     new_tokens = after.completion_tokens - before.completion_tokens
-    return BatchSummary(
+    summary = BatchSummary(
         out.location, sum(job.row_counts), after.ok, after.failed, before.rows,
         after.prompt_tokens, after.completion_tokens, round(time.monotonic() - started, 2),
         round(engine_start, 2), round(generation, 2), round(new_tokens / generation, 1) if generation else 0.0,
         engines_ran if ray_address is not None else job.plan.data_parallel_size,
         out.failed_rows(5) if after.failed else [], files,
-        rows_per_s=round((after.rows - before.rows) / generation, 1) if generation else 0.0)
+        rows_per_s=round((after.rows - before.rows) / generation, 1) if generation else 0.0,
+        estimate=_said(estimate) if pending else None)
+    if generation > 0 and after.rows > before.rows:
+        _record_quietly(job, before, after, engine_start, generation, summary.wall_s, progress)
+    return summary
+
+
+def _runs_so_far(out, job_key: str) -> list[dict[str, Any]]:
+    """The runs an earlier manifest of the same job lists (`llmops batch status` reports them)."""
+    old = out.read_manifest()
+    return list(old.runs[-19:]) if old is not None and old.job_key == job_key else []
+
+
+def _run_end(committed: Committed, before, engine_start: float, generation: float) -> dict[str, Any]:
+    now = _counts(committed)
+    return {"ended": time.time(), "rows_after": now.rows, "engine_start_s": round(engine_start, 1),
+            "generation_s": round(generation, 1),
+            "rows_per_s": round((now.rows - before.rows) / generation, 2) if generation else None}
+
+
+def _said(estimate) -> dict[str, Any] | None:
+    if estimate is None:
+        return None
+    return {"wall_s": round(estimate.wall.value, 1), "low_s": round(estimate.wall.low, 1),
+            "high_s": round(estimate.wall.high, 1), "source": estimate.generation.source}
+
+
+def estimate_job(job: BatchJob, rows: int | None = None):
+    """The estimate of `job`'s `rows` (default: all of them), from the roofline or earlier runs here."""
+    from llmops import throughput
+    from llmops.batch.job import typical_prompt_tokens
+    from llmops.estimate import estimate_batch
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+
+    hw = detect()
+    facts = model_facts(resolve(job.base_model or job.config.model))
+    task = job.task.name
+    total = sum(job.row_counts)
+    measured = throughput.matching(hardware=throughput.hardware_fingerprint(hw), task=task,
+                                   model_digest=job.identity.model.digest, model=job.model_name, dtype=job.plan.dtype)
+    return estimate_batch(job.plan, facts, hw, rows=total if rows is None else rows,
+                          prompt_tokens=typical_prompt_tokens(job.input_spec, total),
+                          max_tokens=None if task == "embed" else job.config.sampling.max_tokens,
+                          task="embed" if task == "embed" else "generate", measurements=measured)
+
+
+def _estimate_quietly(job: BatchJob, rows: int):
+    """An estimate never stops a job: one that cannot be made is left out."""
+    try:
+        return estimate_job(job, rows)
+    except Exception:
+        return None
+
+
+def _record_quietly(job: BatchJob, before, after, engine_start: float, generation: float, wall_s: float,
+                    progress: Progress) -> None:
+    """Append what this run measured to $LLMOPS_HOME/throughput.jsonl; a failure to record is a warning."""
+    from llmops import throughput
+    from llmops.estimate import batch_roofline
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+
+    try:
+        hw = detect()
+        rows = after.rows - before.rows
+        prompt = after.prompt_tokens - before.prompt_tokens
+        completion = after.completion_tokens - before.completion_tokens
+        embed = job.task.name == "embed"
+        facts = model_facts(resolve(job.base_model or job.config.model))
+        roof = batch_roofline(job.plan, facts, hw, rows=rows, prompt_tokens=max(1, round(prompt / rows)),
+                              output_tokens=0 if embed else max(1, round(completion / rows)),
+                              task="embed" if embed else "generate")
+        plan = job.plan
+        throughput.append({
+            "model": job.model_name, "model_digest": job.identity.model.digest,
+            "hardware": throughput.hardware_fingerprint(hw), "hardware_desc": _describe(hw),
+            "task": job.task.name, "device": plan.device, "dtype": plan.dtype,
+            "tensor_parallel_size": plan.tensor_parallel_size, "data_parallel_size": plan.data_parallel_size,
+            "enforce_eager": plan.enforce_eager, "max_num_seqs": plan.max_num_seqs, "rows": rows,
+            "prompt_tokens": prompt, "completion_tokens": completion,
+            "max_tokens": None if embed else job.config.sampling.max_tokens,
+            "startup_s": round(engine_start, 2), "generation_s": round(generation, 2), "wall_s": wall_s,
+            "tok_s": round(rows / generation if embed else completion / generation, 2),
+            "roofline_generation_s": round(roof.generation_s, 3)})
+    except Exception as e:  # the record only improves later estimates; it never fails a finished job
+        progress.phase(f"warning: could not record this run's throughput: {e}")
+
+
+def _describe(hw) -> str:
+    from llmops.estimate import describe
+
+    return describe(hw)
+
+
+def _counts(committed: Committed):
+    return totals([*committed.done.values(), *committed.partial_stats.values()])
+
+
 
 
 def _counts(committed: Committed):
@@ -184,7 +302,8 @@ def run_here(job: BatchJob, work: EngineWork, commits: CommitLog, progress: Prog
 
 def dry_run(job: BatchJob) -> dict[str, Any]:
     """The resolved plan and the exact engine calls, as data (the CLI prints it)."""
-    done = 0 if job.overwrite else len(job.output.committed(job.unit_sizes, None).done)
+    done_units = set() if job.overwrite else set(job.output.committed(job.unit_sizes, None).done)
+    done = len(done_units)
     return {"model": job.model_name, "model_path": str(job.model_path) if job.model_path else None,
             "task": job.task.name,
             "input": {"format": job.input_spec.format, "files": [str(f) for f in job.input_spec.files],
@@ -193,4 +312,13 @@ def dry_run(job: BatchJob) -> dict[str, Any]:
             "output_dir": job.output.location, "units": len(job.unit_sizes), "units_done": done,
             "identity": job.identity.model_dump(mode="json"),
             "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
-            "warnings": job.warnings()}
+            "warnings": job.warnings(),
+            "estimate": _dry_run_estimate(job, sum(n for k, n in job.unit_sizes.items() if k not in done_units))}
+
+
+def _dry_run_estimate(job: BatchJob, rows_left: int) -> dict[str, Any]:
+    """The estimate of the rows not done yet, as data (an `error` saying why when it cannot be made)."""
+    try:
+        return estimate_job(job, rows_left).to_dict()
+    except Exception as e:
+        return {"error": f"no estimate: {e}"}

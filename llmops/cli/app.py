@@ -129,7 +129,8 @@ def load_command(name: str) -> Any:
         command = typer.main.get_group(target)
     else:
         single = typer.Typer(add_completion=False)
-        single.command(name, context_settings=spec.context_settings)(target)
+        # A command may name its own click class (`batch` dispatches `batch status`: cli/batch_status.py).
+        single.command(name, context_settings=spec.context_settings, cls=getattr(target, "click_cls", None))(target)
         command = typer.main.get_command(single)
     command.name = name
 

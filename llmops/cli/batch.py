@@ -12,6 +12,7 @@ import typer
 from llmops.batch.config import BatchConfig, InputConfig, LabelConfig, SamplingConfig
 from llmops.cli import _output as out
 from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
+from llmops.cli.batch_status import BatchCommand, duration, estimated_vs_actual, print_estimate
 
 
 def _doc(model, name: str) -> str:
@@ -82,6 +83,9 @@ def batch_command(
     `embedding` (a fixed-size float32 list) and `truncated` flag beside its columns; for another model, or a
     Parquet text column: `--task embed --prompt-column text`.
 
+    `--dry-run` says how long the job will take (from the hardware, or from earlier runs of the model here),
+    and `llmops batch status OUTPUT` where a job stands.
+
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
     stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
     some failed (see the `error` column), 2 for bad usage, unreadable input or an output folder in use or
@@ -122,6 +126,7 @@ def batch_command(
                           f"generation {summary.generation_s:.1f} s)"),
             ("rows/s", f"{summary.rows_per_s:.1f}") if summary.completion_tokens == 0 else
             ("output tokens/s", f"{summary.output_tokens_per_s:.1f}"),
+            *estimated_vs_actual(summary.estimate, summary.wall_s),
             ("results", f"{summary.output_dir}/results/*.parquet"),
             *(("OpenAI results", f) for f in summary.files),
         ])
@@ -156,6 +161,10 @@ def _print_plan(plan: dict, json: bool) -> None:
         out.result(f"each engine: vllm.LLM(**{plan['engines'][0]['llm_args']!r})")
     for warning in plan["warnings"]:
         out.log(f"llmops batch: warning: {warning}")
+    print_estimate(plan.get("estimate"))
+
+
+batch_command.click_cls = BatchCommand  # type: ignore[attr-defined]  # `llmops batch status OUT` (batch_status.py)
 
 
 class _Bar:
@@ -197,7 +206,9 @@ class _Bar:
             self.bar.update(self.task, advance=rows, speed=speed)
         elif now - self.last_log >= 30:
             self.last_log = now
-            out.log(f"llmops batch: {self.done}/{self.total} rows, {speed}")
+            left = (self.total - self.done) / (self.rows / elapsed) if self.rows else None
+            out.log(f"llmops batch: {self.done}/{self.total} rows, {speed}"
+                    + (f", ~{duration(left)} left at this rate" if left is not None else ""))
 
     def stop(self) -> None:
         if self.bar is not None:
