@@ -570,3 +570,41 @@ def compare_train(facts: ModelFacts, machines: dict[str, Hardware], prices: dict
                         "cost_usd": round(est.wall.value / 3600 * price[0], 2)})
         found.append(row)
     return found
+
+
+def count_examples(paths: str | list[str]) -> int | None:
+    """Training examples in local data files, read cheaply: JSON-lines lines, Parquet row counts from the footer;
+    None when a path is a hub dataset or another format."""
+    from pathlib import Path
+
+    total = 0
+    for name in [paths] if isinstance(paths, str) else paths:
+        path = Path(name)
+        if not path.is_file():
+            return None
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            return None
+    return total
+
+
+def estimate_run(run, hw: Hardware, facts: ModelFacts) -> TrainEstimate:
+    """The estimate of a planned training run (`llmops.train.launch.RunPlan`): steps from `train.max_steps`, or
+    epochs over the examples of its local data (less the held-out fraction)."""
+    recipe, plan = run.recipe, run.plan
+    if recipe.train.max_steps:
+        steps, source = recipe.train.max_steps, "train.max_steps"
+    elif (examples := count_examples(recipe.data.path)) is not None:
+        train_examples = math.floor(examples * (1 - recipe.data.eval_fraction))
+        steps = recipe.train.epochs * max(1, math.ceil(train_examples / plan["global_batch_size"]))
+        source = (f"{recipe.train.epochs} epoch(s) x {train_examples} examples / global batch "
+                  f"{plan['global_batch_size']}" + (" (packing makes fewer)" if recipe.data.packing else ""))
+    else:
+        steps, source = None, "data not counted here: set train.max_steps for a time"
+    return estimate_train(plan, facts, hw, seq_len=recipe.data.max_seq_len, steps=steps, steps_source=source)

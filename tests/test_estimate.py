@@ -385,3 +385,22 @@ def test_a_run_records_its_throughput_and_the_next_estimate_uses_it(llm, tmp_pat
     report = job_status(str(tmp_path / "out"))
     assert report["rows"]["done"] == 12 and report["rows"]["left"] == 0 and report["held_by"] is None
     assert report["runs"][0]["rows"] == 12 and report["status"] == "complete"
+
+
+@pytest.mark.unit
+def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
+    def estimate(*sets):
+        proc = run_cli("train", "lora-smollm2", "--dry-run", "--json", *(a for s in sets for a in ("--set", s)))
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["estimate"]
+
+    short, double = estimate("train.max_steps=10"), estimate("train.max_steps=20")
+    assert short["steps"] == 10 and short["steps_source"] == "train.max_steps"
+    assert double["wall"]["value"] == pytest.approx(2 * short["wall"]["value"])
+    data = tmp_path / "d.jsonl"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for i in range(30)) + "\n")
+    epochs = estimate(f"data.path={data}", "train.epochs=2", "train.max_steps=null", "data.eval_fraction=0")
+    assert epochs["steps"] == 2 * 8 and "30 examples" in epochs["steps_source"]  # ceil(30 / 4) a epoch
+    text = run_cli("train", "lora-smollm2", "--dry-run").stdout
+    assert "# Estimate" in text and "step time" in text

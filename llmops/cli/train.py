@@ -56,8 +56,9 @@ def run_command(
 
     run_plan = plan_recipe(load_recipe(recipe, set_), output=output)
     if dry_run:
+        estimate = _estimate(run_plan)
         if json:
-            out.print_json(run_plan.to_dict())
+            out.print_json({**run_plan.to_dict(), "estimate": estimate.to_dict() if estimate else None})
             return
         plan = dict(run_plan.plan)
         notes = plan.pop("notes", ())
@@ -71,6 +72,11 @@ def run_command(
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in run_plan.env.items())
         out.result((env + " " if env else "") + shlex.join(run_plan.command) if run_plan.command
                    else "(one process: trains inside llmops, no accelerate launch)")
+        if estimate is not None:
+            from llmops.estimate import load_prices
+
+            price = load_prices(examples=False).get("this")
+            out.key_values("Estimate", estimate.lines(price[0] if price else None))
         return
     summary = run(run_plan, resume=resume, allow_changed_recipe=allow_changed_recipe, log=out.log)
     _draw_on_stderr(run_plan.recipe.name, run_plan.run_dir)
@@ -78,6 +84,20 @@ def run_command(
         out.print_json(summary)
         return
     out.key_values(f"trained {run_plan.recipe.name}", summary.items())
+
+
+def _estimate(run_plan):
+    """How long the planned run takes (`llmops.estimate`); None, with the reason logged, when it cannot say."""
+    from llmops.estimate import estimate_run
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+
+    try:
+        return estimate_run(run_plan, detect(), model_facts(resolve(run_plan.base_model)))
+    except Exception as e:  # an estimate is information: it never stops a dry run
+        out.log(f"llmops train: no estimate: {e}")
+        return None
 
 
 @app.command("validate")
