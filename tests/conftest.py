@@ -111,6 +111,28 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
                           env=full_env, input=input, timeout=timeout)
 
 
+def kill_9_when(cmd: list[str], ready, timeout: float = 300):
+    """Run `cmd` in its own session and kill -9 it as soon as `ready()` is true (a crash mid-job); returns the
+    process, ended. Everything it started is killed if the test fails before that."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc
+
+
 def pytest_collection_modifyitems(config, items):
     """`-m unit` must pass on a fresh clone without fetching the 538 MB default model (or the embedding model): a
     unit test that asks for one is a mistake in the test (mark it `engine`, or give it `tiny_tokenizer_dir`)."""

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmops.batch import BatchConfig, load_engine, plan_batch, run_batch
+from llmops.batch.engine import close_engine
 from llmops.config import load_config
 from tests.conftest import run_cli
 
@@ -66,7 +67,7 @@ def llm(default_embed_model_dir, tmp_path_factory):
     assert job.task.name == "embed"  # the registry records all-minilm-l6-v2 as an embedding model
     engine = load_engine(job.engine)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    close_engine(engine)
 
 
 @pytest.fixture(scope="module")

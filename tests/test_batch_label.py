@@ -6,13 +6,10 @@ runs the real CLI, as a user would."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +21,7 @@ from llmops.batch.label import Label, arrow_type, label_task, _arrow_value
 from llmops.batch.config import LabelConfig, SamplingConfig
 from llmops.config import load_config
 from llmops.errors import UsageError
-from tests.conftest import run_cli
+from tests.conftest import kill_9_when, run_cli
 from tests.test_batch_engine import llm  # noqa: F401 (the module-scoped engine the engine tests share)
 from tests.test_batch_trust import make_model, previous_run
 
@@ -286,19 +283,7 @@ def test_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_labels_of_a_whol
     def shards() -> int:
         return len(list((out / "results").glob("*.parquet"))) if (out / "results").exists() else 0
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and shards() < 2:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = kill_9_when(cmd, lambda: shards() >= 2)
     assert proc.returncode == -signal.SIGKILL and 2 <= shards() < 12, shards()
     rerun = run_cli(*cmd[3:], "--json")
     assert rerun.returncode == 0, rerun.stderr

@@ -264,8 +264,15 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
                       "engine.max_num_seqs=1", "--grace-period", str(grace))
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:
+        deadline = time.monotonic() + 600
+        while log.read_text().count(" started on node ") < 2:  # both engines are generating from here on
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        started = time.monotonic()
         wait_for_shards(out, driver)
-        time.sleep(2.0)  # the next unit is under way on the engine that committed the first
+        # The next units are under way: wait for about 3 of their 16 rows (timed by the first unit's rows, so a
+        # slow machine waits longer), so each engine has finished rows and none has finished its unit.
+        time.sleep(max(2.0, 3 * (time.monotonic() - started) / 16))
         driver.send_signal(signal.SIGTERM)  # the driver's machine is being preempted
         stopped = time.monotonic()
         driver.wait(timeout=120)

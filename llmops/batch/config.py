@@ -64,9 +64,10 @@ class EmbedOutput(StrictModel):
     """Keep the first N dimensions (Matryoshka truncation); only for models trained for it."""
     dtype: Literal["float32", "float16"] = "float32"
     """How vectors are stored: float16 halves the size."""
-    on_long: Literal["truncate", "fail"] = "truncate"
-    """A text longer than the model's window: embed its start and set the row's `truncated` flag, or fail
-    the row."""
+    on_long: Literal["truncate", "fail", "chunk"] = "truncate"
+    """A text longer than the model's window: embed its start and set the row's `truncated` flag, fail the
+    row, or embed every window-sized piece and mean-pool them (`--on-long`, which sets this for an
+    embedding job)."""
 
 
 class LabelConfig(StrictModel):
@@ -86,6 +87,28 @@ class LabelConfig(StrictModel):
     """Every answer matches this regular expression (IDs, dates, short codes)."""
 
 
+DEFAULT_REDUCE_PROMPT = ("Below are summaries of consecutive parts of one long document, in order. Combine them "
+                         "into one concise summary of the whole document.\n\n{parts}")
+
+
+class LongConfig(StrictModel):
+    """Rows too long for the context (`llmops/batch/long.py`). Part of the job's identity when `on_long` is not
+    `fail`."""
+
+    on_long: Optional[Literal["fail", "truncate", "chunk"]] = None
+    """A row whose prompt and max_tokens do not fit the planned context: fail it; truncate its document (the
+    row gets `truncated` and `dropped_tokens`); or chunk it: run the prompt on every piece of the document,
+    in the same engine batches as the other rows, then combine the answers with the reduce prompt, in
+    rounds, until one answer is left (`chunks`, `reduce_rounds`). Unset: fail for generation, truncate for
+    embeddings (output.on_long)."""
+    keep: Literal["head", "tail", "middle"] = "head"
+    """truncate: the part of the document that is kept: its start (head), its end (tail), or both ends."""
+    overlap_tokens: int = Field(default=64, ge=0)
+    """chunk: tokens each piece repeats from the end of the one before, so no sentence is only ever seen cut."""
+    reduce_prompt: str = DEFAULT_REDUCE_PROMPT
+    """chunk: the prompt that combines the pieces' answers; `{parts}` is replaced by them, in document order."""
+
+
 class BatchConfig(StrictModel):
     """One `llmops batch` job (YAML file, `--set`, flags)."""
 
@@ -95,6 +118,7 @@ class BatchConfig(StrictModel):
     """What each row becomes: generated text, or an embedding vector. auto: embed for a model the registry
     records as an embedding model, else generate."""
     output: EmbedOutput = Field(default_factory=EmbedOutput)
+    long: LongConfig = Field(default_factory=LongConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     input: InputConfig = Field(default_factory=InputConfig)

@@ -1,7 +1,8 @@
 """The embedding task (`llmops batch --task embed`): one vector per row from vLLM's pooling runner.
 
 Each text is tokenized here (so a text longer than the model's window is seen, never cut silently: it is
-truncated and flagged, or it fails, as `output.on_long` says) and sent as token ids with `PoolingParams`
+truncated and flagged, or it fails, or it is embedded in window-sized pieces whose vectors are mean-pooled,
+as `output.on_long` says) and sent as token ids with `PoolingParams`
 (task "embed"; `use_activation` is vLLM 0.32's name for normalizing the embedding). The result is a
 fixed-size list of float32 (or float16) per row, which pandas and numpy read as one array.
 """
@@ -39,13 +40,19 @@ class Embed(RowTask):
         model_config = llm.llm_engine.model_config
         params = PoolingParams(task="embed", use_activation=self.output.normalize,
                                dimensions=self.output.dimensions)
-        return {"tokenizer": llm.get_tokenizer(), "params": params, "window": model_config.max_model_len,
-                "dimensions": self.output.dimensions or model_config.embedding_size}
+        # The pieces of a long text are pooled here, so they are embedded unnormalized and normalized after.
+        raw = PoolingParams(task="embed", use_activation=False, dimensions=self.output.dimensions)
+        return {"tokenizer": llm.get_tokenizer(), "params": params, "raw": raw, "window": model_config.max_model_len,
+                "dimensions": self.output.dimensions or model_config.embedding_size, "pieces": {}}
 
     def requests(self, state, row: Row):
-        return [(tokens_input(ids), state["params"], None) for ids in self._token_ids(state, row)]
+        texts = self._token_ids(state, row)
+        state["pieces"][row.index] = [len(pieces) for pieces in texts]
+        return [(tokens_input(ids), state["params"] if len(pieces) == 1 else state["raw"], None)
+                for pieces in texts for ids in pieces]
 
-    def _token_ids(self, state, row: Row) -> list[list[int]]:
+    def _token_ids(self, state, row: Row) -> list[list[list[int]]]:
+        """Each text's token ids: one list, or one per piece (output.on_long=chunk)."""
         tokenizer, window = state["tokenizer"], state["window"]
         found = []
         for text in row.texts or [row.prompt]:
@@ -53,20 +60,47 @@ class Embed(RowTask):
             if len(ids) > window:
                 if self.output.on_long == "fail":
                     raise ValueError(f"the text is {len(ids)} tokens, longer than the model's window of {window} "
-                                     "(output.on_long=fail; set output.on_long=truncate to embed its start)")
+                                     "(output.on_long=fail; --on-long truncate embeds its start, chunk all of it)")
+                if self.output.on_long == "chunk":
+                    found.append(self._pieces(tokenizer, text, window))
+                    continue
                 # The tokenizer's own truncation keeps the closing special token ([SEP]) that pooling expects.
                 ids = tokenizer.encode(text, truncation=True, max_length=window)
                 row.truncated = True
-            found.append(ids)
+            found.append([ids])
         return found
+
+    @staticmethod
+    def _pieces(tokenizer, text: str, window: int) -> list[list[int]]:
+        """A long text as window-sized pieces, each with the model's special tokens ([CLS] ... [SEP]), cut at
+        sentence edges where there are some and without overlap (as vLLM's chunked processing)."""
+        from llmops.batch.long import EDGE_TOKENS, split
+
+        special = len(tokenizer.build_inputs_with_special_tokens([]))
+        return [tokenizer.encode(piece, truncation=True, max_length=window)
+                for piece in split(text, tokenizer, window - special - EDGE_TOKENS, 0)]
 
     def result(self, state, row: Row, outputs: list[Any]) -> dict[str, Any]:
         import numpy as np
 
         dtype = np.float16 if self.output.dtype == "float16" else np.float32
-        vectors = [output.outputs.data.float().numpy().astype(dtype, copy=False) for output in outputs]
-        return {"embedding": vectors if self.openai else vectors[0], "truncated": row.truncated,
-                "prompt_tokens": sum(len(output.prompt_token_ids or ()) for output in outputs), "error": None}
+        vectors, at = [], 0
+        counts = state["pieces"].pop(row.index, None) or [1] * len(outputs)
+        for count in counts:
+            group, at = outputs[at:at + count], at + count
+            if count == 1:
+                vector = group[0].outputs.data.float().numpy()
+            else:  # mean-pool the pieces, weighted by their tokens (vLLM's enable_chunked_processing), then normalize
+                vector = np.average([o.outputs.data.float().numpy() for o in group], axis=0,
+                                    weights=[len(o.prompt_token_ids or ()) for o in group])
+                if self.output.normalize:
+                    vector = vector / np.linalg.norm(vector)
+            vectors.append(vector.astype(dtype, copy=False))
+        r = {"embedding": vectors if self.openai else vectors[0], "truncated": row.truncated,
+             "prompt_tokens": sum(len(output.prompt_token_ids or ()) for output in outputs), "error": None}
+        if self.output.on_long == "chunk":
+            r = {**{k: v for k, v in r.items() if k != "error"}, "chunks": sum(counts), "error": None}
+        return r
 
     def columns(self, state=None) -> list[tuple[str, Any]]:
         import pyarrow as pa
@@ -74,7 +108,8 @@ class Embed(RowTask):
         value = pa.float16() if self.output.dtype == "float16" else pa.float32()
         vector = pa.list_(value, state["dimensions"]) if state else pa.list_(value)
         return [("embedding", pa.list_(vector) if self.openai else vector), ("truncated", pa.bool_()),
-                ("prompt_tokens", pa.int32()), ("error", pa.string())]
+                ("prompt_tokens", pa.int32()),
+                *([("chunks", pa.int32())] if self.output.on_long == "chunk" else []), ("error", pa.string())]
 
     def openai_body(self, r: dict[str, Any], model: str, created: int) -> dict[str, Any]:
         vectors = r["embedding"] if self.openai else [r["embedding"]]

@@ -107,7 +107,8 @@ class JobIdentity(BaseModel):
             if old.task.get(key) != self.task.get(key):
                 before, after = (t.get(key, "generate" if key == "name" else None) for t in (old.task, self.task))
                 what = {"name": "task", "choices": "--choices", "json_schema": "--json-schema (its content)",
-                        "regex": "--regex"}.get(key, "output." + key)
+                        "regex": "--regex", "on_long": "--on-long", "keep": "long.keep",
+                        "overlap_tokens": "long.overlap_tokens", "reduce_prompt": "--reduce-prompt"}.get(key, "output." + key)
                 if key == "json_schema":  # a schema is long: say that it changed, not how
                     before, after = ("none" if v is None else "a schema" for v in (before, after))
                 changes.append(f"{what} changed: {before!r} -> {after!r}" if key != "json_schema"

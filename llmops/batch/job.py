@@ -110,16 +110,29 @@ class BatchJob:
 
 
 def task_for(config: BatchConfig, name: str = "generate", openai: bool = False) -> RowTask:
-    """The job's row task: `name` is the config's task with "auto" resolved (`plan_batch`)."""
+    """The job's row task: `name` is the config's task with "auto" resolved (`plan_batch`); rows too long for
+    the context are handled as `long.on_long` says (`long.py`)."""
     from llmops.batch.label import label_task
+    from llmops.batch.long import LongDocuments
 
     labeling = label_task(config.label, config.sampling)
+    on_long = config.long.on_long
     if name == "embed":
         if labeling is not None:
             raise UsageError("--choices, --json-schema and --regex constrain generated answers: they do not apply "
                              "to an embedding job", "drop them, or use --task generate")
-        return Embed(config.output, openai=openai)
-    return labeling or Generate(config.sampling)
+        output = config.output if on_long is None else config.output.model_copy(update={"on_long": on_long})
+        return Embed(output, openai=openai)
+    task = labeling or Generate(config.sampling)
+    if on_long == "chunk" and labeling is not None:
+        raise UsageError("--on-long chunk combines free-text answers: it does not apply to --choices, "
+                         "--json-schema or --regex", "use --on-long truncate for labeling long documents")
+    if on_long == "chunk" and "{parts}" not in config.long.reduce_prompt:
+        raise UsageError(f"--reduce-prompt {config.long.reduce_prompt!r} has no {{parts}}",
+                         "put {parts} where the pieces' answers go")
+    if on_long in (None, "fail"):
+        return task
+    return LongDocuments(task, config.long, config.input.prompt_template)
 
 
 def plan_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.batch.engine import QUEUE_DEPTH_FACTOR, Progress, StopRequest, start_llm
+from llmops.batch.engine import QUEUE_DEPTH_FACTOR, Progress, StopRequest, close_engine, start_llm
 from llmops.batch.inputs import InputSpec
 from llmops.batch.job import EngineWork
 from llmops.batch.outputs import CommitLog, Committed, OutputDir, UnitStats
@@ -40,6 +40,7 @@ __all__ = ["EngineReplica", "Replica", "host_cores", "nodes_of", "plan_replicas"
 CALLS_PER_ACTOR = 2
 META_NODE = b"llmops.node"
 CLOSE_TIMEOUT_S = 20.0
+CONTROL_GROUP = "control"
 # Placing the actors waits for free CPUs/GPUs on their nodes; past this the cluster is busy with other work.
 PLACE_TIMEOUT_S = 300.0
 
@@ -73,18 +74,25 @@ def replica_env(engine_env: dict[str, str], replica: Replica, cores: list[int] |
 # --- what each replica runs -----------------------------------------------------------------------------
 
 
-class _StopWhenCancelled(StopRequest):
-    """The driver's stop as a replica sees it: the driver cancels the running call (`ray.cancel`), which on a
-    sync actor sets a flag instead of interrupting it, so the unit loop commits its finished rows and returns."""
+class _StopFromDriver(StopRequest):
+    """The driver's stop as a replica sees it: the driver calls `EngineReplica.request_stop` (in the actor's
+    control group, beside the running `run_units` call) with the seconds left to commit; the unit loop then
+    admits no more rows, commits the rows it finished as pieces by then, and returns them to the driver."""
+
+    def __init__(self, replica: EngineReplica):
+        super().__init__(replica.work.grace_period_s)
+        self.replica = replica
 
     @property
     def requested(self) -> bool:
-        if self.signal_name is None:
-            import ray
-
-            if ray.get_runtime_context().is_canceled():
-                self.request("the driver's stop")
+        if self.signal_name is None and self.replica.stop_within_s is not None:
+            self.request("the driver's stop")
         return self.signal_name is not None
+
+    @property
+    def finish_by(self) -> float:
+        # The driver's clock is not ours: it sends the seconds left, not a time.
+        return self.received + (self.replica.stop_within_s or 0.0)
 
 
 class _NodeOutputDir(OutputDir):
@@ -110,6 +118,8 @@ class EngineReplica:
         self.out = _NodeOutputDir(work.output_dir, self.node)
         self.llm = None
         self.start_error: str | None = None
+        self.stop_within_s: float | None = None
+        """Set by the driver's stop: commit the finished rows within this many seconds and return."""
 
     def sees(self, name: str, token: str) -> str | None:
         """What this node cannot reach, or None: the probe file `name` the driver just wrote in the output
@@ -141,9 +151,14 @@ class EngineReplica:
                 "cores": env.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                 "max_num_seqs": self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs}
 
+    def request_stop(self, within_s: float) -> None:
+        """Called in the actor's control group while `run_units` runs (a cancel would not do: `ray.get` on a
+        cancelled call may raise at once, and the driver would end the actors before their pieces land)."""
+        self.stop_within_s = max(0.0, within_s)
+
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            close_engine(self.llm)
             self.llm = None
 
     def run_units(self, keys: list[str], done_rows: dict[str, list[int]]) -> dict[str, Any]:
@@ -154,13 +169,15 @@ class EngineReplica:
 
         if self.llm is None:
             return {"node": self.node, "lost": True, "done": {}, "error": self.start_error or "engine not started"}
+        if self.stop_within_s is not None:  # queued behind the call that was running when the stop came
+            return {"node": self.node, "done": {}, "error": None}
         w = self.work
         done: dict[str, list[dict]] = {}
         try:
             units = iter_units(w.spec, w.row_counts, w.chunk_rows, set(keys),
                                {k: set(rows) for k, rows in done_rows.items()})
             writer = f"ray engine {self.replica.rank} on node {self.node[:12]}"
-            stop = _StopWhenCancelled(w.grace_period_s)
+            stop = _StopFromDriver(self)
             for key, stats in run_units(self.llm, units, w.task, self.out, w.identity, Progress(), stop, writer):
                 done.setdefault(key, []).append(stats.model_dump())
         except Exception as e:
@@ -227,7 +244,8 @@ def run_ray(job, work: EngineWork, commits: CommitLog, progress: Progress, stop:
     state = None
     try:
         replicas = plan_replicas(ray.nodes(), job.plan)
-        remote = ray.remote(max_restarts=0, max_concurrency=1)(EngineReplica)
+        # One `run_units` call at a time; `request_stop` runs beside it in its own group.
+        remote = ray.remote(max_restarts=0, max_concurrency=1, concurrency_groups={CONTROL_GROUP: 1})(EngineReplica)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         work_ref = ray.put(work)
@@ -297,7 +315,7 @@ def _dispatch(ray, state: _Replicas, job, commits: CommitLog, progress: Progress
     depth: dict[int, int] = {}  # rows an engine keeps queued (QUEUE_DEPTH_FACTOR x its max_num_seqs)
     # Rows per call for an even split of the job over every engine's queued calls.
     share = -(-sum(job.unit_sizes[k] for k in todo) // (len(state.actors) * CALLS_PER_ACTOR))
-    cancelled = False
+    stopping = False
     while True:
         # 1. Keep CALLS_PER_ACTOR calls queued on every started replica (none once a stop is requested).
         while todo and not stop.requested:
@@ -313,13 +331,15 @@ def _dispatch(ray, state: _Replicas, job, commits: CommitLog, progress: Progress
             break
         if not state.alive and todo:
             break
-        if stop.requested and not cancelled:
-            # Preempted: every running call commits its finished rows as pieces and returns (a queued call
-            # is dropped unstarted); the driver waits for them until its grace period runs out.
-            for ref in running:
-                ray.cancel(ref)
-            cancelled = True
-        if stop.requested and (not running or time.monotonic() >= stop.finish_by):
+        if stop.requested and not stopping:
+            # Preempted: every replica commits its finished rows as pieces by the stop's deadline and returns
+            # (its queued call returns at once); the driver waits for them until halfway through its exit
+            # reserve, which leaves the replicas the time to write after the deadline.
+            within = max(0.0, stop.finish_by - time.monotonic())
+            for i in {i for i, _ in running.values()}:
+                state.actors[i].request_stop.options(concurrency_group=CONTROL_GROUP).remote(within)
+            stopping = True
+        if stop.requested and (not running or time.monotonic() >= (stop.finish_by + stop.exit_by) / 2):
             break
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
         for ref in ready:
@@ -338,8 +358,6 @@ def _dispatch(ray, state: _Replicas, job, commits: CommitLog, progress: Progress
             state.queued[i] -= 1
             try:
                 result = ray.get(ref)
-            except ray.exceptions.TaskCancelledError:  # stopped as asked: the runner counts its pieces
-                continue
             except Exception as e:  # the actor or its node died: its units go to the other replicas
                 _lose(state, i, f"engine {i} on node {state.replicas[i].node_ip} was lost ({_one_line(e)})", progress)
                 _requeue(todo, keys, job, committed, progress)

@@ -287,16 +287,18 @@ def run_here(job: BatchJob, work: EngineWork, commits: CommitLog, progress: Prog
                 raise known from None
             raise
         engine_start = time.monotonic() - t0
-    progress.phase("embedding" if work.task.name == "embed" else "generating")
-    progress.start(sum(job.row_counts), commits.committed.rows)
-    stop.generating = True
-    committed = commits.committed
-    pending = {k for k in job.units if k not in committed.done}
-    units = iter_units(work.spec, work.row_counts, work.chunk_rows, pending, committed.partial)
-    for key, stats in run_units(llm, units, work.task, job.output, work.identity, progress, stop):
-        commits.record(key, stats, counted=True)
-    if stop.requested and own_engine:
-        close_engine(llm)
+    try:
+        progress.phase("embedding" if work.task.name == "embed" else "generating")
+        progress.start(sum(job.row_counts), commits.committed.rows)
+        stop.generating = True
+        committed = commits.committed
+        pending = {k for k in job.units if k not in committed.done}
+        units = iter_units(work.spec, work.row_counts, work.chunk_rows, pending, committed.partial)
+        for key, stats in run_units(llm, units, work.task, job.output, work.identity, progress, stop):
+            commits.record(key, stats, counted=True)
+    finally:
+        if own_engine:  # now, not at interpreter exit (see close_engine)
+            close_engine(llm)
     return engine_start
 
 

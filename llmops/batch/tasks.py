@@ -3,7 +3,8 @@ below it (units, the engine loop, commits, resume, placement), so a task is writ
 backend.
 
 A task says:
-- which engine requests a row becomes (`requests`), and which rows it cannot take at all (`check`);
+- which engine requests a row becomes (`requests`; a row may take several rounds of them, `more`), and
+  which rows it cannot take at all (`check`);
 - which result columns it writes, with their Arrow types (`columns`), what a finished row holds (`result`)
   and what a failed one holds (`failure`);
 - what it adds to the job's identity (`identity`: a resume that changes it is refused);
@@ -48,8 +49,13 @@ class RowTask:
         """The engine requests of one row: (prompt, params, lora_request) each."""
         raise NotImplementedError
 
+    def more(self, state: Any, row: Row, outputs: list[Any]) -> list[tuple[Any, Any, Any]] | None:
+        """The requests of the row's next round, built from its last round's outputs; None when the row is
+        done (most tasks: one round). A long document's map-reduce (`long.py`) runs in rounds."""
+        return None
+
     def result(self, state: Any, row: Row, outputs: list[Any]) -> dict[str, Any]:
-        """A finished row's result columns, from its requests' outputs (in request order)."""
+        """A finished row's result columns, from its last round's outputs (in request order)."""
         raise NotImplementedError
 
     def failure(self, row: Row) -> dict[str, Any]:

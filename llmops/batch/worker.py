@@ -43,11 +43,14 @@ def run_worker(work: EngineWork, rank: int, world: int, llm=None, stop: StopRequ
         stop.generating = True
     units = iter_units(work.spec, work.row_counts, work.chunk_rows, mine, committed.partial)
     count = 0
-    for key, stats in run_units(llm, units, work.task, out, work.identity, Progress(), stop, writer=f"worker {rank}"):
-        _report({"commit": key, "stats": stats.model_dump()})
-        count += 1
-    if own_engine and stop is not None and stop.requested:
-        close_engine(llm)  # exit within the grace period (vLLM's exit would wait 5 s for it)
+    try:
+        for key, stats in run_units(llm, units, work.task, out, work.identity, Progress(), stop,
+                                    writer=f"worker {rank}"):
+            _report({"commit": key, "stats": stats.model_dump()})
+            count += 1
+    finally:
+        if own_engine:  # now: within a stop's grace period (vLLM's exit would wait 5 s), and see close_engine
+            close_engine(llm)
     return count
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmops.batch.config import BatchConfig, InputConfig, LabelConfig, SamplingConfig
+from llmops.batch.config import BatchConfig, InputConfig, LabelConfig, LongConfig, SamplingConfig
 from llmops.cli import _output as out
 from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
 from llmops.cli.batch_status import BatchCommand, duration, estimated_vs_actual, print_estimate
@@ -51,6 +51,11 @@ def batch_command(
     choices_file: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "choices_file"))] = None,
     json_schema: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "json_schema"))] = None,
     regex: Annotated[Optional[str], typer.Option(help=_doc(LabelConfig, "regex"))] = None,
+    on_long: Annotated[Optional[str], typer.Option(
+        "--on-long", metavar="fail|truncate|chunk", help=_doc(LongConfig, "on_long")
+        + " Options: --set long.keep=head|tail|middle, long.overlap_tokens=N.", show_default=False)] = None,
+    reduce_prompt: Annotated[Optional[str], typer.Option(
+        help=_doc(LongConfig, "reduce_prompt"), show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Discard the results of another job in OUTPUT (other model, input, sampling or "
                             "engine dtype/context); removes only files llmops wrote there.")] = False,
@@ -86,6 +91,11 @@ def batch_command(
     `--dry-run` says how long the job will take (from the hardware, or from earlier runs of the model here),
     and `llmops batch status OUTPUT` where a job stands.
 
+    Long documents, summarized piece by piece and combined (map-reduce), one result row each:
+    `llmops batch examples/batch/long/chapters.jsonl -o out/summaries --on-long chunk --max-tokens 128
+    --prompt-template "Summarize this part of a book in a few sentences: {text}"`; `--on-long truncate`
+    keeps the start instead (--set long.keep=tail|middle).
+
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
     stopped, and every row ends up in the output exactly once. Exit 0 when all rows succeeded, 1 when
     some failed (see the `error` column), 2 for bad usage, unreadable input or an output folder in use or
@@ -100,7 +110,8 @@ def batch_command(
              "input.prompt_column": prompt_column, "input.messages_column": messages_column,
              "input.id_column": id_column, "input.prompt_template": prompt_template,
              "label.choices": choices.split(",") if choices is not None else None,
-             "label.choices_file": choices_file, "label.json_schema": json_schema, "label.regex": regex}
+             "label.choices_file": choices_file, "label.json_schema": json_schema, "label.regex": regex,
+             "long.on_long": on_long, "long.reduce_prompt": reduce_prompt}
     cfg = load_config(BatchConfig, yaml_path=config, sets=set_, flags=flags,
                       source=str(config) if config else "batch config")
     if dry_run:
@@ -129,6 +140,7 @@ def batch_command(
             *estimated_vs_actual(summary.estimate, summary.wall_s),
             ("results", f"{summary.output_dir}/results/*.parquet"),
             *(("OpenAI results", f) for f in summary.files),
+            *((("long rows", _long_line(summary.long)),) if summary.long else ()),
         ])
         for ex in examples:
             out.result(f"\n[{ex['id']}] {ex['prompt'].strip()}\n  -> "
@@ -140,7 +152,17 @@ def batch_command(
         raise typer.Exit(1)
 
 
+def _long_line(found: dict) -> str:
+    parts = [f"{found['truncated']} truncated"] if "truncated" in found else []
+    if "chunked" in found:
+        parts.append(f"{found['chunked']} chunked ({found['pieces_median']:g} pieces median, "
+                     f"{found['pieces_max']} max)")
+    return ", ".join(parts)
+
+
 def _print_plan(plan: dict, json: bool) -> None:
+    from llmops.batch.long import describe_survey
+
     if json:
         out.print_json(plan)
         return
@@ -154,6 +176,7 @@ def _print_plan(plan: dict, json: bool) -> None:
         ("output", f"{plan['output_dir']}: {plan['units']} shards, {plan['units_done']} already done"),
         *((f"engine.{k}", v) for k, v in engine_plan.items()),
         *(("why", n) for n in notes),
+        *((("long rows", describe_survey(plan["long"])),) if plan.get("long") else ()),
     ])
     for engine in plan["engines"]:
         out.result(f"engine {engine['rank']}: " + (engine.get("command") or engine["call"]))
