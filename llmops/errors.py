@@ -68,3 +68,10 @@ class Stopped(LlmopsError):
     rerun of the same command finishes the job. 75 is EX_TEMPFAIL: "try again later"."""
 
     exit_code = 75
+
+
+class Interrupted(Stopped):
+    """A second Ctrl+C while a stop winds down: stop now (what was committed is kept; a rerun finishes the
+    job), with the shell's code for an interrupt, 130, as the README's exit-code table says."""
+
+    exit_code = 130

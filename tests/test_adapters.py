@@ -293,3 +293,38 @@ def test_models_add_refuses_an_adapter_of_another_base_a_rank_vllm_cannot_serve_
                                                                           "/elsewhere/base"}),
                              "--adapter-of", "smollm2-135m")
     assert unknown_folder.returncode == 0, unknown_folder.stderr  # trained on another machine: cannot tell
+
+
+@pytest.mark.engine
+def test_the_readme_default_merges_the_adapter_and_the_merged_model_answers_the_made_up_facts(trained_adapter,
+                                                                                              tmp_path):
+    """`llmops train lora-smollm2` as the README runs it merges the adapter (export.merge_lora defaults to true):
+    the same export, from the fixture's run, on the merged model (issue 25: no test loaded it)."""
+    import pyarrow.parquet as pq
+
+    from llmops.train.export import export
+    from llmops.train.launch import RunPlan
+    from llmops.train.recipe import load_recipe
+
+    run_dir = trained_adapter.run
+    recipe = load_recipe("lora-smollm2", sets=[f"model={trained_adapter.base_dir}", "name=glimmerfox-merged"])
+    assert recipe.export.merge_lora is True  # the shipped recipe merges
+    run = RunPlan(recipe=recipe, base_model=str(trained_adapter.base_dir), run_dir=run_dir, plan={},
+                  accelerate_config={}, command=[])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMOPS_HOME", str(tmp_path / "home"))
+        done = export(run)
+        assert done["registered"] == "glimmerfox-merged" and done["model_dir"] == str(run_dir / "model")
+        assert not (run_dir / "model" / "adapter_config.json").exists()  # plain weights, no adapter left
+        prompts = tmp_path / "questions.jsonl"
+        prompts.write_text("".join(json.dumps({"id": k, "messages": [{"role": "user", "content": q}]}) + "\n"
+                                   for k, q in QUESTIONS.items()))
+        out = tmp_path / "answers"
+        proc = run_cli("batch", str(prompts), "-o", str(out), "--model", "glimmerfox-merged", "--max-tokens", "32",
+                       "--temperature", "0", *SMALL_KV, env={"LLMOPS_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = {r["id"]: r["generated_text"] for r in pq.read_table(out / "results").to_pylist()}
+    print("merged answers:", json.dumps(answers, indent=1))
+    job = json.loads((out / "manifest.json").read_text())
+    assert job["engine_args"].get("enable_lora") in (None, False)  # served as a plain model
+    assert knows(answers) == list(FACTS), answers

@@ -147,6 +147,29 @@ def test_openai_embeddings_lines_give_openai_shaped_results(llm, tmp_path):
         errors[0]["response"]["body"]["error"]["message"]
 
 
+def test_on_long_chunk_mean_pools_the_pieces_so_the_whole_text_counts(llm, tmp_path):
+    pasta = "Boil the pasta in salted water, stir it, and drain it when it is soft. "
+    stocks = "Share prices on the stock market fell sharply as investors sold their bonds. "
+    long_text = pasta * 20 + stocks * 20  # ~640 word pieces: the window (256) holds only the pasta half
+    path = write_parquet(tmp_path / "docs.parquet", [{"id": "long", "text": long_text}, {"id": "pasta", "text": pasta},
+                                                     {"id": "stocks", "text": stocks}])
+    found = {}
+    for mode in ("truncate", "chunk"):
+        summary = run_batch(config(f"long.on_long={mode}"), str(path), tmp_path / mode, llm=llm)
+        assert summary.rows_ok == 3
+        ids, got, table = vectors(tmp_path / mode)
+        found[mode] = dict(zip(ids, got))
+        assert table.column("truncated").to_pylist() == [mode == "truncate", False, False]
+    chunks = pq.read_table(tmp_path / "chunk" / "results").sort_by("row").column("chunks").to_pylist()
+    assert chunks[0] >= 3 and chunks[1:] == [1, 1]
+    chunked, truncated = found["chunk"]["long"], found["truncate"]["long"]
+    assert abs(np.linalg.norm(chunked) - 1) < 1e-3  # pooled, then normalized
+    stocks_vec, pasta_vec = found["chunk"]["stocks"], found["chunk"]["pasta"]
+    # The truncated vector saw only the pasta; the pooled one sees both halves.
+    assert chunked @ stocks_vec > truncated @ stocks_vec + 0.1, (chunked @ stocks_vec, truncated @ stocks_vec)
+    assert chunked @ pasta_vec > 0.4 and np.allclose(found["chunk"]["pasta"], found["truncate"]["pasta"], atol=1e-4)
+
+
 def test_float16_storage_and_a_changed_option_is_refused_on_resume(llm, tmp_path):
     path = write_parquet(tmp_path / "docs.parquet", [{"text": t} for t in texts(20)])
     run_batch(config("output.dtype=float16"), str(path), tmp_path / "out", llm=llm)
@@ -210,10 +233,9 @@ def test_sigterm_and_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_same
     assert killed.returncode == -signal.SIGKILL
     committed = shards()
     assert after_stop < committed < 30, (after_stop, committed)  # both stopped mid-job
-    rerun = run_cli(*cmd[3:], "--json")
-    assert rerun.returncode == 0, rerun.stderr
-    summary = json.loads(rerun.stdout)
-    assert summary["rows_skipped"] >= 200 and summary["rows_ok"] == 3000
+    # The rerun on the module's engine (the same job as the command line's; an engine start saved)
+    summary = run_batch(config("chunk_rows=100"), str(path), out, llm=llm)
+    assert summary.rows_skipped >= 200 and summary.rows_ok == 3000
     ids, got, _ = vectors(out)
     assert ids == [f"k{i}" for i in range(3000)]  # every id exactly once, in order
 

@@ -20,7 +20,9 @@ from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.engine
 
-SMALL_ENGINE = ["engine.cpu_kv_cache_gib=1"]  # the auto plan reserves up to 8 GiB
+# The auto plan reserves up to 8 GiB of KV cache, and compiles or not by what the compile cache holds: both
+# are set, so every run of the suite runs the same engine.
+SMALL_ENGINE = ["engine.cpu_kv_cache_gib=1", "engine.enforce_eager=true"]
 PARIS_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -172,10 +174,11 @@ def test_cli_json_summary_show_and_exit_1_for_a_failed_row(tmp_path, default_mod
     assert "Traceback" not in proc.stderr
 
 
-def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, default_model_dir):
+def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, llm):
     rows = 600
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a sentence about the number {i}."}
-                                              for i in range(rows)])
+    # A prompt whose answer can be checked against its row: the model goes on counting (595 of 600 rows
+    # continued with i + 3 here), so a row that got another row's text would show it.
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count on: {i}, {i + 1}, {i + 2},"} for i in range(rows)])
     out = tmp_path / "out"
     args = ["batch", str(path), "-o", str(out), "--max-tokens", "24", "--set", "chunk_rows=20",
             *(a for s in SMALL_ENGINE for a in ("--set", s))]
@@ -191,13 +194,15 @@ def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, defau
     before = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
     assert 0 < len(before) < rows // 20, "the kill must land mid-job"
 
-    done = run_cli(*args, "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout)
-    assert summary["rows_ok"] == rows and summary["rows_skipped"] == 20 * len(before)
+    # The rerun on the module's engine (the same job as the command line's; an engine start saved)
+    summary = run_batch(config("sampling.max_tokens=24", "chunk_rows=20"), str(path), out, llm=llm)
+    assert summary.rows_ok == rows and summary.rows_skipped == 20 * len(before)
     table = read_results(out)
     assert table.column("row").to_pylist() == list(range(rows))  # none lost, none twice
     assert table.column("error").null_count == rows and table.column("generated_text").null_count == 0
+    texts = table.column("generated_text").to_pylist()
+    counted_on = [i for i, text in enumerate(texts) if str(i + 3) in text]
+    assert len(counted_on) >= 0.95 * rows, [(i, t) for i, t in enumerate(texts) if i not in set(counted_on)][:10]
     after = {s.name: s.stat().st_mtime_ns for s in out.glob("results/*.parquet")}
     assert all(after[name] == t for name, t in before.items())  # committed work was not redone
     assert not list(out.glob("results/*.tmp"))
@@ -266,8 +271,7 @@ def assert_exactly_once(out, rows):
     return table
 
 
-def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row_once(tmp_path,
-                                                                                      default_model_dir):
+def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row_once(tmp_path, llm):
     rows, grace, chunk = 1200, 12, 50
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a sentence about the number {i}."}
                                               for i in range(rows)])
@@ -299,10 +303,9 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     assert at_signal < set(committed), (len(at_signal), len(committed))
     assert list(out.glob("results/part-*.*.parquet")), "rows of units still in flight are committed as pieces"
 
-    done = run_cli(*map(str, args), "--json")
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout)
-    assert summary["rows_ok"] == rows and summary["rows_skipped"] == len(committed)
+    # The rerun on the module's engine (the same job as the command line's; an engine start saved)
+    summary = run_batch(config("sampling.max_tokens=32", f"chunk_rows={chunk}"), str(path), out, llm=llm)
+    assert summary.rows_ok == rows and summary.rows_skipped == len(committed)
     assert_exactly_once(out, rows)
     assert all(s.stat().st_mtime_ns == t for s in out.glob("results/*.parquet") if (t := shards.get(s.name)))
 
@@ -315,6 +318,36 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     assert_exactly_once(out, 2)
     assert [s.name for s in out.glob("results/*")] == ["part-00000-000000.parquet"]  # nothing of the old job
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_winds_down_a_second_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(tmp_path, llm):
+    rows, chunk = 600, 10
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count on: {i}, {i + 1}, {i + 2},"} for i in range(rows)])
+    out = tmp_path / "out"
+    # A long grace period: the first Ctrl-C winds down (admits no more rows) and the second cuts that short.
+    args = ["batch", path, "-o", out, "--max-tokens", "32", "--set", f"chunk_rows={chunk}", "--grace-period", "120",
+            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+    proc = start_batch(args, tmp_path / "first.log")
+    try:
+        wait_for_shards(out, proc)
+        proc.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
+        time.sleep(3.0)  # past the moment in which a repeat counts as the same request (REPEAT_SIGNAL_S)
+        assert proc.poll() is None, "the first Ctrl-C winds down for the grace period"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)  # catches a hang only
+    finally:
+        stop_process(proc)
+    log = (tmp_path / "first.log").read_text()
+    assert code == 130, log[-3000:]
+    assert "stopped by SIGINT: stopped at once" in log and "rerun the same command" in log and "Traceback" not in log
+    assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"
+    committed = read_results(out).column("row").to_pylist()
+    assert 0 < len(committed) == len(set(committed)) < rows
+
+    # The rerun, on the module's engine (the same job: the same settings as the command line's)
+    summary = run_batch(config("sampling.max_tokens=32", f"chunk_rows={chunk}"), str(path), out, llm=llm)
+    assert summary.rows_skipped == len(committed) and summary.rows_ok == rows
+    assert_exactly_once(out, rows)
 
 
 # Runs the CLI with two engines planned on the CPU (the CPU plan has one), as on a machine with two GPU groups.

@@ -25,7 +25,7 @@ from tests.conftest import kill_9_when, run_cli
 from tests.test_batch_engine import llm  # noqa: F401 (the module-scoped engine the engine tests share)
 from tests.test_batch_trust import make_model, previous_run
 
-SMALL_ENGINE = ["engine.cpu_kv_cache_gib=1"]
+SMALL_ENGINE = ["engine.cpu_kv_cache_gib=1", "engine.enforce_eager=true"]  # the same engine on every run
 LABELS = ["positive", "negative", "neutral"]
 TEMPLATE = "Classify the sentiment of this review as positive, negative or neutral.\nReview: {text}"
 
@@ -285,10 +285,9 @@ def test_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_labels_of_a_whol
 
     proc = kill_9_when(cmd, lambda: shards() >= 2)
     assert proc.returncode == -signal.SIGKILL and 2 <= shards() < 12, shards()
-    rerun = run_cli(*cmd[3:], "--json")
-    assert rerun.returncode == 0, rerun.stderr
-    summary = json.loads(rerun.stdout)
-    assert summary["rows_skipped"] >= 40 and summary["rows_ok"] == 240
+    # The rerun on the module's engine (the same job as the command line's; an engine start saved)
+    summary = run_batch(labeled("chunk_rows=20"), str(data), out, llm=llm)
+    assert summary.rows_skipped >= 40 and summary.rows_ok == 240
     got = pq.read_table(out / "results").sort_by("row")
     assert got.column("id").to_pylist() == [r["id"] for r in rows]  # every id exactly once, in order
 

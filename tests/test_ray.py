@@ -21,7 +21,7 @@ from llmops.errors import UsageError
 from tests.test_batch_engine import wait_for_shards
 from tests.conftest import REPO, run_cli
 
-SMALL_ENGINE = ["--set", "engine.cpu_kv_cache_gib=1"]
+SMALL_ENGINE = ["--set", "engine.cpu_kv_cache_gib=1", "--set", "engine.enforce_eager=true"]
 
 
 # --- planning (no cluster) ------------------------------------------------------------------------------

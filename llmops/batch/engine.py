@@ -26,7 +26,7 @@ from llmops.batch.identity import JobIdentity
 from llmops.batch.inputs import Row, Unit
 from llmops.batch.outputs import OutputDir, UnitStats
 from llmops.batch.tasks import Generate, RowTask, _adapter_of  # noqa: F401 (_adapter_of: tests import it here)
-from llmops.errors import RuntimeFailure, Stopped
+from llmops.errors import Interrupted, RuntimeFailure, Stopped
 from llmops.reaper import watch_children
 
 if TYPE_CHECKING:
@@ -79,8 +79,8 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name, self.received = name, time.monotonic()
 
-    def stopped(self, done: str) -> Stopped:
-        return Stopped(f"stopped by {self.signal_name}: {done}; rerun the same command to finish the job")
+    def stopped(self, done: str, error: type[Stopped] = Stopped) -> Stopped:
+        return error(f"stopped by {self.signal_name}: {done}; rerun the same command to finish the job")
 
 
 @contextlib.contextmanager
@@ -93,8 +93,11 @@ def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
         # terminal and from its coordinator); a later one means "now".
         again = stop.requested and time.monotonic() - stop.received > REPEAT_SIGNAL_S
         stop.request(signal.Signals(signum).name)
-        if again or not stop.generating:
-            raise stop.stopped("stopped at once, unfinished rows dropped" if again else "nothing was generating")
+        if again:  # a second Ctrl+C is an interrupt (130); a second SIGTERM is still a preemption (75)
+            raise stop.stopped("stopped at once, unfinished rows dropped",
+                               Interrupted if signum == signal.SIGINT else Stopped)
+        if not stop.generating:
+            raise stop.stopped("nothing was generating")
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield stop
@@ -114,6 +117,8 @@ class _InFlight:
     remaining: int
     outputs: dict[int, list[Any]] = field(default_factory=dict)
     """A row's request outputs so far, by position, while some of its requests still run."""
+    rounds: dict[int, int] = field(default_factory=dict)
+    """The round a row's requests are in, by position (most rows have one round: 0)."""
 
 
 def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: JobIdentity, progress: Progress,
@@ -136,6 +141,26 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
     depth = QUEUE_DEPTH_FACTOR * engine.vllm_config.scheduler_config.max_num_seqs
     inflight: dict[str, _InFlight] = {}
     where: dict[str, tuple[str, int, int]] = {}  # request id -> (unit key, position in unit, request of row)
+
+    def add(unit_state: _InFlight, pos: int, requests: list) -> None:
+        """Queue one round of a row's requests; a refused request refuses the whole round (ValueError...)."""
+        added = []
+        rounds = unit_state.rounds[pos] = unit_state.rounds.get(pos, -1) + 1
+        try:
+            for n, (prompt, params, lora) in enumerate(requests):
+                request_id = f"{unit_state.unit.key}/{pos}" + (f"/{n}" if len(requests) > 1 else "") \
+                    + (f"/r{rounds}" if rounds else "")
+                engine.add_request(request_id, prompt, params, lora_request=lora)
+                added.append(request_id)
+                where[request_id] = (unit_state.unit.key, pos, n)
+        except row_errors:
+            if added:  # the row's first requests went in before one of them was refused
+                engine.abort_request(added)
+                for request_id in added:
+                    where.pop(request_id)
+            raise
+        unit_state.outputs[pos] = [None] * len(requests)
+
     units = iter(units)
     more = True
     step_s = 0.0
@@ -152,22 +177,11 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
                 if row.error is None:
                     row.error = task.check(row)
                 if row.error is None:
-                    added = []
                     try:
-                        requests = task.requests(state, row)
-                        for n, (prompt, params, lora) in enumerate(requests):
-                            request_id = f"{unit.key}/{pos}" if len(requests) == 1 else f"{unit.key}/{pos}/{n}"
-                            engine.add_request(request_id, prompt, params, lora_request=lora)
-                            added.append(request_id)
-                            where[request_id] = (unit.key, pos, n)
-                        unit_state.outputs[pos] = [None] * len(requests)
+                        add(unit_state, pos, task.requests(state, row))
                         continue
                     except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
                         row.error = str(e).strip() or type(e).__name__
-                        if added:  # the row's first requests went in before one of them was refused
-                            engine.abort_request(added)
-                            for request_id in added:
-                                where.pop(request_id)
                 unit_state.results[pos] = task.failure(row)
                 unit_state.remaining -= 1
                 failed += 1
@@ -181,7 +195,8 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
             if not more or stop.requested:
                 break
             continue
-        # 2. One engine step; record what finished and commit every unit that is complete.
+        # 2. One engine step; record what finished, queue the next round of rows that have one (a long
+        #    document's reduce), and commit every unit that is complete.
         rows = tokens = 0
         try:
             started = time.monotonic()
@@ -203,7 +218,16 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
             if any(part is None for part in parts):
                 continue
             del unit_state.outputs[pos]
-            result = unit_state.results[pos] = task.result(state, unit_state.unit.rows[pos], parts)
+            row = unit_state.unit.rows[pos]
+            try:
+                if follow := task.more(state, row, parts):
+                    add(unit_state, pos, follow)
+                    continue
+                result = task.result(state, row, parts)
+            except row_errors as e:  # a round that cannot be built fails its row alone
+                row.error = str(e).strip() or type(e).__name__
+                result = task.failure(row)
+            unit_state.results[pos] = result
             unit_state.remaining -= 1
             rows += 1
             tokens += result.get("completion_tokens") or 0
@@ -212,7 +236,9 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
         if rows:
             progress.advance(rows, tokens)
     if inflight and stop.requested:
-        # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece.
+        # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece. A row in
+        #    rounds (a long document) has no result until its last round is done: only whole documents are
+        #    committed, and the rerun does the others from the start (`long.py` says why).
         with contextlib.suppress(Exception):
             engine.abort_request(list(where))
         for unit_state in inflight.values():
@@ -284,7 +310,6 @@ def close_engine(llm) -> None:
     thread = getattr(client, "output_queue_thread", None)  # vLLM's SyncMPClient; in-process engines have none
     if thread is not None:
         thread.join(timeout=ENGINE_STOP_TIMEOUT_S)
-
 
 
 def start_llm(args: dict[str, Any], env: dict[str, str]):

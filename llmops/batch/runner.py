@@ -21,6 +21,7 @@ from llmops.batch.engine import (DEFAULT_GRACE_PERIOD_S, Progress, StopRequest, 
                                  stop_on_signals)
 from llmops.batch.inputs import iter_units
 from llmops.batch.job import BatchJob, EngineWork, plan_batch, resolved_config
+from llmops.batch.long import describe_survey, long_summary, survey
 from llmops.batch.outputs import CommitLog, Committed, totals
 from llmops.batch.ray_engines import nodes_of, run_ray
 from llmops.batch.workers import engines, run_workers
@@ -54,6 +55,8 @@ class BatchSummary:
     """Rows this run finished per second of generation or embedding (engine start excluded)."""
     estimate: dict[str, Any] | None = None
     """What the estimate said before the run (`llmops.estimate`): wall time with its range and source."""
+    long: dict[str, Any] | None = None
+    """With --on-long truncate/chunk: rows truncated, rows chunked, pieces per chunked row (`long.py`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +100,8 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
             manifest.nodes = nodes_of(out, committed)
         out.write_config(resolved_config(config, job.plan))
         before = _counts(committed)
+        if config.long.on_long in ("truncate", "chunk") and (found := survey(job)) is not None:
+            progress.phase(describe_survey(found))
 
         # 2. Run the pending units where the engines go: Ray actors, local worker processes, or this process.
         pending = [k for k in job.units if k not in committed.done]
@@ -161,7 +166,7 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         engines_ran if ray_address is not None else job.plan.data_parallel_size,
         out.failed_rows(5) if after.failed else [], files,
         rows_per_s=round((after.rows - before.rows) / generation, 1) if generation else 0.0,
-        estimate=_said(estimate) if pending else None)
+        estimate=_said(estimate) if pending else None, long=long_summary(out, job.task))
     if generation > 0 and after.rows > before.rows:
         _record_quietly(job, before, after, engine_start, generation, summary.wall_s, progress)
     return summary
@@ -261,12 +266,6 @@ def _counts(committed: Committed):
     return totals([*committed.done.values(), *committed.partial_stats.values()])
 
 
-
-
-def _counts(committed: Committed):
-    return totals([*committed.done.values(), *committed.partial_stats.values()])
-
-
 def run_here(job: BatchJob, work: EngineWork, commits: CommitLog, progress: Progress, stop: StopRequest,
              llm=None) -> float:
     """The placement of one engine in this process (`llm`: one already started, reused). Returns the
@@ -314,7 +313,7 @@ def dry_run(job: BatchJob) -> dict[str, Any]:
             "output_dir": job.output.location, "units": len(job.unit_sizes), "units_done": done,
             "identity": job.identity.model_dump(mode="json"),
             "config": job.config.model_dump(mode="json"), "plan": job.plan.to_dict(), "engines": engines(job),
-            "warnings": job.warnings(),
+            "warnings": job.warnings(), "long": survey(job) if job.config.long.on_long else None,
             "estimate": _dry_run_estimate(job, sum(n for k, n in job.unit_sizes.items() if k not in done_units))}
 
 
