@@ -71,6 +71,11 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.7
 GPU_FLOPS_EFFICIENCY = 0.5
 # Each GPU added to tensor parallelism adds less than a GPU: the all-reduce of every layer costs ~10%.
 TENSOR_PARALLEL_EFFICIENCY = 0.9
+# Host work vLLM does on the CPU beside a GPU engine, which the roofline of the GPU does not see: tokenizing,
+# scheduling and detokenizing (assumed, not measured here: vLLM's output processing is what bounds small
+# models on large GPUs; without it SmolLM2-135M on one H100 came out at ~200k tok/s).
+GPU_HOST_S_PER_ROW = 5e-5
+GPU_HOST_S_PER_OUTPUT_TOKEN = 1e-5
 # vLLM's default max_num_seqs for the offline `LLM` class on GPUs (vllm/engine/arg_utils.py, 0.32): 1024 on
 # GPUs of 70 GiB or more, else 256.
 GPU_BATCH_MAX_NUM_SEQS = {"large": 1024, "other": 256}
@@ -250,6 +255,8 @@ def batch_roofline(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, rows: i
     flops_per_token = 2 * facts.params
     # 1. prefill: compute-bound
     prefill_s = per_engine_rows * prompt_tokens * flops_per_token / peak.prefill_flops
+    if plan.device == "cuda":
+        prefill_s += per_engine_rows * GPU_HOST_S_PER_ROW
     if task == "embed" or output_tokens <= 0 or rows <= 0:
         return Roofline(prefill_s, 0.0, 0, "compute (prefill)", peak.source)
     # 2. decode: the running batch is what the KV cache holds at the average context (prompt + half the
@@ -267,6 +274,8 @@ def batch_roofline(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, rows: i
     memory_s = steps * (facts.weight_bytes(plan.dtype) + batch * context * kv_bytes) / peak.bandwidth
     compute_s = per_engine_rows * output_tokens * flops_per_token / peak.flops
     decode_s = max(memory_s, compute_s)
+    if plan.device == "cuda":
+        decode_s += per_engine_rows * output_tokens * GPU_HOST_S_PER_OUTPUT_TOKEN
     bound = "memory bandwidth (decode)" if memory_s >= compute_s else "compute (decode)"
     if prefill_s > decode_s:
         bound = "compute (prefill)"
