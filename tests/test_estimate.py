@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from llmops.registry import ModelShape
 from llmops.train.plan import plan_train
 from tests.conftest import run_cli
 from tests.fake_hardware import cpu_only, gpus
+from tests.test_storage import bucket, s3_server  # noqa: F401
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct): 8.03 B parameters, 32 layers, 8 KV heads.
 LLAMA_8B = ModelFacts("llama-3.1-8b", 8_030_261_248, 131072, ModelShape(
@@ -324,6 +326,23 @@ def test_batch_status_reports_rows_runs_rate_and_time_left(tmp_path):
 
 
 @pytest.mark.unit
+def test_batch_status_on_a_bucket_reads_the_lease_without_taking_it(bucket):  # noqa: F811
+    from llmops.cli.batch_status import job_status
+
+    uri = f"s3://{bucket}/jobs/run1"
+    out = _half_done_job(uri)
+    report = job_status(uri)
+    assert report["rows"]["left"] == 4 and report["held_by"] is None and report["shards"] == 1
+    out.lock()  # a live run: its lease is renewed
+    try:
+        held = job_status(uri)["held_by"]
+        assert held is not None and "lease renewed" in held and f"pid {os.getpid()}" in held
+    finally:
+        out.unlock()
+    assert job_status(uri)["held_by"] is None
+
+
+@pytest.mark.unit
 def test_batch_status_refuses_a_folder_that_is_not_llmops_output(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -404,3 +423,23 @@ def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
     assert epochs["steps"] == 2 * 8 and "30 examples" in epochs["steps_source"]  # ceil(30 / 4) a epoch
     text = run_cli("train", "lora-smollm2", "--dry-run").stdout
     assert "# Estimate" in text and "step time" in text
+
+
+@pytest.mark.unit
+def test_calibration_samples_the_first_rows_of_jsonl_and_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    from llmops.batch.calibrate import _sample
+    from llmops.batch.config import InputConfig
+    from llmops.batch.inputs import open_input
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" + ("\n" if i % 3 else "") for i in range(100)))
+    sample = _sample(open_input(str(lines), InputConfig()), 64, tmp_path / "a")
+    assert [json.loads(x)["prompt"] for x in sample.read_text().splitlines()] == [f"p{i}" for i in range(64)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        pq.write_table(pa.table({"text": [f"t{s}-{i}" for i in range(40)]}), shards / f"{s}.parquet")
+    sample = _sample(open_input(str(shards), InputConfig()), 64, tmp_path / "b")
+    assert pq.read_table(sample).num_rows == 64
