@@ -73,6 +73,10 @@ def batch_command(
              "sees.")] = None,
     json: JsonOpt = False,
     dry_run: DryRunOpt = False,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Run the input's first 64 rows into a scratch folder (OUTPUT is not touched), record "
+                            "their throughput and print the whole job's estimate from it; later --dry-runs and "
+                            "runs of this model here use the measurement.")] = False,
 ) -> None:
     """Generate completions (or, with --task embed, embeddings) for every row of INPUT with vLLM, as fast as
     the hardware allows.
@@ -114,6 +118,19 @@ def batch_command(
              "long.on_long": on_long, "long.reduce_prompt": reduce_prompt}
     cfg = load_config(BatchConfig, yaml_path=config, sets=set_, flags=flags,
                       source=str(config) if config else "batch config")
+    if calibrate:
+        from llmops.batch.calibrate import calibrate as run_calibration
+
+        found = run_calibration(cfg, input, output, progress=_Bar())
+        if json:
+            out.print_json(found)
+        else:
+            sample = found["calibration"]
+            out.result(f"calibrated on {sample['rows_total']} rows: engine start {sample['engine_start_s']:.1f} s, "
+                       f"{sample['output_tokens_per_s'] or sample['rows_per_s']:.1f} "
+                       f"{'output tok/s' if sample['output_tokens_per_s'] else 'rows/s'}")
+            print_estimate(found["estimate"])
+        return
     if dry_run:
         if ray is not None:
             from llmops.batch.ray_engines import ray_dry_run
