@@ -7,6 +7,7 @@ engine planned with a context of 512 tokens, so a document of ~1500 tokens is th
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import signal
 import sys
@@ -22,6 +23,8 @@ from llmops.batch.tasks import Generate
 from llmops.config import load_config
 from llmops.errors import UsageError
 from tests.conftest import kill_9_when, run_cli
+from tests.test_batch_label import env  # noqa: F401 (a fixed machine and an empty LLMOPS_HOME for CLI runs)
+from tests.test_batch_trust import make_model
 
 CONTEXT = 512
 ENGINE = ["engine.cpu_kv_cache_gib=1", f"engine.max_model_len={CONTEXT}"]
@@ -137,6 +140,24 @@ def test_on_long_options_are_checked_and_recorded_in_the_identity(tmp_path, tiny
     assert "--on-long changed: 'truncate' -> 'chunk'" in new.changes_from(old)
     embed = task_for(load_config(BatchConfig, sets=["long.on_long=chunk"]), "embed")
     assert embed.output.on_long == "chunk"
+    # The task travels pickled to worker processes and Ray replicas.
+    task = task_for(load_config(BatchConfig, sets=["long.on_long=chunk", 'input.prompt_template="S: {text}"']))
+    assert pickle.loads(pickle.dumps(task)).identity() == task.identity() and task.template == "S: {text}"
+
+
+@pytest.mark.unit
+def test_cli_refusals_exit_2_before_any_engine_starts(tmp_path, env):
+    model = make_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": "a short document"}])
+    cases = [(["--on-long", "chunk", "--choices", "a,b"], "--on-long chunk combines free-text answers"),
+             (["--on-long", "chunk", "--reduce-prompt", "Combine these."], "has no {parts}"),
+             (["--on-long", "squeeze"], "long.on_long")]
+    for args, needle in cases:
+        proc = run_cli("batch", str(data), "-o", str(tmp_path / "out"), "--model", str(model),
+                       "--prompt-template", "Summarize: {text}", *args, env=env, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
 
 
 # --- engine: one shared engine with a 512-token context --------------------------------------------------
@@ -206,6 +227,13 @@ def test_truncate_keeps_the_head_the_tail_or_both_ends(llm, tmp_path):
         first_number[keep] = int(re.search(r"\d+", got["count"]["generated_text"]).group())
     assert first_number["head"] < 200, first_number  # it went on from where the head was cut
     assert first_number["tail"] == 501 and first_number["middle"] == 501, first_number
+    # Labeling takes truncate too: the label columns, and the truncation beside them.
+    labeled = run_batch(config("long.on_long=truncate", 'label.choices=["numbers","words"]'), str(data),
+                        tmp_path / "label", llm=llm)
+    assert labeled.rows_ok == 2
+    got = {r["id"]: r for r in pq.read_table(tmp_path / "label" / "results").to_pylist()}
+    assert got["count"]["label"] in ("numbers", "words") and got["count"]["truncated"]
+    assert got["count"]["dropped_tokens"] > 0 and not got["short"]["truncated"]
 
 
 @pytest.mark.engine

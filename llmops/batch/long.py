@@ -339,7 +339,8 @@ def survey(job) -> dict[str, Any] | None:
     return {"rows": rows, "too_long": long, "on_long": mode, "window": state["window"],
             "failing": failing, "requests": requests,
             "pieces_max": max(pieces, default=0), "pieces_median": statistics.median(pieces) if pieces else 0,
-            "what_happens": {"fail": "they fail (their `error` says why)", "truncate": f"they are truncated "
+            "what_happens": {"fail": "they fail, or the context cuts their answers (--on-long truncate or chunk "
+                                     "handles them)", "truncate": f"they are truncated "
                              f"(long.keep={long_task.config.keep})", "chunk": "they are split into pieces and "
                              "map-reduced"}[mode]}
 

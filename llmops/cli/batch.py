@@ -96,8 +96,9 @@ def batch_command(
     and `llmops batch status OUTPUT` where a job stands.
 
     Long documents, summarized piece by piece and combined (map-reduce), one result row each:
-    `llmops batch examples/batch/long/chapters.jsonl -o out/summaries --on-long chunk --max-tokens 128
-    --prompt-template "Summarize this part of a book in a few sentences: {text}"`; `--on-long truncate`
+    `llmops batch examples/batch/long/docs.jsonl -o out/summaries --on-long chunk --max-tokens 96
+    --set engine.max_model_len=1024 --prompt-template "Summarize this part of a document in a few
+    sentences: {text}"` writes `chunks` and `reduce_rounds` beside each summary; `--on-long truncate`
     keeps the start instead (--set long.keep=tail|middle).
 
     Finished work is committed shard by shard: after a crash or kill, the same command resumes where it
