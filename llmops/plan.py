@@ -139,6 +139,9 @@ class EngineConfig(StrictModel):
     max_num_batched_tokens: AutoPositiveInt = "auto"
     """Tokens in one engine step; auto is vLLM's default (CPU: 4096 for batch, 2048 for serve), and for
     embeddings on the CPU what measured fastest."""
+    enable_prefix_caching: Union[Auto, bool] = Field(default="auto", union_mode="left_to_right")
+    """Reuse the KV cache of a prompt's prefix already computed (a conversation's history, a shared system
+    prompt); auto is on wherever vLLM supports it for this model and hardware, and passed to vLLM explicitly."""
     convert: Optional[Literal["embed"]] = None
     """`embed` runs a text-generation model as an embedding model (vLLM's --convert embed: its last token's
     hidden state, normalized; the model was not trained for it). Unset: the model's own task."""
@@ -187,6 +190,9 @@ class EnginePlan:
     """vLLM's --runner: `pooling` for embeddings (`LLM.embed`), planned by `plan_engine(..., task="embed")`."""
     convert: Literal["embed"] | None = None
     """vLLM's --convert: `embed` when a text-generation model is run as an embedding model."""
+    enable_prefix_caching: bool | None = None
+    """vLLM's --enable-prefix-caching / --no-enable-prefix-caching, as `prefix_caching_decision` decided it. None:
+    vLLM decides (a pooling decoder, whose pooling vLLM reads from the model folder)."""
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -265,8 +271,13 @@ def plan_engine(config: EngineConfig | None, facts: ModelFacts, hw: Hardware, *,
         raise UsageError(f"max_model_len {wanted_len} is longer than {facts.name}'s context of "
                          f"{facts.context_length} tokens", f"use at most {facts.context_length}")
 
+    # 3. prefix caching: what vLLM supports for this model here, unless the config turns it off
+    prefix_caching, why = prefix_caching_decision(config, facts, hw, device, workload, task)
+    notes.append(why)
+
     plan_device = _plan_gpu if device == "cuda" else _plan_cpu
     plan = _plan_stages(plan_device, config, facts, hw, workload, work, dtype, wanted_len, notes)
+    plan = replace(plan, enable_prefix_caching=prefix_caching)
     if task == "embed":
         plan = plan_pooling(plan, facts, convert)
     return plan_lora(plan, lora_ranks) if lora_ranks else plan
@@ -358,6 +369,52 @@ def plan_lora(plan: EnginePlan, ranks: tuple[int, ...]) -> EnginePlan:
         # vllm/platforms/cpu.py sets CompilationMode.NONE whenever a LoRA config is present.
         eager, notes = True, [*notes, "enforce_eager: vLLM's CPU platform does not compile models with LoRA"]
     return replace(plan, max_lora_rank=rank, max_loras=len(ranks), enforce_eager=eager, notes=tuple(notes))
+
+
+# --- prefix caching -------------------------------------------------------------------------------------
+
+
+def prefix_caching_decision(config: EngineConfig, facts: ModelFacts, hw: Hardware, device: Literal["cuda", "cpu"],
+                            workload: Workload, task: Task) -> tuple[bool | None, str]:
+    """(enable_prefix_caching, why): whether vLLM reuses the KV cache of prompt prefixes it has computed, passed
+    to vLLM explicitly so the plan and the engine agree. vLLM (0.32) turns it on by default, except where it
+    turns it off itself:
+    - encoder-only (bidirectional) pooling models: `ModelConfig.is_prefix_caching_supported` is False (a token's
+      KV depends on the tokens after it, so no prefix can be reused);
+    - MLA models on a CPU without AMX: `CpuPlatform.check_and_update_config` forces it off ("MLA is enabled on a
+      non-GPU platform"), since its reference MLA kernel handles neither chunked prefill nor cached prefixes.
+    Asking for it there is a `UsageError`: vLLM would override it (MLA) or may crash (encoders, its warning says).
+    None: vLLM decides (a decoder run as an embedder, whose pooling vLLM reads from the model folder).
+    """
+    explicit = config.enable_prefix_caching
+    if task == "embed" and facts.shape.encoder_only:
+        off = "an encoder's attention is bidirectional, so no prefix of an input can be reused"
+    elif device == "cpu" and facts.shape.mla and "amx_tile" not in hw.cpu.isa:
+        off = (f"{facts.name} uses MLA, and on a CPU without AMX vLLM's reference MLA kernel supports neither "
+               "prefix caching nor chunked prefill (vllm/platforms/cpu.py turns both off)")
+    else:
+        off = None
+    if off is not None:
+        if explicit is True:
+            raise UsageError(f"engine.enable_prefix_caching=true: vLLM does not support it here: {off}",
+                             "leave engine.enable_prefix_caching at auto")
+        return False, f"no prefix caching: {off}" + ("" if explicit is False else "; vLLM turns it off itself")
+    if explicit is False:
+        return False, ("no prefix caching (engine.enable_prefix_caching=false): every request prefills its whole "
+                       "prompt, a conversation's history included")
+    if task == "embed" and explicit == "auto":
+        return None, ("prefix caching as vLLM decides from the model's pooling: on for last-token pooling, off for "
+                      "mean or CLS pooling (ModelConfig.is_prefix_caching_supported)")
+    why = (PREFIX_CACHING_SERVE_WHY if workload == "serve" else
+           "prefix caching: rows that share a prefix (a system prompt, few-shot examples, a template) prefill it "
+           "once per engine; the cost is hashing each block of a prompt")
+    return True, why + ("" if explicit == "auto" else " (engine.enable_prefix_caching=true)")
+
+
+# scripts/bench_conversations.py measures what it buys at turn 10 of a conversation.
+PREFIX_CACHING_SERVE_WHY = ("prefix caching: a chat client sends the whole conversation every turn, and vLLM "
+                            "reuses the KV cache of the history it has already computed, so a turn prefills "
+                            "only its new messages")
 
 
 # --- serve: admission control ---------------------------------------------------------------------------
@@ -463,8 +520,8 @@ def plan_pooling(plan: EnginePlan, facts: ModelFacts, convert: str | None) -> En
            else f"{facts.name} is an embedding model; vLLM reads its pooling (modules.json, 1_Pooling) and normalizes")
     notes = [*plan.notes, f"runner pooling: one embedding per row, nothing decoded ({how})"]
     if facts.shape.encoder_only:
-        notes.append("no prefix caching or chunked prefill: vLLM turns both off itself for bidirectional attention "
-                     "(ModelConfig.is_prefix_caching_supported), so each input is embedded whole in one step")
+        notes.append("no chunked prefill: vLLM turns it off itself for bidirectional attention "
+                     "(ModelConfig.is_chunked_prefill_supported), so each input is embedded whole in one step")
     return replace(plan, runner="pooling", convert=convert, notes=tuple(notes))
 
 

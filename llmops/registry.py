@@ -68,6 +68,8 @@ class ModelShape(StrictModel):
     tie_word_embeddings: bool = False
     encoder_only: bool = False
     """Bidirectional attention (BERT-style encoders): vLLM keeps no KV cache for them."""
+    mla: bool = False
+    """Multi-head latent attention (DeepSeek-V2/V3 style: `kv_lora_rank` in config.json, causal)."""
 
 
 class SamplingDefaults(StrictModel):
@@ -717,6 +719,8 @@ def shape_from_config(config: dict) -> ModelShape:
         intermediate_size=text.get("intermediate_size"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
         encoder_only=config.get("model_type") in ENCODER_MODEL_TYPES,
+        # vLLM's ModelConfig.use_mla: a causal model with a latent KV (bidirectional variants use plain attention)
+        mla=text.get("kv_lora_rank") is not None and text.get("is_causal", True) is not False,
     )
 
 

@@ -67,6 +67,8 @@ def engine_args(plan: EnginePlan, model_path: str | Path) -> dict[str, Any]:
         "tensor_parallel_size": plan.tensor_parallel_size,
         "enforce_eager": plan.enforce_eager,
     }
+    if plan.enable_prefix_caching is not None:  # explicit, so vLLM runs what the plan says
+        args["enable_prefix_caching"] = plan.enable_prefix_caching
     if plan.runner == "pooling":  # `LLM.embed`; vLLM reads the pooling from the model folder
         args["runner"] = "pooling"
         if plan.convert is not None:
@@ -115,6 +117,10 @@ def engine_env(plan: EnginePlan) -> dict[str, str]:
     return env
 
 
+# vLLM settings whose default is on (or decided by vLLM): False must be said (`--no-enable-prefix-caching`).
+_DEFAULT_ON = frozenset({"enable_prefix_caching"})
+
+
 def as_cli_flags(args: dict[str, Any]) -> list[str]:
     """`engine_args` as `vllm serve` flags (`max_model_len=4096` becomes `--max-model-len 4096`)."""
     flags: list[str] = []
@@ -125,6 +131,8 @@ def as_cli_flags(args: dict[str, Any]) -> list[str]:
         if isinstance(value, bool):
             if value:
                 flags.append(flag)
+            elif key in _DEFAULT_ON:
+                flags.append("--no-" + flag[2:])
         else:
             flags += [flag, str(value)]
     return flags

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shlex
 import signal
 import socket
@@ -325,7 +326,8 @@ def shared_server(default_model_dir, tmp_path_factory):
 
     def running() -> SimpleNamespace:
         if not started or started[-1].proc.poll() is not None:
-            started.append(start_server(tmp_path_factory.mktemp("serve")))
+            # a status line each second something changed (llmops serve's default is 30 s)
+            started.append(start_server(tmp_path_factory.mktemp("serve"), "--status-every", "1"))
         return started[-1]
 
     yield running
@@ -398,6 +400,23 @@ def test_metrics_count_the_requests_served(server, client):
     assert generated == answer.usage.completion_tokens
     prompted = _metric(after, "vllm:prompt_tokens_total") - _metric(before.text, "vllm:prompt_tokens_total")
     assert prompted == answer.usage.prompt_tokens
+
+    # The status line on stderr (issue 24) shows the prefix cache at work: a long prompt sent twice is prefilled
+    # once, so the line after it reports hits among the tokens since the line before.
+    def hit_lines() -> list[tuple[int, int]]:
+        return [(int(m[1]), int(m[2].replace(",", ""))) for m in re.finditer(
+            r"prefix cache hits (\d+)% of ([\d,]+) prompt tokens", server.stderr.read_text())]
+
+    seen = len(hit_lines())
+    notes = " ".join(f"Note {i}: the {w} fox ran." for i, w in enumerate(["red", "tan", "grey", "black"] * 40))
+    for _ in range(2):
+        client.chat.completions.create(model="smollm2-135m", max_tokens=1,
+                                       messages=[{"role": "user", "content": notes + " Which fox ran first?"}])
+    wait_for(lambda: any(rate > 0 for rate, _ in hit_lines()[seen:]), "a status line with prefix-cache hits", 60)
+    rate, tokens = next(line for line in hit_lines()[seen:] if line[0] > 0)
+    # the repeated prompt was looked up (~4-5 characters a token), and most of it was found: a line covers the
+    # second request alone (~90%: all but the last partial block) or both requests (~45%)
+    assert tokens >= len(notes) // 8 and 30 <= rate <= 100
 
 
 @pytest.mark.engine

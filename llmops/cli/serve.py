@@ -45,6 +45,9 @@ def serve_command(
     grace_period: Annotated[Optional[float], typer.Option(
         "--grace-period", metavar="SECONDS", show_default=False,
         help=_FIELDS["grace_period_s"].description + _default("grace_period_s"))] = None,
+    status_every: Annotated[Optional[float], typer.Option(
+        "--status-every", metavar="SECONDS", min=0, show_default=False,
+        help=_FIELDS["status_every_s"].description + _default("status_every_s"))] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
@@ -70,7 +73,8 @@ def serve_command(
         raise UsageError(f"two models given: {model_arg!r} and --model {model!r}", "give one of them")
     flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key,
              "allow_unauthenticated": allow_unauthenticated, "max_queue": max_queue,
-             "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period}
+             "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period,
+             "status_every_s": status_every}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
         cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})

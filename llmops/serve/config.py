@@ -41,6 +41,9 @@ class ServeConfig(StrictModel):
     grace_period_s: float = Field(default=25, ge=0)
     """On SIGTERM, streams in flight get this long to finish (vLLM's --shutdown-timeout, less a few seconds
     for its teardown) while /ready and new requests answer 503; then vLLM is killed. Under Kubernetes' 30 s."""
+    status_every_s: float = Field(default=30, ge=0)
+    """While serving, print a status line on stderr this often, when something changed: requests running and
+    waiting, KV cache use, and the prefix-cache hit rate since the last line (from vLLM's /metrics). 0: never."""
     startup_timeout_s: float = Field(default=1800, gt=0)
     """Give up if /health does not answer within this many seconds (large models load slowly)."""
     shutdown_timeout_s: float = Field(default=15, gt=0)

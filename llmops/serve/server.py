@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 from llmops.errors import RuntimeFailure, UsageError
 from llmops.plan import EnginePlan
 from llmops.serve.config import ServeConfig
+from llmops.serve.status import StatusLine
 from llmops.serve.traffic import DRAIN_FILE_ENV, MAX_QUEUE_ENV, RETRY_AFTER_ENV
 
 if TYPE_CHECKING:
@@ -362,8 +363,10 @@ def run_server(plan: ServerPlan, config: ServeConfig, *, log_path: Path | None =
             if ready:
                 log(f"llmops serve: ready in {time.monotonic() - started:.0f} s")
                 on_ready(plan)
+                status = StatusLine(plan.url, config.status_every_s, log, time.monotonic)
                 while proc.poll() is None and not stop.requested:
                     stop.event.wait(0.5)
+                    status.tick()
             elif proc.poll() is None and not stop.requested:
                 log(f"llmops serve: /health did not answer within {config.startup_timeout_s:.0f} s; stopping")
                 _stop_group(proc, config.shutdown_timeout_s, stop)
