@@ -83,10 +83,13 @@ GPU_BATCH_MAX_NUM_SEQS = {"large": 1024, "other": 256}
 # without a benchmark): a DDR4/DDR5 channel gives 25-38 GB/s, shared by 4-8 cores on a server; a VM core
 # sees 5-15. It matters only for models large enough to be bound by weights rather than compute on the CPU.
 CPU_BANDWIDTH_PER_CORE_GBS = 10.0
-# Prefill (and embedding) on the CPU runs matrix-matrix products at a higher rate than decode: all-MiniLM-L6-v2
-# embedded 205 rows/s of ~55 tokens on 2 AVX512-BF16 cores (plan.py), ~2 x 22.7 M x 55 x 205 = 512 GFLOPS,
-# 2.5x the decode rate of CPU_BATCH_FLOPS_PER_CORE.
-CPU_PREFILL_SPEEDUP = 2.5
+# Prefill (and embedding) on the CPU runs matrix-matrix products at a higher rate than decode, and every row
+# costs host work (tokenize, schedule, detokenize) besides. Fitted to two measurements of all-MiniLM-L6-v2 on
+# 2 AVX512-BF16 cores: 205 rows/s of ~55 tokens (plan.py), and 600 rows of ~11 tokens in 1.65-2.0 s (7 runs
+# recorded in throughput.jsonl by the test suite, 2026-12-06): ~2 ms a row, and the rest at ~4x the decode
+# rate of CPU_BATCH_FLOPS_PER_CORE.
+CPU_PREFILL_SPEEDUP = 4.0
+CPU_HOST_S_PER_ROW = 2e-3
 # The roofline is a model, not a measurement: the range said around it (goal: within 2x on this machine).
 ROOFLINE_RANGE = (0.5, 1.5)
 # A measured rate is said with the spread of the measurements, and at least this much either side.
@@ -255,8 +258,7 @@ def batch_roofline(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, rows: i
     flops_per_token = 2 * facts.params
     # 1. prefill: compute-bound
     prefill_s = per_engine_rows * prompt_tokens * flops_per_token / peak.prefill_flops
-    if plan.device == "cuda":
-        prefill_s += per_engine_rows * GPU_HOST_S_PER_ROW
+    prefill_s += per_engine_rows * (GPU_HOST_S_PER_ROW if plan.device == "cuda" else CPU_HOST_S_PER_ROW)
     if task == "embed" or output_tokens <= 0 or rows <= 0:
         return Roofline(prefill_s, 0.0, 0, "compute (prefill)", peak.source)
     # 2. decode: the running batch is what the KV cache holds at the average context (prompt + half the
