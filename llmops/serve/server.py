@@ -2,7 +2,8 @@
 
 1. `plan_server` resolves the model, plans the engine and builds the exact command and environment.
 2. `run_server` checks the port, starts vLLM in its own process group, tees its output to the terminal
-   and a log file, waits for `/health`, reports the URL, and on SIGINT/SIGTERM drains: `/ready` and new
+   and a log file, waits for `/health`, reports the URL, logs a status line from vLLM's `/metrics` while it
+   serves (`llmops.serve.status`), and on SIGINT/SIGTERM drains: `/ready` and new
    requests answer 503 at once (`llmops.serve.traffic`, loaded into vLLM), vLLM finishes the streams in flight
    (its `--shutdown-timeout`) and exits; a second signal or the end of `grace_period_s` kills the whole group,
    so no `VLLM::` process outlives it.
