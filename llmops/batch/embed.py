@@ -76,7 +76,7 @@ class Embed(RowTask):
         sentence edges where there are some and without overlap (as vLLM's chunked processing)."""
         from llmops.batch.long import EDGE_TOKENS, split
 
-        special = len(tokenizer.build_inputs_with_special_tokens([]))
+        special = len(tokenizer.encode(""))  # [CLS] and [SEP] (vLLM's tokenizer has no build_inputs_with_special_tokens)
         return [tokenizer.encode(piece, truncation=True, max_length=window)
                 for piece in split(text, tokenizer, window - special - EDGE_TOKENS, 0)]
 
