@@ -320,36 +320,6 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_ctrl_c_winds_down_a_second_ctrl_c_stops_at_once_with_130_and_the_rerun_completes(tmp_path, llm):
-    rows, chunk = 600, 10
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count on: {i}, {i + 1}, {i + 2},"} for i in range(rows)])
-    out = tmp_path / "out"
-    # A long grace period: the first Ctrl-C winds down (admits no more rows) and the second cuts that short.
-    args = ["batch", path, "-o", out, "--max-tokens", "32", "--set", f"chunk_rows={chunk}", "--grace-period", "120",
-            *(a for s in SMALL_ENGINE for a in ("--set", s))]
-    proc = start_batch(args, tmp_path / "first.log")
-    try:
-        wait_for_shards(out, proc)
-        proc.send_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C
-        time.sleep(3.0)  # past the moment in which a repeat counts as the same request (REPEAT_SIGNAL_S)
-        assert proc.poll() is None, "the first Ctrl-C winds down for the grace period"
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)  # catches a hang only
-    finally:
-        stop_process(proc)
-    log = (tmp_path / "first.log").read_text()
-    assert code == 130, log[-3000:]
-    assert "stopped by SIGINT: stopped at once" in log and "rerun the same command" in log and "Traceback" not in log
-    assert json.loads((out / "manifest.json").read_text())["status"] == "stopped"
-    committed = read_results(out).column("row").to_pylist()
-    assert 0 < len(committed) == len(set(committed)) < rows
-
-    # The rerun, on the module's engine (the same job: the same settings as the command line's)
-    summary = run_batch(config("sampling.max_tokens=32", f"chunk_rows={chunk}"), str(path), out, llm=llm)
-    assert summary.rows_skipped == len(committed) and summary.rows_ok == rows
-    assert_exactly_once(out, rows)
-
-
 # Runs the CLI with two engines planned on the CPU (the CPU plan has one), as on a machine with two GPU groups.
 TWO_ENGINES = ("-c", "import dataclasses, sys, llmops.vllm_engine as v\n"
                      "plan_for = v.plan_for\n"

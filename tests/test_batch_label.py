@@ -286,7 +286,7 @@ def test_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_labels_of_a_whol
     proc = kill_9_when(cmd, lambda: shards() >= 2)
     assert proc.returncode == -signal.SIGKILL and 2 <= shards() < 12, shards()
     # The rerun on the module's engine (the same job as the command line's; an engine start saved)
-    summary = run_batch(labeled("chunk_rows=20"), str(data), out, llm=llm)
+    summary = run_batch(labeled("chunk_rows=20", "sampling.max_tokens=256"), str(data), out, llm=llm)  # the CLI's
     assert summary.rows_skipped >= 40 and summary.rows_ok == 240
     got = pq.read_table(out / "results").sort_by("row")
     assert got.column("id").to_pylist() == [r["id"] for r in rows]  # every id exactly once, in order

@@ -372,3 +372,30 @@ def test_lines_of_a_folder_of_jsonl_files_are_named_with_their_file(tmp_path):
     single = open_input(str(folder / "a.jsonl"), InputConfig())
     one = next(iter(iter_units(single, count_rows(single), 10, {"00000-000000"})))
     assert (one.rows[0].id, one.rows[0].error.split(":")[0]) == ("line-1", "line 1")  # one file: as before
+
+
+@pytest.mark.unit
+def test_ctrl_c_winds_down_and_a_second_ctrl_c_stops_at_once_with_130_a_second_sigterm_with_75():
+    """The README's exit-code table says 130 for a second Ctrl+C; batch exited 75 (issue 25)."""
+    import os
+    import signal
+    import time
+
+    from llmops.batch.engine import REPEAT_SIGNAL_S, StopRequest, stop_on_signals
+    from llmops.errors import Interrupted, Stopped
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 75)):
+        stop = StopRequest(grace_period_s=60)
+        stop.generating = True
+        with stop_on_signals(stop):
+            os.kill(os.getpid(), sig)  # the first: wind down (no exception; the loop sees stop.requested)
+            time.sleep(0.05)
+            assert stop.requested and stop.signal_name == signal.Signals(sig).name
+            os.kill(os.getpid(), sig)  # a repeat within REPEAT_SIGNAL_S is the same request
+            time.sleep(0.05)
+            stop.received -= REPEAT_SIGNAL_S + 1  # a later one means "now"
+            with pytest.raises(Stopped) as stopped:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)
+        assert stopped.value.exit_code == code and isinstance(stopped.value, Interrupted) == (code == 130)
+        assert "stopped at once" in str(stopped.value)
