@@ -72,7 +72,7 @@ def bench_same_engine(prompts: list[str], prompts_file: Path, out_dir: Path, con
     from vllm import SamplingParams
 
     from llmops.batch import run_batch
-    from llmops.batch.engine import load_engine
+    from llmops.batch.engine import close_engine, load_engine
     from llmops.vllm_engine import resolve_engine
 
     llm = load_engine(resolve_engine(plan, model_path))
@@ -88,7 +88,7 @@ def bench_same_engine(prompts: list[str], prompts_file: Path, out_dir: Path, con
         ours.append({"tokens": summary.completion_tokens, "generation_s": summary.generation_s,
                      "tok_s": summary.output_tokens_per_s})
         print(f"round {r}: raw {raw[-1]}, run_batch {ours[-1]}", file=sys.stderr)
-    llm.llm_engine.engine_core.shutdown()
+    close_engine(llm)
     return raw, ours
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from llmops.batch import BatchConfig, load_engine, plan_batch, run_batch
 from llmops.batch.config import LongConfig, SamplingConfig
+from llmops.batch.engine import close_engine
 from llmops.batch.inputs import Row
 from llmops.batch.long import LongDocuments, cut, split
 from llmops.batch.tasks import Generate
@@ -170,7 +171,7 @@ def llm(default_model_dir, tmp_path_factory):
     assert job.plan.max_model_len == CONTEXT
     engine = load_engine(job.engine)
     yield engine
-    engine.llm_engine.engine_core.shutdown()
+    close_engine(engine)
 
 
 @pytest.mark.engine
