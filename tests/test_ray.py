@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -161,6 +162,13 @@ def running_driver(cluster, args, log):
             driver.wait()
 
 
+def wait_for_engines_started(log, driver, count):
+    deadline = time.monotonic() + 600
+    while log.read_text().count(" started on node ") < count:
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 def assert_exactly_once(out, rows):
     table = pq.read_table(out / "results").sort_by("row")
     assert table.column("row").to_pylist() == list(range(rows))  # none lost, none twice
@@ -207,9 +215,8 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
 def test_an_embedding_job_runs_on_both_nodes(cluster, tmp_path, default_embed_model_dir):
     rows = 40
     path = tmp_path / "docs.parquet"
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)],
-                             "text": [f"Note {i}: " + "the quick brown fox jumps. " * (1 + i % 5) for i in range(rows)]}),
-                   path)
+    texts = [f"Note {i}: " + "the quick brown fox jumps. " * (1 + i % 5) for i in range(rows)]
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(rows)], "text": texts}), path)
     out = tmp_path / "out"
     done = run_cli(*batch_args(cluster, path, out, "--model", "all-minilm-l6-v2", "--set", "chunk_rows=4", "--json"),
                    env=cluster.env)
@@ -219,8 +226,18 @@ def test_an_embedding_job_runs_on_both_nodes(cluster, tmp_path, default_embed_mo
     table = pq.read_table(out / "results").sort_by("row")
     assert table.column("id").to_pylist() == [f"d{i}" for i in range(rows)]
     assert table.column("embedding").null_count == 0 and len(table.column("embedding")[0].as_py()) == 384
+    assert done.stderr.count(" started on node ") == 2  # an engine on each node
+    # Which node embeds which unit depends on when each engine is up (an embedding unit takes well under a
+    # second; test_parquet_job_runs_on_both_nodes checks that both take units); the vectors must not.
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["job"]["task"]["name"] == "embed" and len(set(manifest["nodes"].values())) == 2
+    assert manifest["job"]["task"]["name"] == "embed" and sorted(manifest["nodes"]) == sorted(manifest["units"])
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(str(default_embed_model_dir), device="cpu").encode(
+        texts, normalize_embeddings=True, convert_to_numpy=True)
+    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    cosine = np.sum(got * expected, axis=1) / np.linalg.norm(got, axis=1)
+    assert cosine.min() >= 0.999, (cosine.argmin(), cosine.min())
     cluster.wait_for_engines_gone()
 
 
@@ -264,10 +281,7 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
                       "engine.max_num_seqs=1", "--grace-period", str(grace))
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:
-        deadline = time.monotonic() + 600
-        while log.read_text().count(" started on node ") < 2:  # both engines are generating from here on
-            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for_engines_started(log, driver, 2)  # both engines are generating from here on
         started = time.monotonic()
         wait_for_shards(out, driver)
         # The next units are under way: wait for about 3 of their 16 rows (timed by the first unit's rows, so a
@@ -316,6 +330,9 @@ def test_killing_a_node_mid_job_finishes_on_the_other_and_rerun_gives_every_row_
     args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:
+        # Both engines are up (killed while starting, the node's engine "did not start": another path), and
+        # units are being committed.
+        wait_for_engines_started(log, driver, 2)
         wait_for_shards(out, driver)
         cluster.kill_node(1)  # the worker node, with its raylet, engine actor and vLLM processes
         driver.wait(timeout=600)
