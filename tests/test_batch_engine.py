@@ -16,6 +16,7 @@ from llmops.batch import BatchConfig, load_engine, plan_batch, run_batch
 from llmops.batch.engine import close_engine
 from llmops.batch.worker import run_worker
 from llmops.config import load_config
+from llmops.errors import StorageError
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.engine
@@ -403,3 +404,40 @@ def test_data_parallel_run_with_a_failing_worker_a_sigterm_and_a_kill_resumes_ea
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["rows_ok"] == rows
     assert_exactly_once(out, rows)
+
+
+def test_a_full_disk_mid_run_stops_with_one_line_keeps_what_was_committed_and_the_rerun_completes(llm, tmp_path):
+    """Issue 25: a full disk during a real run (not only `OutputDir.commit` alone). RLIMIT_FSIZE makes the
+    kernel refuse a write past 1 MiB (EFBIG) as a full disk refuses one (ENOSPC); the same path handles both.
+    Rows 6 and 7 carry 4 MB of notes each, so their unit's shard cannot be written; the others' can."""
+    import resource
+    import secrets
+
+    rows = 12
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)],
+                             "prompt": [f"Count on: {i}, {i + 1}, {i + 2}," for i in range(rows)],
+                             "notes": [secrets.token_hex(2_000_000) if i in (6, 7) else "" for i in range(rows)]}),
+                   path)
+    out = tmp_path / "out"
+    cfg = config("chunk_rows=2")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+    try:
+        with pytest.raises(StorageError) as failed:
+            run_batch(cfg, str(path), out, llm=llm)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert str(failed.value) == f"cannot write {out / 'results'}: file too large"
+    assert StorageError.exit_code == 1  # what `llmops batch` exits with, the message on one line
+    assert not list(out.glob("results/*.tmp"))  # no half-written shard
+    kept = pq.read_table(out / "results", columns=["row"]).column("row").to_pylist() if list(
+        out.glob("results/*.parquet")) else []
+    assert len(kept) == len(set(kept)) and not {6, 7} & set(kept)
+
+    summary = run_batch(cfg, str(path), out, llm=llm)  # the disk has room again
+    assert summary.rows_ok == rows and summary.rows_skipped == len(kept)
+    table = assert_exactly_once(out, rows)
+    assert [len(n) for n in table.column("notes").to_pylist()] == [4_000_000 if i in (6, 7) else 0 for i in range(rows)]

@@ -62,6 +62,13 @@ def test_fsdp_on_two_cpu_processes_trains_sharded_checkpoints_resumes_and_export
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), "one row per step, the resumed part included"
     curve = losses(run_dir)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, f"the loss goes down: {curve}"
+    # The resumed run's losses are those of the same two processes uninterrupted (issue 25: step counts alone
+    # would pass with a resume that restarted each rank's data or RNG).
+    straight = tmp_path / "straight"
+    proc = run_cli("train", str(recipe), "-o", str(straight), "--set", "export.add_to_registry=false", env=TRAIN_ENV,
+                   timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr
+    assert curve == pytest.approx(losses(straight), abs=1e-4), (curve, losses(straight))
     assert summary["registered"] == "tiny-test"
     assert_loads_as_a_causal_lm(Path(summary["model_dir"]))
 

@@ -176,3 +176,34 @@ def test_a_changed_recipe_is_not_resumed_without_the_flag(straight, tiny_model_d
     latest = sorted((straight / "checkpoints").glob("step-*"))[-1]
     assert json.loads(proc.stdout)["resumed_from"] == str(run_dir / "checkpoints" / latest.name)
     assert "although the recipe changed (data.path content differs)" in proc.stderr
+
+
+@pytest.mark.engine
+def test_a_packed_run_resumed_mid_epoch_continues_the_exact_curve(tiny_model_dir, data, tmp_path, llmops_home):  # noqa: F811
+    """Every shipped recipe packs its examples (issue 25: no resume test packed): the packed batches after a
+    mid-epoch checkpoint are the ones the uninterrupted run trained on, with the same losses."""
+    steps, every = 18, 5
+    overrides = {"data.packing": True, "train.max_steps": steps, "checkpoint.every_n_steps": every,
+                 "checkpoint.keep_last": 4}
+    straight = tmp_path / "straight"
+    proc = run_cli("train", str(resume_recipe(tmp_path / "a", tiny_model_dir, data,
+                                              **overrides)), "-o", str(straight), env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    expected = metrics(straight)
+    assert [r["step"] for r in expected] == list(range(1, steps + 1))
+    epoch_of = {r["step"]: r["epoch"] for r in expected}
+    saved = [json.loads((c / "progress.json").read_text()) | {"path": c}
+             for c in sorted((straight / "checkpoints").glob("step-*"))]
+    # Inside an epoch: the next step trains on the same epoch's next packed batch (else this would not test
+    # skipping into a packed epoch).
+    mid_epoch = [p for p in saved if p["step"] < steps and p["batches_in_epoch"] > 0
+                 and epoch_of[p["step"] + 1] == p["epoch"]]
+    assert mid_epoch and max(epoch_of.values()) >= 1, (saved, epoch_of)
+    checkpoint, step = mid_epoch[-1]["path"], mid_epoch[-1]["step"]
+
+    resumed = tmp_path / "resumed"
+    recipe = resume_recipe(tmp_path / "b", tiny_model_dir, data, **overrides)
+    proc = run_cli("train", str(recipe), "-o", str(resumed), "--resume", str(checkpoint), "--json", env=TRAIN_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resumed_from"] == str(checkpoint)
+    assert_same_rows(metrics(resumed), expected[step:])
