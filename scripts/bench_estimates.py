@@ -73,6 +73,7 @@ def main() -> int:
         record.unlink(missing_ok=True)
         first = estimate_job(plan_batch(cfg, str(path), scratch / f"out{i}"))
         calibrated = calibrate(cfg, str(path), str(scratch / f"out{i}"))["estimate"]
+        sample = throughput.read(record)[-1]  # what the calibration measured
         t0 = time.monotonic()
         summary = run_batch(cfg, str(path), scratch / f"out{i}")
         wall = time.monotonic() - t0
@@ -82,7 +83,9 @@ def main() -> int:
                "calibrated_s": round(calibrated["wall"]["value"], 1),
                "calibrated_ratio": round(calibrated["wall"]["value"] / wall, 2),
                "roofline_generation_s": round(first.generation.value, 1),
-               "calibrated_generation_s": round(calibrated["generation"]["value"], 1)}
+               "calibrated_generation_s": round(calibrated["generation"]["value"], 1),
+               "sample": {k: sample.get(k) for k in ("rows", "prompt_tokens", "completion_tokens", "startup_s", "warmup_s",
+                                                     "generation_s", "roofline_generation_s")}}
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     print("| job | rows | actual wall s | roofline s (ratio) | calibrated s (ratio) | start-up s | generation s: "

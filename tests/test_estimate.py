@@ -406,6 +406,35 @@ def test_a_run_records_its_throughput_and_the_next_estimate_uses_it(llm, tmp_pat
     assert report["runs"][0]["rows"] == 12 and report["status"] == "complete"
 
 
+@pytest.mark.engine
+def test_calibrate_measures_a_warm_sample_records_it_and_leaves_the_output_alone(tmp_path, monkeypatch):
+    from llmops.batch import BatchConfig
+    from llmops.batch.calibrate import calibrate
+    from llmops.config import load_config
+
+    record = tmp_path / "throughput.jsonl"
+    monkeypatch.setattr(throughput, "record_file", lambda: record)
+    cfg = load_config(BatchConfig, sets=["engine.cpu_kv_cache_gib=1", "engine.enforce_eager=true",
+                                         "sampling.max_tokens=8"])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count from {i} to {i + 5}:"}) + "\n" for i in range(200)))
+    found = calibrate(cfg, str(prompts), str(tmp_path / "out"), rows=24)
+    assert not (tmp_path / "out").exists()  # the job's own folder is not touched
+    sample = found["calibration"]
+    assert sample["rows_ok"] == 24 and sample["engine_start_s"] > 0 and sample["warmup_s"] >= 0
+    [line] = throughput.read(record)  # the warm-up rows are not recorded as a run of their own
+    assert line["rows"] == 24 and line["warmup_s"] == pytest.approx(sample["warmup_s"], abs=0.01)
+    assert line["startup_s"] == pytest.approx(sample["engine_start_s"] + sample["warmup_s"], abs=0.02)
+    assert line["input_bytes_per_prompt_token"] > 0 and line["max_tokens"] == 8
+    estimate = found["estimate"]
+    assert estimate["rows"] == 200 and estimate["generation"]["source"].startswith("measured 1 run(s)")
+    assert "counted on a sample" in estimate["tokens_source"]
+    assert estimate["prompt_tokens"] == 200 * round(sample["prompt_tokens"] / 24)
+    # The whole job's generation is the sample's, scaled by the roofline from 24 rows to 200.
+    assert estimate["generation"]["value"] == pytest.approx(
+        estimate["roofline_generation_s"] * line["generation_s"] / line["roofline_generation_s"], rel=0.01)
+
+
 @pytest.mark.unit
 def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
     def estimate(*sets):
@@ -443,3 +472,25 @@ def test_calibration_samples_the_first_rows_of_jsonl_and_parquet(tmp_path):
         pq.write_table(pa.table({"text": [f"t{s}-{i}" for i in range(40)]}), shards / f"{s}.parquet")
     sample = _sample(open_input(str(shards), InputConfig()), 64, tmp_path / "b")
     assert pq.read_table(sample).num_rows == 64
+
+
+@pytest.mark.unit
+def test_calibration_warms_up_on_the_first_rows_and_measures_the_rest(tmp_path):
+    import pyarrow.parquet as pq
+
+    from llmops.batch.calibrate import _split
+
+    lines = tmp_path / "sample.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(80)))
+    warm, rest = _split(lines, 16)
+    assert [json.loads(x)["prompt"] for x in warm.read_text().splitlines()] == [f"p{i}" for i in range(16)]
+    assert [json.loads(x)["prompt"] for x in rest.read_text().splitlines()] == [f"p{i}" for i in range(16, 80)]
+    table = tmp_path / "sample.parquet"
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(80)]}), table)
+    warm, rest = _split(table, 16)
+    assert pq.read_table(warm).column("text").to_pylist() == [f"t{i}" for i in range(16)]
+    assert pq.read_table(rest).column("text").to_pylist() == [f"t{i}" for i in range(16, 80)]
+    small = tmp_path / "small" / "sample.jsonl"
+    small.parent.mkdir()
+    small.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(20)))
+    assert _split(small, 16) == (None, small)  # too few rows to leave a sample after a warm-up: none

@@ -1,10 +1,15 @@
 """`llmops batch INPUT -o OUT --calibrate`: run the job's first rows (64 by default) into a scratch folder,
 record what they measured (`llmops.throughput`), and estimate the whole job from that measurement. The job's
-own output folder is not touched."""
+own output folder is not touched.
+
+The sample runs on the whole job's planned engine, after a few warm-up rows on the same engine: a fresh engine's
+first requests carry one-time costs (about 1-4 s here on 2 cores, whatever the rows) that a 64-row sample
+would otherwise count as its rate and multiply over the job. They are recorded as start-up instead."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +17,81 @@ from llmops.batch.config import BatchConfig
 from llmops.errors import UsageError
 
 CALIBRATE_ROWS = 64
+WARMUP_ROWS = 16
 
 
 def calibrate(config: BatchConfig, input_path: str, output_dir: str, *, rows: int = CALIBRATE_ROWS,
               progress=None) -> dict[str, Any]:
-    """Run a sample of `rows` rows, record it, and return {"calibration": its summary, "estimate": the whole
-    job's estimate (now from the measurement)}."""
-    from llmops.batch.runner import estimate_job, plan_batch, run_batch
+    """Run a sample of `rows` rows (after `WARMUP_ROWS` warm-up rows), record it, and return
+    {"calibration": its summary, "estimate": the whole job's estimate, from this measurement}."""
+    from llmops.batch.engine import close_engine, load_engine
+    from llmops.batch.runner import _record_quietly, estimate_job, plan_batch, run_batch
     from llmops.paths import llmops_home
+    from llmops.quiet import engine_output, new_log_file
+    from llmops.registry import ensure_local, resolve
 
     job = plan_batch(config, input_path, output_dir)  # every refusal of the real job, before anything runs
     scratch = llmops_home() / "calibrate" / job.identity.key()[:16]
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        sample = _sample(job.input_spec, rows, scratch)
-        summary = run_batch(config, str(sample), scratch / "out", progress=progress)
+        warm, sample = _split(_sample(job.input_spec, WARMUP_ROWS + rows, scratch), WARMUP_ROWS)
+        if job.model_path is None:
+            job.with_model(ensure_local(resolve(job.base_model or config.model)))
+        t0 = time.monotonic()
+        with engine_output(new_log_file("batch")):
+            engine = load_engine(job.engine)  # the whole job's engine, not one planned for the sample's size
+        started_s = time.monotonic() - t0
+        try:
+            warmup_s = 0.0
+            if warm is not None:
+                warmup_s = run_batch(config, str(warm), scratch / "warm", llm=engine, progress=progress,
+                                     record=False).generation_s
+            summary = run_batch(config, str(sample), scratch / "out", llm=engine, progress=progress, record=False)
+        finally:
+            close_engine(engine)
+        if warm is not None:  # what the warm-up rows took beyond the sample's own rate: the one-time part
+            warmup_s = max(0.0, warmup_s - summary.generation_s * WARMUP_ROWS / max(1, summary.rows_total))
+        sample_job = plan_batch(config, str(sample), scratch / "out")
+        line = _record_quietly(job, rows=summary.rows_ok + summary.rows_failed, prompt_tokens=summary.prompt_tokens,
+                               completion_tokens=summary.completion_tokens, startup_s=started_s + warmup_s,
+                               generation_s=summary.generation_s, wall_s=summary.wall_s,
+                               input_bytes=sample_job.input_spec.total_bytes(), warmup_s=warmup_s,
+                               progress=progress or _Silent())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"calibration": summary.to_dict(), "estimate": estimate_job(plan_batch(config, input_path,
-                                                                                  output_dir)).to_dict()}
+    found = summary.to_dict() | {"engine_start_s": round(started_s, 2), "warmup_s": round(warmup_s, 2)}
+    # This job's estimate from this sample alone: its rate, its start-up, its prompt and output lengths.
+    per_row = max(1, round(summary.prompt_tokens / max(1, summary.rows_total)))
+    estimate = estimate_job(job, measurements=[line] if line else None, prompt_tokens=per_row)
+    return {"calibration": found, "estimate": estimate.to_dict()}
 
+
+class _Silent:
+    def phase(self, text: str) -> None:
+        pass
+
+
+def _split(path: Path, first: int) -> tuple[Path | None, Path]:
+    """`path`'s first `first` rows (the warm-up) and the rest (the sample), as two files of its format; no
+    warm-up where the input is too small to leave a sample."""
+    if path.suffix == ".jsonl":
+        lines = path.read_bytes().splitlines(keepends=True)
+        if len(lines) <= 2 * first:
+            return None, path
+        warm, rest = path.with_name("warm.jsonl"), path.with_name("measured.jsonl")
+        warm.write_bytes(b"".join(lines[:first]))
+        rest.write_bytes(b"".join(lines[first:]))
+        return warm, rest
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if table.num_rows <= 2 * first:
+        return None, path
+    warm, rest = path.with_name("warm.parquet"), path.with_name("measured.parquet")
+    pq.write_table(table.slice(0, first), warm)
+    pq.write_table(table.slice(first), rest)
+    return warm, rest
 
 def _sample(spec, rows: int, folder: Path) -> Path:
     """The input's first `rows` rows as one file of the same format."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,18 +65,21 @@ class BatchSummary:
 
 def run_batch(config: BatchConfig, input_path: str, output_dir: str | Path, *, overwrite: bool = False,
               llm=None, progress: Progress | None = None,
-              grace_period_s: float = DEFAULT_GRACE_PERIOD_S, ray_address: str | None = None) -> BatchSummary:
+              grace_period_s: float = DEFAULT_GRACE_PERIOD_S, ray_address: str | None = None,
+              record: bool = True) -> BatchSummary:
     """Run (or resume) a batch job. `llm` reuses an engine that was started with `load_engine`.
 
     SIGTERM or SIGINT stops it within `grace_period_s`, keeping every finished row; it then raises
     `Stopped` (exit 75) and a rerun finishes the job. `ray_address` places the engines on that Ray cluster
-    ("auto": the one this machine belongs to; `ray_engines.py`)."""
+    ("auto": the one this machine belongs to; `ray_engines.py`). `record`: append what the run measured to
+    the throughput record (`--calibrate` records its sample itself)."""
     with stop_on_signals(StopRequest(grace_period_s)) as stop:
-        return _run(config, input_path, output_dir, overwrite, llm, progress or Progress(), stop, ray_address)
+        return _run(config, input_path, output_dir, overwrite, llm, progress or Progress(), stop, ray_address,
+                    record)
 
 
 def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, stop: StopRequest,
-         ray_address: str | None = None) -> BatchSummary:
+         ray_address: str | None = None, record: bool = True) -> BatchSummary:
     from llmops.registry import ensure_local, resolve
 
     started = time.monotonic()
@@ -167,8 +171,12 @@ def _run(config, input_path, output_dir, overwrite, llm, progress: Progress, sto
         out.failed_rows(5) if after.failed else [], files,
         rows_per_s=round((after.rows - before.rows) / generation, 1) if generation else 0.0,
         estimate=_said(estimate) if pending else None, long=long_summary(out, job.task))
-    if generation > 0 and after.rows > before.rows:
-        _record_quietly(job, before, after, engine_start, generation, summary.wall_s, progress)
+    if record and generation > 0 and after.rows > before.rows:
+        whole = before.rows == 0 and after.rows == sum(job.row_counts)  # the input's size matches its tokens
+        _record_quietly(job, rows=after.rows - before.rows, prompt_tokens=after.prompt_tokens - before.prompt_tokens,
+                        completion_tokens=after.completion_tokens - before.completion_tokens,
+                        startup_s=engine_start, generation_s=generation, wall_s=summary.wall_s,
+                        input_bytes=job.input_spec.total_bytes() if whole else None, progress=progress)
     return summary
 
 
@@ -192,8 +200,10 @@ def _said(estimate) -> dict[str, Any] | None:
             "high_s": round(estimate.wall.high, 1), "source": estimate.generation.source}
 
 
-def estimate_job(job: BatchJob, rows: int | None = None):
-    """The estimate of `job`'s `rows` (default: all of them), from the roofline or earlier runs here."""
+def estimate_job(job: BatchJob, rows: int | None = None, *, measurements: list[dict] | None = None,
+                 prompt_tokens: int | None = None):
+    """The estimate of `job`'s `rows` (default: all of them), from the roofline or earlier runs here
+    (`measurements`: these instead of the matching lines of the record; `prompt_tokens`: counted per row)."""
     from llmops import throughput
     from llmops.batch.job import typical_prompt_tokens
     from llmops.estimate import estimate_batch
@@ -205,12 +215,29 @@ def estimate_job(job: BatchJob, rows: int | None = None):
     facts = model_facts(resolve(job.base_model or job.config.model))
     task = job.task.name
     total = sum(job.row_counts)
-    measured = throughput.matching(hardware=throughput.hardware_fingerprint(hw), task=task,
-                                   model_digest=job.identity.model.digest, model=job.model_name, dtype=job.plan.dtype)
-    return estimate_batch(job.plan, facts, hw, rows=total if rows is None else rows,
-                          prompt_tokens=typical_prompt_tokens(job.input_spec, total),
+    measured = measurements if measurements is not None else throughput.matching(
+        hardware=throughput.hardware_fingerprint(hw), task=task, model_digest=job.identity.model.digest,
+        model=job.model_name, dtype=job.plan.dtype)
+    tokens_source = ""
+    if prompt_tokens is None:
+        # Bytes of input per prompt token depend on the tokenizer and the input's shape (JSON, chat
+        # templates): what earlier whole runs of this model measured beats a fixed ratio.
+        ratios = [m["input_bytes_per_prompt_token"] for m in measured if m.get("input_bytes_per_prompt_token")]
+        size = job.input_spec.total_bytes()
+        if ratios and size and total:
+            per_token = statistics.median(ratios)
+            prompt_tokens = max(1, round(size / total / per_token))
+            tokens_source = f"prompt tokens from the input's size at {per_token:.1f} bytes a token (measured)"
+        else:
+            prompt_tokens = typical_prompt_tokens(job.input_spec, total)
+    else:
+        tokens_source = "prompt tokens counted on a sample"
+    if tokens_source and task != "embed":
+        tokens_source += f", output: max_tokens {job.config.sampling.max_tokens} per row (an upper bound)"
+    return estimate_batch(job.plan, facts, hw, rows=total if rows is None else rows, prompt_tokens=prompt_tokens,
                           max_tokens=None if task == "embed" else job.config.sampling.max_tokens,
-                          task="embed" if task == "embed" else "generate", measurements=measured)
+                          task="embed" if task == "embed" else "generate", measurements=measured,
+                          tokens_source=tokens_source)
 
 
 def _estimate_quietly(job: BatchJob, rows: int):
@@ -221,9 +248,12 @@ def _estimate_quietly(job: BatchJob, rows: int):
         return None
 
 
-def _record_quietly(job: BatchJob, before, after, engine_start: float, generation: float, wall_s: float,
-                    progress: Progress) -> None:
-    """Append what this run measured to $LLMOPS_HOME/throughput.jsonl; a failure to record is a warning."""
+def _record_quietly(job: BatchJob, *, rows: int, prompt_tokens: int, completion_tokens: int, startup_s: float,
+                    generation_s: float, wall_s: float, progress: Progress, input_bytes: int | None = None,
+                    warmup_s: float | None = None) -> dict | None:
+    """Append what a run measured to $LLMOPS_HOME/throughput.jsonl and return the line; a failure to record is
+    a warning. `input_bytes`: the size of the input the run read whole. `warmup_s`: the first requests'
+    one-time cost, counted in `startup_s` and not in `generation_s` (`--calibrate` measures it apart)."""
     from llmops import throughput
     from llmops.estimate import batch_roofline
     from llmops.hardware import detect
@@ -232,16 +262,14 @@ def _record_quietly(job: BatchJob, before, after, engine_start: float, generatio
 
     try:
         hw = detect()
-        rows = after.rows - before.rows
-        prompt = after.prompt_tokens - before.prompt_tokens
-        completion = after.completion_tokens - before.completion_tokens
+        prompt, completion, engine_start, generation = prompt_tokens, completion_tokens, startup_s, generation_s
         embed = job.task.name == "embed"
         facts = model_facts(resolve(job.base_model or job.config.model))
         roof = batch_roofline(job.plan, facts, hw, rows=rows, prompt_tokens=max(1, round(prompt / rows)),
                               output_tokens=0 if embed else max(1, round(completion / rows)),
                               task="embed" if embed else "generate")
         plan = job.plan
-        throughput.append({
+        line = {
             "model": job.model_name, "model_digest": job.identity.model.digest,
             "hardware": throughput.hardware_fingerprint(hw), "hardware_desc": _describe(hw),
             "task": job.task.name, "device": plan.device, "dtype": plan.dtype,
@@ -251,9 +279,14 @@ def _record_quietly(job: BatchJob, before, after, engine_start: float, generatio
             "max_tokens": None if embed else job.config.sampling.max_tokens,
             "startup_s": round(engine_start, 2), "generation_s": round(generation, 2), "wall_s": wall_s,
             "tok_s": round(rows / generation if embed else completion / generation, 2),
-            "roofline_generation_s": round(roof.generation_s, 3)})
+            "roofline_generation_s": round(roof.generation_s, 3),
+            **({"input_bytes_per_prompt_token": round(input_bytes / prompt, 3)} if input_bytes and prompt else {}),
+            **({"warmup_s": round(warmup_s, 2)} if warmup_s is not None else {})}
+        throughput.append(line)
+        return line
     except Exception as e:  # the record only improves later estimates; it never fails a finished job
         progress.phase(f"warning: could not record this run's throughput: {e}")
+        return None
 
 
 def _describe(hw) -> str:
