@@ -81,6 +81,12 @@ COMMANDS: dict[str, _Command] = {
          "llmops models show llama-3.1-8b --json",
          "llmops models add mine ./path/to/hf-folder --chat",
          "llmops models rm mine")),
+    "conversations": _Command(
+        "llmops.cli.conversations", "app",
+        "List, remove and prune the conversations `llmops serve` keeps for the Responses API.",
+        ("llmops conversations list",
+         "llmops conversations rm resp_0123abcd",
+         "llmops conversations prune --ttl 1d")),
     "train": _Command(
         "llmops.cli.train", "app",
         "Fine-tune a model from a recipe: `llmops train RECIPE.yaml` (or a shipped recipe's name).",

@@ -44,6 +44,26 @@ class ServeConfig(StrictModel):
     status_every_s: float = Field(default=30, ge=0)
     """While serving, print a status line on stderr this often, when something changed: requests running and
     waiting, KV cache use, and the prefix-cache hit rate since the last line (from vLLM's /metrics). 0: never."""
+    store: bool = True
+    """Keep conversations for the Responses API (`store`, `previous_response_id`) in a SQLite file under
+    state_dir, bounded by conversation_ttl_s and max_stored_responses. False (`--no-store`): keep none, and
+    answer a request that asks for `store: true` with an error (vLLM alone ignores it silently)."""
+    state_dir: Optional[str] = None
+    """Folder of the conversation store; default `$LLMOPS_HOME/conversations`. Created owner-only."""
+    conversation_ttl_s: float = Field(default=7 * 24 * 3600, gt=0)
+    """A stored response older than this is gone: `previous_response_id` to it gets 404, as an unknown id does."""
+    max_stored_responses: int = Field(default=100_000, ge=1)
+    """Responses (one per turn, each with its whole history) kept at most; past it the oldest are evicted
+    first, counted in /metrics as llmops_conversations_evicted_total."""
+    min_replicas: Optional[int] = Field(default=None, ge=1)
+    """With --ray: autoscale between this many replicas and max_replicas on ongoing requests (Ray Serve's
+    autoscaling). Unset with max_replicas unset: one replica per live node, fixed."""
+    max_replicas: Optional[int] = Field(default=None, ge=1)
+    """With --ray: the most replicas (one per node); default: the live nodes. Setting either one autoscales."""
+    upscale_delay_s: float = Field(default=30, ge=0)
+    """With --ray and autoscaling: how long the load must stay above target before a replica is added."""
+    downscale_delay_s: float = Field(default=600, ge=0)
+    """With --ray and autoscaling: how long the load must stay below target before a replica is removed."""
     startup_timeout_s: float = Field(default=1800, gt=0)
     """Give up if /health does not answer within this many seconds (large models load slowly)."""
     shutdown_timeout_s: float = Field(default=15, gt=0)

@@ -209,6 +209,7 @@ def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str 
     """
     from llmops.hardware import detect
     from llmops.plan import model_facts, plan_admission
+    from llmops.serve import conversations
     from llmops.registry import ensure_local, resolve_adapters
     from llmops.vllm_engine import as_cli_flags, engine_args, engine_env, lora_modules_flags, plan_for
 
@@ -241,6 +242,9 @@ def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str 
         env[MAX_QUEUE_ENV] = str(engine.max_num_queued_reqs)
     if ray_address is not None and engine.distributed_executor_backend == "ray":
         env["RAY_ADDRESS"] = ray_address  # vLLM's Ray executor joins the cluster named here
+    env[conversations.ENV] = conversations.setting(config.state_dir and Path(config.state_dir),
+                                                   config.conversation_ttl_s, config.max_stored_responses,
+                                                   config.store)
     if config.api_key:
         # Through the environment rather than --api-key, so the key does not show in `ps`.
         env["VLLM_API_KEY"] = config.api_key

@@ -29,8 +29,20 @@ def install() -> None:
     importlib.metadata.version = version
 
 
+def install_conversations() -> None:
+    """The Responses API's conversation store `llmops serve` planned (`llmops.serve.conversations`), in the
+    API server (this process: llmops never plans --api-server-count, whose extra servers would not have it)."""
+    import os
+
+    from llmops.serve.conversations import ENV, install as install_store
+
+    if os.environ.get(ENV):
+        install_store(os.environ[ENV])
+
+
 def main() -> None:
     install()
+    install_conversations()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()

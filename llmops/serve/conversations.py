@@ -1,0 +1,264 @@
+"""The conversations `llmops serve` keeps for OpenAI's Responses API (`store`, `previous_response_id`).
+
+vLLM keeps them in two Python dicts of its `OpenAIServingResponses` (`response_store`: the response objects,
+`msg_store`: each response's whole message history), when VLLM_ENABLE_RESPONSES_API_STORE=1: never removed
+(its own source says so), lost on every restart, and seen by one process only. `vllm_entry` swaps both dicts
+for the two mappings here, over one SQLite file:
+- persistent: every write is a transaction in a WAL-mode database under `$LLMOPS_HOME/conversations`
+  (`--state-dir`), created owner-only (conversations are user data);
+- bounded: a response older than the TTL is gone (`previous_response_id` to it answers 404, as an unknown id
+  does), and beyond `max_responses` the oldest are evicted first; evictions are counted in the file, and
+  `/metrics` shows the count (`llmops_conversations_evicted_total`);
+- inspectable: `llmops conversations list|rm|prune` reads and edits the same file.
+
+Each row holds one response and the whole history that led to it, so evicting an old turn never breaks a
+newer one. Tested with vLLM 0.32 (`vllm/entrypoints/openai/responses/serving.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_TTL_S = 7 * 24 * 3600
+DEFAULT_MAX_RESPONSES = 100_000
+FILE = "conversations.sqlite3"
+ENV = "LLMOPS_CONVERSATIONS"
+"""How `llmops serve` tells its vLLM process where the store is (JSON: path, ttl_s, max_responses), or `off`."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    response TEXT,
+    messages TEXT
+);
+CREATE INDEX IF NOT EXISTS responses_created ON responses (created);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def default_state_dir() -> Path:
+    from llmops.paths import llmops_home
+
+    return llmops_home() / "conversations"
+
+
+@dataclass(frozen=True)
+class Stored:
+    id: str
+    created: float
+    bytes: int
+    turns: int
+
+
+class ConversationStore:
+    """One SQLite file of responses and their histories, bounded by age and count. Safe to share between the
+    threads of one process and between processes on one machine (SQLite's locking)."""
+
+    def __init__(self, path: Path, *, ttl_s: float = DEFAULT_TTL_S, max_responses: int = DEFAULT_MAX_RESPONSES,
+                 clock: Callable[[], float] = time.time):
+        self.path, self.ttl_s, self.max_responses, self.clock = Path(path), ttl_s, max_responses, clock
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # owner-only before SQLite writes into it
+        os.chmod(self.path, 0o600)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- what vLLM reads and writes ------------------------------------------------------------------
+
+    def get(self, column: str, key: str) -> str | None:
+        """The stored text of `column` ("response" or "messages") for `key`; None when unknown or expired."""
+        with self._lock:
+            row = self._db.execute(f"SELECT {_column(column)} FROM responses WHERE id = ? AND created >= ?",
+                                   (key, self.clock() - self.ttl_s)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, column: str, key: str, text: str) -> None:
+        """Store `text` in `column` of `key` (its row is created on first write), then evict what is past the
+        bounds, in one transaction."""
+        now = self.clock()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(f"INSERT INTO responses (id, created, {_column(column)}) VALUES (?, ?, ?) "
+                                 f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}", (key, now, text))
+                self._evict(now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _evict(self, now: float) -> int:
+        expired = self._db.execute("DELETE FROM responses WHERE created < ?", (now - self.ttl_s,)).rowcount
+        over = self._db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY created DESC, "
+                                "rowid DESC LIMIT -1 OFFSET ?)", (self.max_responses,)).rowcount
+        if over:
+            self._db.execute("INSERT INTO counters (name, value) VALUES ('evicted', ?) ON CONFLICT (name) DO "
+                             "UPDATE SET value = value + excluded.value", (over,))
+        return expired + over
+
+    # --- what people read and edit -------------------------------------------------------------------
+
+    def evicted_total(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = 'evicted'").fetchone()
+        return row[0] if row else 0
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM responses WHERE created >= ?",
+                                    (self.clock() - self.ttl_s,)).fetchone()[0]
+
+    def list(self) -> list[Stored]:
+        """The stored responses, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, created, LENGTH(COALESCE(response, '')) + "
+                                    "LENGTH(COALESCE(messages, '')), messages FROM responses WHERE created >= ? "
+                                    "ORDER BY created DESC", (self.clock() - self.ttl_s,)).fetchall()
+        return [Stored(i, c, n, len(json.loads(m)) if m else 0) for i, c, n, m in rows]
+
+    def remove(self, key: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE id = ?", (key,)).rowcount > 0
+
+    def prune(self) -> int:
+        """Remove what is past the bounds now (the server also does on every write); how many were removed."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = self._evict(self.clock())
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return removed
+
+
+def _column(name: str) -> str:
+    if name not in ("response", "messages"):
+        raise ValueError(f"no column {name!r}")
+    return name
+
+
+class StoreColumn(MutableMapping):
+    """One column of the store as the dict vLLM expects (`get`, `[key]`, `[key] = value`)."""
+
+    def __init__(self, store: ConversationStore, column: str, encode: Callable[[Any], str],
+                 decode: Callable[[str], Any]):
+        self.store, self.column, self.encode, self.decode = store, column, encode, decode
+
+    def __getitem__(self, key: str) -> Any:
+        text = self.store.get(self.column, key)
+        if text is None:
+            raise KeyError(key)
+        return self.decode(text)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.store.put(self.column, key, self.encode(value))
+
+    def __delitem__(self, key: str) -> None:
+        if not self.store.remove(key):
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([s.id for s in self.store.list()])
+
+    def __len__(self) -> int:
+        return self.store.count()
+
+
+def _jsonable(value: Any) -> Any:
+    """A message part that is a pydantic object (vLLM puts some in the history) as plain JSON data."""
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return dump(mode="json", exclude_none=True)
+    raise TypeError(f"cannot store a {type(value).__name__} in a conversation")
+
+
+def response_column(store: ConversationStore) -> StoreColumn:
+    from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+
+    return StoreColumn(store, "response", lambda r: r.model_dump_json(), ResponsesResponse.model_validate_json)
+
+
+def messages_column(store: ConversationStore) -> StoreColumn:
+    return StoreColumn(store, "messages", lambda m: json.dumps(m, default=_jsonable), json.loads)
+
+
+def setting(state_dir: Path | None, ttl_s: float, max_responses: int, enabled: bool) -> str:
+    """The value of LLMOPS_CONVERSATIONS for a server."""
+    if not enabled:
+        return "off"
+    path = Path(state_dir or default_state_dir()) / FILE
+    return json.dumps({"path": str(path), "ttl_s": ttl_s, "max_responses": max_responses})
+
+
+def install(value: str) -> None:
+    """In vLLM's API server process: swap the Responses server's dicts for the store (or, with `off`, refuse
+    an explicit `store: true` instead of ignoring it, vLLM's default)."""
+    from http import HTTPStatus
+
+    from vllm.entrypoints.openai.responses import serving
+
+    cls = serving.OpenAIServingResponses
+    if getattr(cls, "_llmops_conversations", None) is not None:
+        return
+    if value == "off":
+        validate = cls._validate_create_responses_input
+
+        def refuse_store(self, request):
+            if request.store and "store" in request.model_fields_set:
+                return self.create_error_response(
+                    err_type="invalid_request_error", status_code=HTTPStatus.BAD_REQUEST, param="store",
+                    message="this server keeps no conversations (llmops serve --no-store): send store=false and "
+                            "the whole conversation with each request")
+            return validate(self, request)
+
+        cls._validate_create_responses_input = refuse_store
+        cls._llmops_conversations = "off"
+        return
+    settings = json.loads(value)
+    opened: list[ConversationStore] = []  # opened by the process that serves (not vLLM's engine processes)
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not opened:
+            opened.append(ConversationStore(Path(settings["path"]), ttl_s=float(settings["ttl_s"]),
+                                            max_responses=int(settings["max_responses"])))
+            _expose_metrics(opened[0])
+        self.enable_store = True  # `store` is honoured (vLLM's default ignores it), in the file
+        self.response_store = response_column(opened[0])
+        self.msg_store = messages_column(opened[0])
+
+    cls.__init__ = __init__
+    cls._llmops_conversations = settings
+
+
+def _expose_metrics(store: ConversationStore) -> None:
+    """`/metrics` (vLLM serves prometheus_client's default registry): the evictions and what is stored."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class Collector:
+        def collect(self):
+            yield CounterMetricFamily("llmops_conversations_evicted", "Responses evicted past the store's size cap",
+                                      value=store.evicted_total())
+            yield GaugeMetricFamily("llmops_conversations_stored", "Responses stored (within the TTL)",
+                                    value=store.count())
+
+    REGISTRY.register(Collector())

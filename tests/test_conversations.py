@@ -1,0 +1,262 @@
+"""The Responses API's conversation store (issue 24): `store` and `previous_response_id` through a SQLite file
+that survives restarts, is bounded by age and count, and can be listed and pruned. The store alone in unit
+tests; a real `llmops serve` (vLLM on the CPU, the offline default model) in the engine tests, one server for
+the module plus one restart."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from llmops.serve.conversations import FILE, ConversationStore, StoreColumn
+from tests.conftest import run_cli
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def store_at(folder: Path, **kwargs) -> ConversationStore:
+    return ConversationStore(folder / FILE, **kwargs)
+
+
+@pytest.mark.unit
+def test_the_store_is_owner_only_persistent_and_shared_between_connections(tmp_path):
+    folder = tmp_path / "state"
+    store = store_at(folder)
+    messages = StoreColumn(store, "messages", json.dumps, json.loads)
+    messages["resp_1"] = [{"role": "user", "content": "hi"}]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE((folder / FILE).stat().st_mode) == 0o600
+    other = StoreColumn(store_at(folder), "messages", json.dumps, json.loads)  # another process, or a restart
+    assert other["resp_1"] == [{"role": "user", "content": "hi"}] and other.get("resp_2") is None
+    assert store.get("response", "resp_1") is None  # its response is not written yet: not served
+    store.put("response", "resp_1", '{"id": "resp_1"}')
+    assert other.store.get("response", "resp_1") == '{"id": "resp_1"}'
+    assert [(s.id, s.turns) for s in other.store.list()] == [("resp_1", 1)]
+
+
+@pytest.mark.unit
+def test_past_the_ttl_a_response_is_gone_and_prune_removes_it(tmp_path):
+    clock = Clock()
+    store = store_at(tmp_path, ttl_s=60, clock=clock)
+    store.put("response", "old", "{}")
+    clock.now += 30
+    store.put("response", "new", "{}")
+    clock.now += 40  # old is 70 s old, new 40 s
+    assert store.get("response", "old") is None and store.get("response", "new") == "{}"
+    assert store.count() == 1
+    assert store.prune() == 1 and [s.id for s in store.list()] == ["new"]
+    assert sqlite3.connect(tmp_path / FILE).execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 1
+    assert store.evicted_total() == 0  # expiry is not eviction
+
+
+@pytest.mark.unit
+def test_past_the_cap_the_oldest_are_evicted_first_and_counted(tmp_path):
+    clock = Clock()
+    store = store_at(tmp_path, max_responses=3, clock=clock)
+    for i in range(5):
+        clock.now += 1
+        store.put("messages", f"r{i}", "[]")
+        store.put("response", f"r{i}", "{}")  # a second write to a row keeps its age
+    assert [s.id for s in store.list()] == ["r4", "r3", "r2"]
+    assert store.evicted_total() == 2
+    assert store.remove("r3") and not store.remove("r3")
+    assert [s.id for s in store.list()] == ["r4", "r2"]
+
+
+@pytest.mark.unit
+def test_concurrent_writers_lose_nothing(tmp_path):
+    store = store_at(tmp_path)
+
+    def write(n):
+        own = store_at(tmp_path)  # a connection of its own, as another process has
+        for i in range(50):
+            own.put("messages", f"w{n}-{i}", json.dumps([n, i]))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.count() == 200
+    assert all(json.loads(store.get("messages", f"w{n}-{i}")) == [n, i] for n in range(4) for i in range(50))
+
+
+@pytest.mark.unit
+def test_conversations_cli_lists_removes_and_prunes(tmp_path):
+    store = store_at(tmp_path)
+    store.put("messages", "resp_a", json.dumps([{"role": "user", "content": "x"}] * 3))
+    store.put("response", "resp_a", "{}")
+    listed = run_cli("conversations", "list", "--state-dir", str(tmp_path), "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["id"] == "resp_a" and row["turns"] == 3
+    gone = run_cli("conversations", "rm", "resp_a", "--state-dir", str(tmp_path))
+    assert gone.returncode == 0 and store.get("messages", "resp_a") is None
+    again = run_cli("conversations", "rm", "resp_a", "--state-dir", str(tmp_path))
+    assert again.returncode == 2 and "no stored response resp_a" in again.stderr
+    pruned = run_cli("conversations", "prune", "--state-dir", str(tmp_path), "--ttl", "1s", "--json")
+    assert pruned.returncode == 0 and json.loads(pruned.stdout) == {"removed": 0}
+    missing = run_cli("conversations", "list", "--state-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no conversation store" in missing.stderr
+
+
+# --- a real server ------------------------------------------------------------------------------------
+
+CAP = 30
+TURNS = ["Hello! My name is Ada and I like tea.", "What is two plus two?", "Name a colour.",
+         "Say something about the sea.", "What is the capital of France?", "Count to three.",
+         "Name an animal.", "What do bees make?", "Say goodbye politely.", "Thank you!"]
+
+
+@pytest.fixture(scope="module")
+def served(default_model_dir, tmp_path_factory):
+    """One server for the module, its store in a folder of its own; a test that restarts it leaves the new
+    one here."""
+    from tests.test_serve import start_server, stop_server
+
+    state = tmp_path_factory.mktemp("state")
+    args = ("--set", f"state_dir={state}", "--set", f"max_stored_responses={CAP}", "--set", "engine.enforce_eager=true")
+    servers = [start_server(tmp_path_factory.mktemp("serve"), *args)]
+    holder = {"state": state, "servers": servers,
+              "restart": lambda: (stop_server(servers[-1]),
+                                  servers.append(start_server(tmp_path_factory.mktemp("serve"), *args)))}
+    yield holder
+    for server in servers:
+        stop_server(server)
+
+
+def client_of(server, retries=0):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=retries, timeout=120)
+
+
+def ask(client, text, previous=None, tokens=12, **kwargs):
+    return client.responses.create(model="smollm2-135m", input=text, previous_response_id=previous,
+                                   temperature=0, max_output_tokens=tokens, **kwargs)
+
+
+def history(state: Path, response_id: str) -> list[dict]:
+    row = sqlite3.connect(state / FILE).execute("SELECT messages FROM responses WHERE id = ?",
+                                                (response_id,)).fetchone()
+    return json.loads(row[0])
+
+
+@pytest.mark.engine
+def test_ten_turns_by_previous_response_id_answer_as_the_whole_history_does(served):
+    client = client_of(served["servers"][-1])
+    by_id, previous = [], None
+    for turn in TURNS:
+        response = ask(client, turn, previous)
+        assert response.status in ("completed", "incomplete") and response.id.startswith("resp_")  # incomplete:
+        # it reached max_output_tokens
+        by_id.append(response.output_text)
+        previous = response.id
+    sent: list[dict] = []
+    whole = []
+    for turn, answer in zip(TURNS, by_id):
+        sent.append({"role": "user", "content": turn})
+        whole.append(ask(client, list(sent), store=False).output_text)
+        sent.append({"role": "assistant", "content": answer})
+    assert by_id == whole  # greedy: the stored history is the history
+    assert [m["content"] for m in history(served["state"], previous) if m.get("role") == "user"] == TURNS
+
+
+@pytest.mark.engine
+def test_an_unknown_or_expired_previous_response_id_gets_404(served):
+    import openai
+
+    client = client_of(served["servers"][-1])
+    first = ask(client, "Remember the word apple.")
+    with sqlite3.connect(served["state"] / FILE) as db:  # a week and a second ago
+        db.execute("UPDATE responses SET created = created - ? WHERE id = ?", (7 * 86400 + 1, first.id))
+    for gone in (first.id, "resp_never_was"):
+        with pytest.raises(openai.NotFoundError) as refused:
+            ask(client, "Which word?", gone)
+        assert refused.value.body["type"] == "invalid_request_error" and gone in refused.value.body["message"]
+
+
+@pytest.mark.engine
+def test_ten_concurrent_conversations_of_five_turns_lose_no_turn_and_mix_none(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Ten at once pass the server's prefill backlog limit: a refused turn gets 503 with Retry-After, and the
+    # client retries it, as OpenAI's client does by default.
+    client = client_of(served["servers"][-1], retries=10)
+
+    def converse(n):
+        previous, said = None, []
+        for turn in range(5):
+            said.append(f"Conversation {n}, turn {turn}: my code word is {n * 7 + turn}.")
+            previous = ask(client, said[-1], previous, tokens=6).id
+        return previous, said
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(converse, range(10)))
+    for last, said in results:
+        assert [m["content"] for m in history(served["state"], last) if m.get("role") == "user"] == said
+
+
+@pytest.mark.engine
+def test_past_the_cap_the_oldest_responses_are_evicted_and_metrics_count_them(served):
+    import openai
+    import urllib.request
+
+    server = served["servers"][-1]
+    client = client_of(server)
+    oldest = ask(client, "The first of many.", tokens=1).id
+    for i in range(CAP):
+        ask(client, f"Number {i}.", tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        ask(client, "And the first?", oldest, tokens=1)
+    assert len(ConversationStore(served["state"] / FILE).list()) <= CAP
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    evicted = [float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("llmops_conversations_evicted_total ")]
+    assert evicted and evicted[0] >= 1, [line for line in text.splitlines() if "llmops_" in line]
+
+
+@pytest.mark.engine
+def test_a_conversation_continues_after_the_server_restarts(served):
+    client = client_of(served["servers"][-1])
+    previous = None
+    for turn in TURNS[:5]:
+        previous = ask(client, turn, previous).id
+    served["restart"]()  # SIGTERM, then a new server on the same store
+    after = ask(client_of(served["servers"][-1]), TURNS[5], previous)
+    assert after.status in ("completed", "incomplete") and after.output_text
+    assert [m["content"] for m in history(served["state"], after.id) if m.get("role") == "user"] == TURNS[:6]
+
+
+@pytest.mark.engine
+def test_no_store_refuses_an_explicit_store_true_and_serves_store_false(tmp_path):
+    import subprocess
+    import sys
+
+    # The check the server runs, on vLLM's own request type, in a process of its own (it patches vLLM's class).
+    script = """
+import types
+from llmops.serve.conversations import install
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses as S
+install("off")
+me = types.SimpleNamespace(use_harmony=False, enable_store=False, create_error_response=lambda **kw: kw)
+print(S._validate_create_responses_input(me, ResponsesRequest(input="hi", store=True))["message"])
+print(S._validate_create_responses_input(me, ResponsesRequest(input="hi", store=False)))
+print(S._validate_create_responses_input(me, ResponsesRequest(input="hi")))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused, explicit_false, default = proc.stdout.splitlines()[-3:]
+    assert "llmops serve --no-store" in refused and "store=false" in refused
+    assert explicit_false == "None" and default == "None"  # the default `store` is not a request to store
