@@ -1,11 +1,12 @@
 """How good are llmops's estimates on this machine (issue 26)? For 5 batch jobs (short and long prompts and
 outputs, generation and embeddings): the first estimate (the roofline, with no measurement recorded), the
-estimate after `--calibrate` (64 rows run and recorded), and the measured wall time of the whole job.
+estimate after `--calibrate` (a sample run and recorded: see llmops/batch/calibrate.py), and the measured wall
+time of the whole job.
 
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_estimates.py [--out bench-estimates.json]
 
 Goal: calibrated within +-25% of the actual wall time, the roofline within 2x. Each job starts an engine twice
-(calibration, then the run), so the whole benchmark takes about 10 minutes on 2 cores. Measurements go to a
+(calibration, then the run), so the whole benchmark takes about 15 minutes on 2 cores. Measurements go to a
 scratch throughput record, never to $LLMOPS_HOME/throughput.jsonl.
 """
 
@@ -37,16 +38,16 @@ def jobs(folder: Path) -> list[tuple[str, Path, list[str]]]:
     rng = random.Random(26)
     return [
         ("short prompts, short outputs", jsonl(folder / "a.jsonl", [{"prompt": f"Say {i} in words."}
-                                                                     for i in range(300)]),
+                                                                     for i in range(2000)]),
          ["sampling.max_tokens=32"]),
         ("short prompts, long outputs", jsonl(folder / "b.jsonl", [{"prompt": f"Write a story about a {w}."}
-                                                                    for w in WORDS * 5]),
+                                                                    for w in WORDS * 15]),
          ["sampling.max_tokens=256"]),
         ("long prompts, short outputs", jsonl(folder / "c.jsonl", [{"prompt": text(rng, 500) + "\nSummarize:"}
                                                                     for _ in range(120)]),
          ["sampling.max_tokens=16"]),
         ("chat, medium", jsonl(folder / "d.jsonl", [{"messages": [{"role": "user", "content": text(rng, 40)
-                                                                   + " What is this about?"}]} for _ in range(200)]),
+                                                                   + " What is this about?"}]} for _ in range(600)]),
          ["sampling.max_tokens=64"]),
         ("embed", jsonl(folder / "e.jsonl", [{"prompt": text(rng, rng.randint(20, 120))} for _ in range(2000)]),
          ["model=all-minilm-l6-v2"]),

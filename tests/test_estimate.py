@@ -455,7 +455,7 @@ def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
 
 
 @pytest.mark.unit
-def test_calibration_samples_the_first_rows_of_jsonl_and_parquet(tmp_path):
+def test_calibration_samples_rows_spread_over_jsonl_and_parquet_inputs(tmp_path):
     import pyarrow.parquet as pq
 
     from llmops.batch.calibrate import _sample
@@ -472,6 +472,11 @@ def test_calibration_samples_the_first_rows_of_jsonl_and_parquet(tmp_path):
         pq.write_table(pa.table({"text": [f"t{s}-{i}" for i in range(40)]}), shards / f"{s}.parquet")
     sample = _sample(open_input(str(shards), InputConfig()), 64, tmp_path / "b")
     assert pq.read_table(sample).num_rows == 64
+    # Spread over the whole input (a sorted input's first rows are not like the rest), across files too.
+    sample = _sample(open_input(str(lines), InputConfig()), 10, tmp_path / "c", total=100)
+    assert [json.loads(x)["prompt"] for x in sample.read_text().splitlines()] == [f"p{i}" for i in range(0, 100, 10)]
+    sample = _sample(open_input(str(shards), InputConfig()), 8, tmp_path / "d", total=80)
+    assert pq.read_table(sample).column("text").to_pylist() == [f"t{i // 40}-{i % 40}" for i in range(0, 80, 10)]
 
 
 @pytest.mark.unit

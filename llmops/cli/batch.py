@@ -74,8 +74,8 @@ def batch_command(
     json: JsonOpt = False,
     dry_run: DryRunOpt = False,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="Run the input's first 64 rows into a scratch folder (OUTPUT is not touched), record "
-                            "their throughput and print the whole job's estimate from it; later --dry-runs and "
+        "--calibrate", help="Run the input's first rows (as many as the engine runs at once, at least 64) "
+                            "into a scratch folder (OUTPUT is not touched), record their throughput and print the whole job's estimate from it; later --dry-runs and "
                             "runs of this model here use the measurement.")] = False,
 ) -> None:
     """Generate completions (or, with --task embed, embeddings) for every row of INPUT with vLLM, as fast as
