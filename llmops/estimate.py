@@ -389,10 +389,11 @@ class TrainEstimate:
 
 
 def estimate_train(plan: dict, facts: ModelFacts, hw: Hardware, *, seq_len: int, steps: int | None,
-                   steps_source: str) -> TrainEstimate:
+                   steps_source: str, measurements: list[dict] | None = None) -> TrainEstimate:
     """Time of a training run from FLOPs: 2 x params x forward passes per token (full 3, LoRA 2, +1 with
     gradient checkpointing, x1.4 QLoRA, x1.1 sharded: `train.plan.relative_step_time`) over the devices'
-    effective compute."""
+    effective compute; with `measurements` (earlier runs of this model, method and precision on this hardware,
+    `train_measurements`), that time scaled by what they measured against it per token."""
     from llmops.train.plan import relative_step_time
 
     tokens_per_micro = plan["micro_batch_size"] * seq_len
@@ -414,6 +415,13 @@ def estimate_train(plan: dict, facts: ModelFacts, hw: Hardware, *, seq_len: int,
     step = Span(step_s, step_s * TRAIN_RANGE[0], step_s * TRAIN_RANGE[1],
                 f"{passes:.1f} forward passes per token ({plan['method']}"
                 + (", gradient checkpointing" if plan["gradient_checkpointing"] else "") + f"), {how}")
+    ratios = [m["s_per_token"] / m["roofline_s_per_token"] for m in measurements or ()
+              if m.get("s_per_token") and m.get("roofline_s_per_token")]
+    if ratios:
+        ratio = statistics.median(ratios)
+        step = Span(step_s * ratio, step_s * min(ratios) * (1 - MEASURED_MIN_SPREAD),
+                    step_s * max(ratios) * (1 + MEASURED_MIN_SPREAD),
+                    f"measured {len(ratios)} run(s) of this model here: {ratio:.2f}x the FLOPs estimate per token")
     wall = step.scaled(steps, "steps x step time") if steps else None
     gpu_hours = wall.value / 3600 * processes if wall is not None and plan["device"] == "cuda" else None
     return TrainEstimate(steps, tokens_per_step, flops_per_token, device_flops, step, wall, gpu_hours, steps_source,
@@ -605,6 +613,18 @@ def count_examples(paths: str | list[str]) -> int | None:
     return total
 
 
+def train_measurements(run, hw: Hardware) -> list[dict]:
+    """What earlier training runs of this base model measured on this hardware, with the same method,
+    precision and process count (`llmops.throughput`)."""
+    from llmops import throughput
+
+    plan = run.plan
+    return [m for m in throughput.matching(hardware=throughput.hardware_fingerprint(hw), task="train",
+                                           model_digest=None, model=run.base_model, dtype=plan["precision"],
+                                           required=("s_per_token", "roofline_s_per_token"))
+            if m.get("method") == plan["method"] and m.get("num_processes") == plan["num_processes"]]
+
+
 def estimate_run(run, hw: Hardware, facts: ModelFacts) -> TrainEstimate:
     """The estimate of a planned training run (`llmops.train.launch.RunPlan`): steps from `train.max_steps`, or
     epochs over the examples of its local data (less the held-out fraction)."""
@@ -618,4 +638,5 @@ def estimate_run(run, hw: Hardware, facts: ModelFacts) -> TrainEstimate:
                   f"{plan['global_batch_size']}" + (" (packing makes fewer)" if recipe.data.packing else ""))
     else:
         steps, source = None, "data not counted here: set train.max_steps for a time"
-    return estimate_train(plan, facts, hw, seq_len=recipe.data.max_seq_len, steps=steps, steps_source=source)
+    return estimate_train(plan, facts, hw, seq_len=recipe.data.max_seq_len, steps=steps, steps_source=source,
+                          measurements=train_measurements(run, hw))

@@ -1,4 +1,4 @@
-"""What runs measured: `$LLMOPS_HOME/throughput.jsonl`, one JSON line per batch (or training) run, read back by
+"""What runs measured: `$LLMOPS_HOME/throughput.jsonl`, one JSON line per batch or training run, read back by
 `llmops.estimate` so that the next estimate for the same model on the same hardware uses the measurement.
 
 A line: when, the model (name and content digest), the hardware's fingerprint, the task, the engine settings
@@ -77,9 +77,10 @@ def read(path: Path | None = None) -> list[dict[str, Any]]:
 
 
 def matching(*, hardware: str, task: str, model_digest: str | None, model: str, dtype: str | None = None,
-             path: Path | None = None, newest: int = 9) -> list[dict[str, Any]]:
+             path: Path | None = None, newest: int = 9,
+             required: tuple[str, ...] = ("generation_s", "rows")) -> list[dict[str, Any]]:
     """The newest measurements of this model (by digest when known, else by name) on this hardware for this
-    task (and dtype when given), numbers checked."""
+    task (and dtype when given), with a positive number in each `required` field."""
     found = []
     for m in read(path):
         same_model = (m.get("model_digest") == model_digest) if model_digest else (m.get("model") == model)
@@ -88,7 +89,7 @@ def matching(*, hardware: str, task: str, model_digest: str | None, model: str, 
         if dtype is not None and m.get("dtype") not in (None, dtype):
             continue
         try:
-            if float(m.get("generation_s", 0)) <= 0 or int(m.get("rows", 0)) <= 0:
+            if any(float(m.get(k) or 0) <= 0 for k in required):
                 continue
         except (TypeError, ValueError):
             continue

@@ -2,6 +2,7 @@
 bookkeeping, config validation, the data-parallel plan and `--dry-run`."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from llmops.batch import BatchConfig
 from llmops.batch.config import InputConfig
 from llmops.batch.inputs import count_rows, iter_units, open_input, unit_keys
 from llmops.batch.identity import EngineIdentity, InputIdentity, JobIdentity, ModelIdentity
-from llmops.batch.outputs import Manifest, OutputDir, UnitStats
+from llmops.batch.outputs import LOCK, Manifest, OutputDir, UnitStats
 from llmops.batch.workers import units_for_rank
 from llmops.config import load_config
 from llmops.errors import ConfigError, UsageError
@@ -399,3 +400,45 @@ def test_ctrl_c_winds_down_and_a_second_ctrl_c_stops_at_once_with_130_a_second_s
                 time.sleep(0.05)
         assert stopped.value.exit_code == code and isinstance(stopped.value, Interrupted) == (code == 130)
         assert "stopped at once" in str(stopped.value)
+
+
+@pytest.mark.unit
+def test_a_folder_whose_run_died_is_taken_once_the_processes_it_started_let_go(tmp_path):
+    """A run killed with its process group leaves its engine processes dying for some seconds, still holding
+    the folder's lock (they inherited it): a rerun at once waited for nothing and failed "in use"."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = f"pid {dead.stdout.strip()} on host {socket.gethostname()}\n"
+    hold = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, sys.argv[2].encode())\n"
+            "print('held', flush=True)\n"
+            "time.sleep(float(sys.argv[3]))\n")
+    child = subprocess.Popen([sys.executable, "-c", hold, str(out / LOCK), holder, "2"], stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "held\n"
+    t0 = time.monotonic()
+    folder = OutputDir(out)
+    folder.lock()  # the holder named in the file is gone: wait for its children to let go
+    assert time.monotonic() - t0 > 0.5 and child.wait(10) == 0
+    folder.unlock()
+
+    # A holder that still runs: refused at once, naming it.
+    alive = subprocess.Popen([sys.executable, "-c", hold, str(out / LOCK), f"pid {os.getpid()} on host "
+                              f"{socket.gethostname()}\n", "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert alive.stdout.readline() == "held\n"
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match=f"in use by another llmops batch \\(pid {os.getpid()} on host "):
+            OutputDir(out).lock()
+        assert time.monotonic() - t0 < 5
+    finally:
+        alive.kill()
+        alive.wait()

@@ -227,6 +227,30 @@ def test_past_the_cap_the_oldest_responses_are_evicted_and_metrics_count_them(se
 
 
 @pytest.mark.engine
+def test_llmops_chat_resumes_a_stored_conversation_and_stores_its_new_turns(served):
+    server = served["servers"][-1]
+    client = client_of(server)
+    first = ask(client, "Hello, I am Ada.")
+    second = ask(client, "I live in Lisbon.", first.id)
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [(i.role, i.content[0].text) for i in items.data if i.role == "user"] == \
+        [("user", "Hello, I am Ada."), ("user", "I live in Lisbon.")]
+    proc = run_cli("chat", "--url", server.url, "--api-key", server.key, "--resume", second.id, "--temperature", "0",
+                   "--max-tokens", "8", input="/history\nWhere do I live?\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = (f"user: Hello, I am Ada.\nassistant: {first.output_text}\nuser: I live in Lisbon.\n"
+             f"assistant: {second.output_text}\n\n")
+    assert proc.stdout.startswith(shown), proc.stdout
+    assert proc.stdout[len(shown):].strip()  # the new turn's answer
+    stored = proc.stderr.split("this conversation is stored as ", 1)[1].split(":", 1)[0]
+    assert stored != second.id
+    assert [m["content"] for m in history(served["state"], stored) if m.get("role") == "user"] == \
+        ["Hello, I am Ada.", "I live in Lisbon.", "Where do I live?"]
+    missing = run_cli("chat", "--url", server.url, "--api-key", server.key, "--resume", "resp_gone", input="hi\n")
+    assert missing.returncode == 2 and "no stored conversation resp_gone" in missing.stderr
+
+
+@pytest.mark.engine
 def test_a_conversation_continues_after_the_server_restarts(served):
     client = client_of(served["servers"][-1])
     previous = None

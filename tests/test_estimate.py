@@ -22,6 +22,7 @@ from llmops.train.plan import plan_train
 from tests.conftest import run_cli
 from tests.fake_hardware import cpu_only, gpus
 from tests.test_storage import bucket, s3_server  # noqa: F401
+from tests.train_helpers import tiny_model_dir  # noqa: F401  (a fixture)
 
 # Llama-3.1-8B's shape (config.json of meta-llama/Llama-3.1-8B-Instruct): 8.03 B parameters, 32 layers, 8 KV heads.
 LLAMA_8B = ModelFacts("llama-3.1-8b", 8_030_261_248, 131072, ModelShape(
@@ -499,3 +500,28 @@ def test_calibration_warms_up_on_the_first_rows_and_measures_the_rest(tmp_path):
     small.parent.mkdir()
     small.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(20)))
     assert _split(small, 16) == (None, small)  # too few rows to leave a sample after a warm-up: none
+
+
+@pytest.mark.engine
+def test_a_training_run_records_its_time_per_token_and_the_next_dry_run_uses_it(tiny_model_dir, tmp_path):  # noqa: F811
+    from tests.train_helpers import TRAIN_ENV, tiny_recipe
+
+    home = {"LLMOPS_HOME": str(tmp_path / "home")}
+    recipe = tiny_recipe(tmp_path, tiny_model_dir, **{"train.max_steps": 6, "export.add_to_registry": False})
+
+    def dry_run():
+        proc = run_cli("train", str(recipe), "-o", str(tmp_path / "run"), "--dry-run", "--json", env=home)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["estimate"]["step"]
+
+    before = dry_run()
+    assert "forward passes per token" in before["source"]
+    done = run_cli("train", str(recipe), "-o", str(tmp_path / "run"), env={**TRAIN_ENV, **home})
+    assert done.returncode == 0, done.stderr[-2000:]
+    [line] = throughput.read(tmp_path / "home" / "throughput.jsonl")
+    assert line["task"] == "train" and line["model"] == str(tiny_model_dir) and line["steps"] == 5  # step 1 left out
+    assert line["s_per_token"] > 0 and line["roofline_s_per_token"] > 0 and line["num_processes"] == 1
+    after = dry_run()
+    assert after["source"].startswith("measured 1 run(s) of this model here")
+    ratio = line["s_per_token"] / line["roofline_s_per_token"]
+    assert after["value"] == pytest.approx(before["value"] * ratio, rel=1e-3)

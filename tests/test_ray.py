@@ -277,7 +277,7 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
     out = tmp_path / "out"
     # One sequence at a time, so a unit's rows finish one after another; a short grace period, so the
     # engines stop mid-unit and commit the rows they finished as pieces.
-    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=16", "--set",
+    args = batch_args(cluster, path, out, "--max-tokens", "32", "--set", "chunk_rows=16", "--set",
                       "engine.max_num_seqs=1", "--grace-period", str(grace))
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:

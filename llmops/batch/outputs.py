@@ -165,6 +165,39 @@ def storage_errors(action: str, where: str | None = None) -> Iterator[None]:
         raise StorageError.from_os_error(e, action) from None
 
 
+# How long a new run waits for the folder when the run that held it has exited but processes it started (its
+# engines, being killed with it) still hold the lock.
+LOCK_RELEASE_WAIT_S = 60.0
+
+
+def _holder_exited(holder: str) -> bool:
+    """Whether the lock file's `pid N on host H` names a process of this host that no longer runs."""
+    match = re.fullmatch(r"pid (\d+) on host (\S+)", holder)
+    if match is None or match[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
 class OutputDir:
     """An output folder on the local disk or on object storage (`s3://bucket/prefix`, `gs://…`).
 
@@ -386,9 +419,13 @@ class OutputDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
-            os.close(fd)
-            raise UsageError(f"{self} is in use by another llmops batch ({holder}); wait for it to "
-                             "finish, or stop it, or use another --output") from None
+            # A run killed with its process group: its engine and worker processes hold the lock until the
+            # kernel has freed their memory, some seconds after the run itself is gone. Wait for them.
+            if not (_holder_exited(holder) and _lock_within(fd, LOCK_RELEASE_WAIT_S)):
+                os.close(fd)
+                gone = " (it has exited; processes it started still run)" if _holder_exited(holder) else ""
+                raise UsageError(f"{self} is in use by another llmops batch ({holder}){gone}; wait for it to "
+                                 "finish, or stop it, or use another --output") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
         self._lock_fd = fd

@@ -60,7 +60,7 @@ COMMANDS: dict[str, _Command] = {
         {"allow_extra_args": True, "ignore_unknown_options": True}),
     "chat": _Command(
         "llmops.cli.chat", "chat_command",
-        "Chat in the terminal: streams answers, keeps the conversation; /clear, /exit.",
+        "Chat in the terminal: streams answers, keeps the conversation; /history, /clear, /exit.",
         ("llmops chat",
          "    starts a server for the default model, stops it on exit",
          "llmops chat --url http://127.0.0.1:8000",

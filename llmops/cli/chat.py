@@ -23,9 +23,12 @@ def chat_command(
     temperature: Annotated[Optional[float], typer.Option(
         min=0, help="Sampling temperature; 0 is greedy \\[default: the model's own].")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest answer, in tokens.")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", metavar="ID", help="Continue a conversation the server stored (a Responses API response id, "
+                                       "see `llmops conversations list`); its new turns are stored too.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Chat in the terminal: streams answers, keeps the conversation; /clear, /exit.
+    """Chat in the terminal: streams answers, keeps the conversation; /history, /clear, /exit.
 
     Piped, each stdin line is one message and each answer one line on stdout:
     `printf 'Hi, I am Ann.\\nWhat is my name?\\n' | llmops chat --url http://127.0.0.1:8000`.
@@ -34,5 +37,5 @@ def chat_command(
     from llmops.serve.chat import run_chat
 
     run_chat(url=url, model=model, api_key=api_key, system=system, temperature=temperature,
-             max_tokens=max_tokens, sets=set_ or [], waiting=out.stderr.status,
+             max_tokens=max_tokens, sets=set_ or [], resume=resume, waiting=out.stderr.status,
              log=out.log)

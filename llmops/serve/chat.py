@@ -22,7 +22,7 @@ from llmops.errors import RuntimeFailure, UsageError
 from llmops.registry import DEFAULT_MODEL
 from llmops.serve.server import LOG_TAIL_LINES, failure_hint, free_port, health_ok
 
-HELP = "/clear forgets the conversation, /exit (or Ctrl+D) quits, /? shows this."
+HELP = "/history shows the conversation, /clear forgets it, /exit (or Ctrl+D) quits, /? shows this."
 # A busy `llmops serve` refuses what it cannot answer in time with 503 and Retry-After (its TTFT target,
 # rounded up); the `openai` client waits that long and tries again on its own, this many times.
 BUSY_RETRIES = 5
@@ -44,9 +44,33 @@ class ChatSession:
 
     def clear(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.response_id: str | None = None
+        """Set when the server keeps the conversation (`resume`): each turn then goes through the Responses
+        API with only the new message, and is stored there too."""
+
+    def resume(self, response_id: str) -> None:
+        """Continue the conversation `llmops serve` stored under `response_id` (its history is read back)."""
+        import openai
+
+        try:
+            items = self.client.responses.input_items.list(response_id, order="asc", limit=100)  # type: ignore
+            last = self.client.responses.retrieve(response_id)  # type: ignore[attr-defined]
+        except openai.NotFoundError:
+            raise UsageError(f"the server has no stored conversation {response_id} (unknown, expired or removed)",
+                             "see `llmops conversations list` on the server's machine") from None
+        self.messages = [{"role": item.role, "content": "".join(getattr(p, "text", "") for p in item.content)}
+                         for item in items.data if getattr(item, "type", None) == "message"]
+        self.messages.append({"role": "assistant", "content": last.output_text})
+        self.response_id = response_id
+
+    def history(self) -> str:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
 
     def ask(self, text: str) -> Iterator[str]:
         """Send `text`, yield the answer's pieces as they stream in; the whole answer joins the history."""
+        if self.response_id is not None:
+            yield from self._ask_stored(text)
+            return
         self.messages.append({"role": "user", "content": text})
         extra = {k: v for k, v in (("temperature", self.temperature), ("max_tokens", self.max_tokens))
                  if v is not None}
@@ -67,6 +91,28 @@ class ChatSession:
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
             else:
                 self.messages.pop()
+
+    def _ask_stored(self, text: str) -> Iterator[str]:
+        """A turn of a stored conversation: the new message and the previous response's id."""
+        extra = {k: v for k, v in (("temperature", self.temperature), ("max_output_tokens", self.max_tokens))
+                 if v is not None}
+        pieces: list[str] = []
+        stream = None
+        try:
+            stream = self.client.responses.create(  # type: ignore[attr-defined]
+                model=self.model, input=text, previous_response_id=self.response_id, store=True, stream=True,
+                **extra)
+            for event in stream:
+                if event.type == "response.output_text.delta" and event.delta:
+                    pieces.append(event.delta)
+                    yield event.delta
+                elif event.type in ("response.completed", "response.incomplete"):
+                    self.response_id = event.response.id
+        finally:
+            if stream is not None:
+                stream.close()
+            if pieces:
+                self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
 
 def connect(url: str, api_key: str | None, model: str | None) -> tuple[object, str]:
@@ -108,6 +154,9 @@ def chat_loop(session: ChatSession, lines: Iterable[str], write: Callable[[str],
             continue
         if text in ("/?", "/help"):
             write(HELP + "\n")
+            continue
+        if text == "/history":
+            write(session.history() + "\n\n")
             continue
         answer = session.ask(text)
         try:
@@ -193,7 +242,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def run_chat(*, url: str | None, model: str | None, api_key: str | None, system: str | None,
-             temperature: float | None, max_tokens: int | None, sets: list[str],
+             temperature: float | None, max_tokens: int | None, sets: list[str], resume: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, waiting=None,
              log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> None:
     """Chat with the server at `url`, or with MODEL served in the background for the length of the chat."""
@@ -209,9 +258,18 @@ def run_chat(*, url: str | None, model: str | None, api_key: str | None, system:
     def talk(server_url: str, key: str | None, served: str | None) -> None:
         client, name = connect(server_url, key, served)
         session = ChatSession(client, name, system, temperature, max_tokens)
+        if resume:
+            session.resume(resume)
+            log(f"resumed {resume}: {sum(m['role'] == 'user' for m in session.messages)} turns (/history shows "
+                "them)")
         if interactive:
             log(f"Chatting with {name} at {server_url}. {HELP}")
-        chat_loop(session, interactive_lines() if interactive else stdin, write, interactive=interactive)
+        try:
+            chat_loop(session, interactive_lines() if interactive else stdin, write, interactive=interactive)
+        finally:
+            if session.response_id is not None:
+                log(f"this conversation is stored as {session.response_id}: continue it with "
+                    f"`llmops chat --resume {session.response_id}`")
 
     if url:
         talk(url, api_key, model)

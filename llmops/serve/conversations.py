@@ -247,6 +247,46 @@ def install(value: str) -> None:
 
     cls.__init__ = __init__
     cls._llmops_conversations = settings
+    _add_input_items_route(opened)
+
+
+def input_items(messages: list[dict], response_id: str) -> list[dict]:
+    """A stored history as OpenAI's input items (`GET /v1/responses/{id}/input_items`), oldest first."""
+    items = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("user", "system", "developer", "assistant"):
+            continue  # tool calls and their outputs: not shown
+        content = message.get("content")
+        if isinstance(content, list):  # parts: keep their text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        part = {"type": "output_text", "text": content or "", "annotations": []} if role == "assistant" else \
+            {"type": "input_text", "text": content or ""}
+        items.append({"type": "message", "id": f"msg_{response_id[5:]}_{i}", "role": role, "status": "completed",
+                      "content": [part]})
+    return items
+
+
+def _add_input_items_route(opened: list[ConversationStore]) -> None:
+    """vLLM 0.32 has no `GET /v1/responses/{id}/input_items`; `llmops chat --resume` reads a conversation
+    with it. On vLLM's own Responses router, so its API key check applies."""
+    from fastapi.responses import JSONResponse
+    from vllm.entrypoints.openai.responses.api_router import router
+
+    # No annotations FastAPI would have to resolve beyond builtins (this module postpones them).
+    @router.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, order: str = "desc"):
+        text = opened[0].get("messages", response_id) if opened else None
+        if text is None:
+            return JSONResponse(status_code=404, content={"error": {
+                "message": f"Response with id '{response_id}' not found.", "type": "invalid_request_error",
+                "param": "response_id", "code": 404}})
+        items = input_items(json.loads(text), response_id)
+        if order != "asc":
+            items.reverse()
+        return JSONResponse({"object": "list", "data": items, "has_more": False,
+                             "first_id": items[0]["id"] if items else None,
+                             "last_id": items[-1]["id"] if items else None})
 
 
 def _expose_metrics(store: ConversationStore) -> None:

@@ -226,9 +226,10 @@ def run(run: RunPlan, resume: str = "auto", allow_changed_recipe: bool = False,
         summary = {**launch(run, command), "resumed_from": str(checkpoint) if checkpoint else None}
 
     # 4. Export and register (on the main machine), then mark the run done, so rerunning the same command
-    #    (a CI retry, say) does not train again.
+    #    (a CI retry, say) does not train again. What the steps measured teaches later estimates.
     if run.recipe.distributed.machine_rank != 0:
         return {**summary, "run_dir": str(run.run_dir)}
+    record_training(run, log)
     with engine_output(run.run_dir / TRAIN_LOG):  # loading and saving weights is chatty too
         exported = export(run, log=log)
     write_json_atomic(finished, {"recipe": recipe_as_given, "fingerprint": fingerprint, "summary": summary,
@@ -343,6 +344,42 @@ def _download_base(run: RunPlan) -> None:
 
     path = ensure_local(resolve(run.base_model))
     run.recipe = run.recipe.model_copy(update={"model": str(path)})
+
+
+def record_training(run: RunPlan, log: Callable[[str], None] = lambda m: None) -> dict | None:
+    """Append the run's measured time per trained token (the median over its logged steps: a step's window
+    also holds the evaluation and checkpoint before it) and the FLOPs estimate's, to $LLMOPS_HOME/
+    throughput.jsonl; the next `--dry-run` of this model here scales its estimate by them. A failure to
+    record is a warning: it never fails a finished run."""
+    import statistics
+
+    from llmops import throughput
+    from llmops.estimate import estimate_train
+    from llmops.hardware import detect
+    from llmops.plan import model_facts
+    from llmops.registry import resolve
+    from llmops.train.loop import read_jsonl
+
+    try:
+        rows = [r for r in read_jsonl(run.run_dir / "metrics.jsonl")
+                if r.get("tokens") and r.get("tokens_per_s") and r.get("step", 0) > 1]  # step 1 warms up
+        if not rows:
+            return None
+        hw, plan, seq_len = detect(), run.plan, run.recipe.data.max_seq_len
+        roof = estimate_train(plan, model_facts(resolve(run.base_model)), hw, seq_len=seq_len, steps=None,
+                              steps_source="")
+        line = {"task": "train", "model": run.base_model, "hardware": throughput.hardware_fingerprint(hw),
+                "method": plan["method"], "strategy": plan["strategy"], "dtype": plan["precision"],
+                "num_processes": plan["num_processes"], "seq_len": seq_len,
+                "global_batch_size": plan["global_batch_size"], "steps": len(rows),
+                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
+                "s_per_token": statistics.median(1 / r["tokens_per_s"] for r in rows),
+                "roofline_s_per_token": roof.step.value / roof.tokens_per_step}
+        throughput.append(line)
+        return line
+    except Exception as e:
+        log(f"warning: could not record this run's throughput: {e}")
+        return None
 
 
 def last_metrics(run_dir: Path) -> dict:
