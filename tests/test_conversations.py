@@ -110,6 +110,20 @@ def test_conversations_cli_lists_removes_and_prunes(tmp_path):
     assert missing.returncode == 2 and "no conversation store" in missing.stderr
 
 
+@pytest.mark.unit
+def test_serve_flags_set_the_store_the_server_is_given(tmp_path):
+    def store_env(*flags):
+        proc = run_cli("serve", "--dry-run", "--json", *flags)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["env"]["LLMOPS_CONVERSATIONS"]
+
+    assert store_env("--no-store") == "off"
+    assert json.loads(store_env("--state-dir", str(tmp_path), "--conversation-ttl", "12h")) == {
+        "path": str(tmp_path / FILE), "ttl_s": 12 * 3600, "max_responses": 100_000}
+    bad = run_cli("serve", "--dry-run", "--conversation-ttl", "12x")
+    assert bad.returncode == 2 and "is not a duration" in bad.stderr
+
+
 # --- a real server ------------------------------------------------------------------------------------
 
 CAP = 30

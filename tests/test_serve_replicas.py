@@ -69,6 +69,25 @@ def test_one_replica_per_node_with_its_own_cores_and_the_single_servers_command(
 
 
 @pytest.mark.unit
+def test_min_and_max_replicas_autoscale_on_ongoing_requests():
+    from llmops.serve.config import ServeConfig
+
+    nodes = [_node("a", "10.0.0.1", 8), _node("b", "10.0.0.2", 8)]
+    assert plan_on_ray(_server(), nodes, "auto", ServeConfig()).autoscaling is None  # fixed: one per node
+    placed = plan_on_ray(_server(), nodes, "auto", ServeConfig(min_replicas=1, upscale_delay_s=5))
+    assert placed.autoscaling == {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
+                                  "target_ongoing_requests": 11,  # half the admission limit of 22
+                                  "upscale_delay_s": 5, "downscale_delay_s": 600}
+    assert placed.scaling_text().startswith("1 to 2, at most one per node")
+    assert "waits for a node" in plan_on_ray(_server(), nodes, "auto", ServeConfig(max_replicas=3)).scaling_text()
+    with pytest.raises(ValueError, match=r"min_replicas \(3\) is more than max_replicas \(2\)"):
+        ServeConfig(min_replicas=3, max_replicas=2)
+    proc = subprocess.run([sys.executable, "-m", "llmops", "serve", "--max-replicas", "2", "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "add --ray ADDRESS" in proc.stderr, proc.stderr
+
+
+@pytest.mark.unit
 def test_an_open_host_without_a_key_is_refused_before_ray_is_reached():
     proc = subprocess.run([sys.executable, "-m", "llmops", "serve", "--ray", "127.0.0.1:1", "--host", "0.0.0.0",
                            "--dry-run"], capture_output=True, text=True, timeout=120,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,6 +26,21 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Print the resolved plan and the exact engine call, run nothing.")
 ]
+
+
+StateDirOpt = Annotated[Optional[str], typer.Option(
+    "--state-dir", metavar="DIR",
+    help="Folder of the conversations `llmops serve` keeps; default `$LLMOPS_HOME/conversations`.")]
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `30m`, `12h`, `7d` in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if match is None or float(match[1]) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration: use seconds or a number with s, m, h or d (7d)")
+    return float(match[1]) * _DURATION_UNITS[match[2] or "s"]
 
 
 def _set_verbose(value: bool) -> None:

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Annotated, Optional
 
 import typer
 
 from llmops.cli import _output as out
-from llmops.cli._options import JsonOpt
+from llmops.cli._options import JsonOpt, StateDirOpt, parse_duration
 
 app = typer.Typer(help="List, remove and prune the conversations `llmops serve` keeps.", no_args_is_help=True)
-
-StateDirOpt = Annotated[Optional[str], typer.Option(
-    "--state-dir", help="The folder `llmops serve --state-dir` used; default `$LLMOPS_HOME/conversations`.")]
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `30m`, `12h`, `7d` in seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if match is None or float(match[1]) <= 0:
-        raise typer.BadParameter(f"{text!r} is not a duration: use seconds or a number with s, m, h or d (7d)")
-    return float(match[1]) * _UNITS[match[2] or "s"]
 
 
 def _open(state_dir: Optional[str], **bounds):

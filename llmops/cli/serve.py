@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from llmops.cli import _output as out
-from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt
+from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt, StateDirOpt, parse_duration
 from llmops.serve.config import ServeConfig
 
 _FIELDS = ServeConfig.model_fields
@@ -38,6 +38,10 @@ def serve_command(
              "to): a model that fits one node runs one replica per node as a Ray Serve application behind "
              "one endpoint; a model too large for one node is served across them, pipeline parallel. Needs "
              "`pip install 'llmops[ray]'`.")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(
+        "--min-replicas", min=1, show_default=False, help=_FIELDS["min_replicas"].description)] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(
+        "--max-replicas", min=1, show_default=False, help=_FIELDS["max_replicas"].description)] = None,
     max_queue: Annotated[Optional[int], typer.Option(
         "--max-queue", min=0, show_default=False, help=_FIELDS["max_queue"].description)] = None,
     ttft_target_ms: Annotated[Optional[float], typer.Option(
@@ -49,6 +53,13 @@ def serve_command(
     status_every: Annotated[Optional[float], typer.Option(
         "--status-every", metavar="SECONDS", min=0, show_default=False,
         help=_FIELDS["status_every_s"].description + _default("status_every_s"))] = None,
+    store: Annotated[Optional[bool], typer.Option(
+        "--store/--no-store", show_default=False,
+        help=_FIELDS["store"].description + " [default: store]")] = None,
+    state_dir: StateDirOpt = None,
+    conversation_ttl: Annotated[Optional[str], typer.Option(
+        "--conversation-ttl", metavar="DURATION", show_default=False,
+        help=_FIELDS["conversation_ttl_s"].description + r" 7d, 12h, 30m or seconds. \[default: 7d]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
@@ -75,13 +86,17 @@ def serve_command(
     flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key,
              "allow_unauthenticated": allow_unauthenticated, "max_queue": max_queue,
              "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period,
-             "status_every_s": status_every}
+             "status_every_s": status_every, "min_replicas": min_replicas, "max_replicas": max_replicas,
+             "store": store, "state_dir": state_dir,
+             "conversation_ttl_s": parse_duration(conversation_ttl) if conversation_ttl is not None else None}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
         cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
     if adapter:
         cfg = cfg.model_copy(update={"adapters": [*cfg.adapters, *adapter]})
 
+    if ray is None and (cfg.min_replicas is not None or cfg.max_replicas is not None):
+        raise UsageError("--min-replicas and --max-replicas scale replicas on a Ray cluster", "add --ray ADDRESS")
     if format_ != "text" and not dry_run:
         raise UsageError(f"--format {format_} describes a plan: it needs --dry-run", "add --dry-run")
     if dry_run:
@@ -91,7 +106,7 @@ def serve_command(
             out.result(manifest(cfg, ray_address=ray))
             return
         plan = plan_server(cfg, download=False, ray_address=ray)
-        if ray is not None and _show_replicas(plan, ray, json or format_ == "json"):
+        if ray is not None and _show_replicas(plan, cfg, ray, json or format_ == "json"):
             return
         if json or format_ == "json":
             out.print_json(plan.to_dict())
@@ -127,19 +142,20 @@ def serve_command(
         from llmops.serve.replicas import live_nodes, plan_on_ray, run_on_ray, serves_replicas
 
         if serves_replicas(plan):  # the model fits one node: a replica on each, behind Ray Serve's proxy
-            raise typer.Exit(run_on_ray(plan_on_ray(plan, live_nodes(ray), ray), cfg, log=out.log, on_ready=ready))
+            raise typer.Exit(run_on_ray(plan_on_ray(plan, live_nodes(ray), ray, cfg), cfg, log=out.log,
+                                        on_ready=ready))
     code = run_server(plan, cfg, log=out.log, waiting=out.stderr.status, on_ready=ready)
     raise typer.Exit(code)
 
 
-def _show_replicas(plan, ray: str, as_json: bool) -> bool:
+def _show_replicas(plan, cfg: ServeConfig, ray: str, as_json: bool) -> bool:
     """`--dry-run --ray` for a model that fits one node: the Serve application and each replica's vLLM call.
     False for a model served across nodes (its steps are printed as before)."""
     from llmops.serve.replicas import live_nodes, plan_on_ray, serves_replicas
 
     if not serves_replicas(plan):
         return False
-    placed = plan_on_ray(plan, live_nodes(ray), ray)
+    placed = plan_on_ray(plan, live_nodes(ray), ray, cfg)
     if as_json:
         out.print_json(placed.to_dict())
         return True
@@ -148,8 +164,9 @@ def _show_replicas(plan, ray: str, as_json: bool) -> bool:
     out.key_values(f"serve plan for {', '.join(plan.model_names)} on Ray Serve", [
         ("model path", plan.model_path), *((f"adapter {n}", p) for n, p in plan.adapters.items()),
         ("url", plan.url + "/v1"), ("api key", "required" if plan.api_key else "none"),
-        ("ray", f"{ray}: application {placed.app_name}, {len(placed.replicas)} replicas (one per node), "
-                f"proxy {placed.proxy_location}, max_ongoing_requests {placed.ongoing_per_replica} each"),
+        ("ray", f"{ray}: application {placed.app_name}, proxy {placed.proxy_location}, "
+                f"max_ongoing_requests {placed.ongoing_per_replica} per replica"),
+        ("replicas", placed.scaling_text()),
         *engine.items(), *(("why", n) for n in notes)])
     out.key_values("replicas (each runs this vLLM on its node; Serve's proxy forwards to it)",
                    placed.replica_lines())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llmops.config import StrictModel
 from llmops.vllm_engine import EngineConfig
@@ -69,3 +69,10 @@ class ServeConfig(StrictModel):
     shutdown_timeout_s: float = Field(default=15, gt=0)
     """Stopping a vLLM that is not serving (it never became ready): wait this long after SIGTERM before killing
     its processes. A serving one gets grace_period_s."""
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is more than max_replicas ({self.max_replicas}): "
+                             "give a min at most the max")
+        return self

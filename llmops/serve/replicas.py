@@ -63,6 +63,8 @@ class RayServePlan:
     proxy_location: str
     """"EveryNode" (a proxy on each node answers on the port), or "HeadOnly" where nodes share an address and
     their proxies would take the same port."""
+    autoscaling: dict[str, Any] | None = None
+    """Ray Serve's autoscaling_config; None: one replica per live node, fixed."""
 
     @property
     def ongoing_per_replica(self) -> int:
@@ -70,6 +72,16 @@ class RayServePlan:
         queue, refuses what is beyond it (503 with Retry-After, as the single server answers)."""
         limit = self.server.engine.max_num_queued_reqs
         return 2 * limit if limit else UNLIMITED_ONGOING
+
+    def scaling_text(self) -> str:
+        a = self.autoscaling
+        if a is None:
+            return f"{len(self.replicas)}, one per node (fixed)"
+        beyond = (f"; past {len(self.replicas)} a replica waits for a node to join"
+                  if a["max_replicas"] > len(self.replicas) else "")
+        return (f"{a['min_replicas']} to {a['max_replicas']}, at most one per node, on ongoing requests: target "
+                f"{a['target_ongoing_requests']} per replica, up after {a['upscale_delay_s']:g} s above it, down "
+                f"after {a['downscale_delay_s']:g} s below{beyond}")
 
     def replica_lines(self) -> list[tuple[str, str]]:
         """Each replica's node and its exact vLLM call, as `--dry-run` shows them."""
@@ -90,18 +102,33 @@ class RayServePlan:
     def to_dict(self) -> dict[str, Any]:
         return {**self.server.to_dict(),
                 "ray": {"address": self.address, "app_name": self.app_name, "proxy_location": self.proxy_location,
-                        "max_ongoing_requests": self.ongoing_per_replica,
+                        "max_ongoing_requests": self.ongoing_per_replica, "autoscaling": self.autoscaling,
                         "replicas": [{"rank": r.rank, "node_id": r.node_id, "node_ip": r.node_ip, "cpus": r.cpus,
                                       "gpus": r.gpus, "call": call} for r, (_, call) in
                                      zip(self.replicas, self.replica_lines())]}}
 
 
-def plan_on_ray(server: ServerPlan, nodes: list[dict[str, Any]], address: str) -> RayServePlan:
-    """Place the planned engine once per live node of the cluster (`nodes` as `ray.nodes()` lists them)."""
+def plan_on_ray(server: ServerPlan, nodes: list[dict[str, Any]], address: str,
+                config: ServeConfig | None = None) -> RayServePlan:
+    """Place the planned engine once per live node of the cluster (`nodes` as `ray.nodes()` lists them), and
+    autoscale between `config.min_replicas` and `config.max_replicas` when either is set."""
     replicas = tuple(plan_replicas(nodes, server.engine))
     shared = len({r.node_ip for r in replicas}) < len(replicas)
     name = "llmops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", server.served_model_name)
-    return RayServePlan(server, address, replicas, name, "HeadOnly" if shared else "EveryNode")
+    return RayServePlan(server, address, replicas, name, "HeadOnly" if shared else "EveryNode",
+                        _autoscaling(config, server, len(replicas)) if config is not None else None)
+
+
+def _autoscaling(config: ServeConfig, server: ServerPlan, nodes: int) -> dict[str, Any] | None:
+    if config.min_replicas is None and config.max_replicas is None:
+        return None
+    low, high = config.min_replicas or 1, config.max_replicas or max(nodes, config.min_replicas or 1)
+    # Serve adds a replica when the replicas average more requests in flight than this: half the engine's
+    # admission limit, so a new replica (about a minute to start on a CPU) is on its way before requests get 503.
+    limit = server.engine.max_num_queued_reqs or server.engine.max_num_seqs or 32
+    return {"min_replicas": low, "max_replicas": high, "initial_replicas": low,
+            "target_ongoing_requests": max(1, limit // 2), "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s}
 
 
 def live_nodes(address: str) -> list[dict[str, Any]]:
@@ -264,14 +291,15 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
                              f"stop that `llmops serve`, or `serve.delete({plan.app_name!r})` if it was left behind")
     first = plan.replicas[0]
     deployment = serve.deployment(
-        VLLMReplica, name="vllm", num_replicas=len(plan.replicas), max_replicas_per_node=1,
+        VLLMReplica, name="vllm", num_replicas=None if plan.autoscaling else len(plan.replicas),
+        autoscaling_config=plan.autoscaling, max_replicas_per_node=1,
         ray_actor_options={"num_cpus": min(r.cpus for r in plan.replicas), "num_gpus": first.gpus},
         max_ongoing_requests=plan.ongoing_per_replica,
         graceful_shutdown_timeout_s=config.grace_period_s, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0)
     app = deployment.bind(plan.server.command, plan.server.env, plan.replicas, config.grace_period_s,
                           config.startup_timeout_s)
-    log(f"llmops serve: deploying {len(plan.replicas)} replicas as Ray Serve application {plan.app_name} "
+    log(f"llmops serve: deploying replicas ({plan.scaling_text()}) as Ray Serve application {plan.app_name} "
         f"(proxy {plan.proxy_location} on {plan.server.host}:{plan.server.port}); vLLM's logs stay on each node")
     with _StopSignals() as stop:
         try:
