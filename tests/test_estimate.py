@@ -436,6 +436,25 @@ def test_calibrate_measures_a_warm_sample_records_it_and_leaves_the_output_alone
         estimate["roofline_generation_s"] * line["generation_s"] / line["roofline_generation_s"], rel=0.01)
 
 
+@pytest.mark.engine
+def test_calibrate_an_embedding_job(tmp_path, monkeypatch, default_embed_model_dir):
+    # Its warm-up rows once ran with a shorter max_tokens, a sampling setting an embedding job refuses.
+    from llmops.batch import BatchConfig
+    from llmops.batch.calibrate import calibrate
+    from llmops.config import load_config
+
+    record = tmp_path / "throughput.jsonl"
+    monkeypatch.setattr(throughput, "record_file", lambda: record)
+    cfg = load_config(BatchConfig, sets=[f"model={default_embed_model_dir}", "engine.enforce_eager=true"])
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"prompt": f"Note {i}: the river runs past the mill."}) + "\n"
+                             for i in range(120)))
+    found = calibrate(cfg, str(texts), str(tmp_path / "out"), rows=24)
+    assert found["calibration"]["rows_ok"] == 24 and found["estimate"]["rows"] == 120
+    [line] = throughput.read(record)
+    assert line["task"] == "embed" and line["rows"] == 24
+
+
 @pytest.mark.unit
 def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
     def estimate(*sets):

@@ -180,11 +180,19 @@ def assert_exactly_once(out, rows):
 @pytest.mark.ray
 @pytest.mark.engine
 def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
-    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s).
-    rows = 24
-    path = write_prompts(tmp_path / "in.parquet", rows)
+    from tests.test_batch_long import NAMES, report
+
+    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s). Two of
+    # the rows are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
+    short = 24
+    rows = short + 2
+    path = write_prompts(tmp_path / "in.parquet", short)
+    long_docs = [f"Summarize this report in two sentences.\n\n{report(name, 20)}" for name in NAMES[:2]]
+    pq.write_table(pa.concat_tables([pq.read_table(path), pa.table({"id": ["long0", "long1"], "prompt": long_docs})]),
+                   path)
     out = tmp_path / "out"
-    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2")
+    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2", "--on-long", "chunk",
+                      "--set", "engine.max_model_len=512")
 
     plan = run_cli(*args, "--dry-run", "--json", env=cluster.env)
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -202,6 +210,12 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
     assert manifest["status"] == "complete" and sorted(manifest["nodes"]) == sorted(manifest["units"])
     assert len(set(manifest["nodes"].values())) == 2  # both nodes committed units
     assert all(line.startswith("llmops") for line in done.stderr.splitlines() if line.strip())
+    results = {r["id"]: r for r in pq.read_table(out / "results").to_pylist()}
+    for doc, name in zip(("long0", "long1"), NAMES):
+        assert results[doc]["chunks"] >= 3 and results[doc]["generated_text"].strip()
+        assert not [n for n in NAMES if n != name and n in results[doc]["generated_text"]]  # its own pieces only
+    assert {results[f"q{i}"]["chunks"] for i in range(short)} == {1}
+    assert summary["long"]["chunked"] == 2
     cluster.wait_for_engines_gone()
 
     again = run_cli(*args, "--json", env=cluster.env)

@@ -52,8 +52,10 @@ def calibrate(config: BatchConfig, input_path: str, output_dir: str, *, rows: in
         try:
             warmup_s = 0.0
             if warm is not None:  # short rows: their time is mostly the engine's one-time cost
-                short = config.model_copy(update={"sampling": config.sampling.model_copy(
-                    update={"max_tokens": min(config.sampling.max_tokens, WARMUP_MAX_TOKENS)})})
+                # Shorter outputs for generation only: an embedding job refuses any sampling setting.
+                short = config if job.task.name != "generate" else config.model_copy(update={
+                    "sampling": config.sampling.model_copy(
+                        update={"max_tokens": min(config.sampling.max_tokens, WARMUP_MAX_TOKENS)})})
                 warmup_s = run_batch(short, str(warm), scratch / "warm", llm=engine, progress=progress,
                                      record=False).generation_s
             summary = run_batch(config, str(sample), scratch / "out", llm=engine, progress=progress, record=False)
