@@ -1,9 +1,11 @@
 """`llmops serve MODEL --ray ADDRESS` for a model that fits one node: one vLLM replica per Ray node as a Ray
 Serve application behind one OpenAI endpoint; planning with fake nodes, then a real 2-node local cluster (1 CPU
-each, token auth) with real vLLM, stopped by SIGTERM."""
+each, token auth) with real vLLM, stopped by SIGTERM. `llmops serve MODEL --replicas N`: N engines on this
+machine, each on its own cores, behind one endpoint on a Ray instance llmops starts and stops."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -16,7 +18,8 @@ import time
 import pytest
 
 from llmops.plan import EnginePlan
-from llmops.serve.replicas import REPLICA_HEADER, node_command, plan_on_ray, serves_replicas
+from llmops.errors import DoesNotFitError
+from llmops.serve.replicas import REPLICA_HEADER, node_command, plan_local, plan_on_ray, serves_replicas
 from llmops.serve.server import ServerPlan
 from tests.conftest import REPO
 
@@ -95,6 +98,88 @@ def test_an_open_host_without_a_key_is_refused_before_ray_is_reached():
     assert proc.returncode == 2 and "no API key is set" in proc.stderr, proc.stderr
 
 
+@pytest.mark.unit
+def test_local_replicas_get_disjoint_cores_and_a_machine_without_room_exits_3_with_the_numbers():
+    from tests.fake_hardware import cpu_only, gpus
+
+    placed = plan_local(_server(), 2, cpu_only(24, cores=4), cores=[0, 1, 2, 3])
+    assert placed.local and placed.proxy_location == "HeadOnly" and placed.autoscaling is None
+    assert [(r.rank, r.cpus, r.host_slot, r.host_replicas) for r in placed.replicas] == [(0, 2.0, 0, 2),
+                                                                                        (1, 2.0, 1, 2)]
+    lines = dict(placed.replica_lines())  # the exact cores, as each replica binds them (the batch's split)
+    assert "OMP_NUM_THREADS=2 VLLM_CPU_OMP_THREADS_BIND=0,1 " in lines["replica 0"]
+    assert "VLLM_CPU_OMP_THREADS_BIND=2,3 " in lines["replica 1"] and "--port PORT" in lines["replica 1"]
+    assert placed.scaling_text() == "2 on this machine, each on its own cores (fixed)"
+    assert len(plan_local(_server(), "auto", cpu_only(24, cores=4), cores=[0, 1, 2, 3]).replicas) == 4
+    # 24 GiB x 0.95 available, 4.3 GiB an engine (weights 0, engine 3, KV cache 1): memory holds 5, cores 4.
+    with pytest.raises(DoesNotFitError, match=r"--replicas 5: this machine has room for 4 engine\(s\): 4 usable "
+                                              r"cores, .* 22\.8 GiB of RAM available for 5, at 4\.0 GiB per engine"):
+        plan_local(_server(), 5, cpu_only(24, cores=4), cores=[0, 1, 2, 3])
+    with pytest.raises(DoesNotFitError, match="room for 1 engine"):  # 6 GiB: memory for one engine
+        plan_local(_server(), 2, cpu_only(6, cores=4), cores=[0, 1, 2, 3])
+    gpu = EnginePlan(model="m", device="cuda", dtype="bfloat16", tensor_parallel_size=2, data_parallel_size=1,
+                     max_model_len=2048, enforce_eager=False)
+    on_gpus = plan_local(ServerPlan("m", "/m", gpu, ["v", "--host", "h", "--port", "1"], {}, "h", 1, None), "auto",
+                         gpus(8, 80))
+    assert [r.gpus for r in on_gpus.replicas] == [2, 2, 2, 2]  # Ray gives each its own 2 GPUs
+
+    cli = [sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--dry-run", "--set", "engine.cpu_kv_cache_gib=1"]
+    proc = subprocess.run([*cli, "--replicas", "999"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and "this machine has room for" in proc.stderr and "GiB" in proc.stderr, proc.stderr
+    proc = subprocess.run([*cli, "--replicas", "auto", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = [r["call"] for r in json.loads(proc.stdout)["ray"]["replicas"]]
+    assert calls and all("llmops.serve.vllm_entry serve" in c for c in calls)
+    if len(calls) > 1:
+        bound = [set(c.split("VLLM_CPU_OMP_THREADS_BIND=")[1].split()[0].split(",")) for c in calls]
+        assert all(not (a & b) for i, a in enumerate(bound) for b in bound[i + 1:]), bound
+    proc = subprocess.run([*cli, "--replicas", "2", "--ray", "auto"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "give one of them" in proc.stderr, proc.stderr
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], env: dict[str, str], stderr):
+    """`llmops serve ... --json` in its own session: yields it and its ready line (indented JSON, printed once
+    Serve reports the application running; a failure with its stderr after 240 s); killed if still running."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        text, deadline = "", time.monotonic() + 240
+        while not text.endswith("}\n"):
+            try:
+                text += lines.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"not ready within 240 s: {text}{stderr.read_text()}")
+        yield proc, json.loads(text)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _sigterm_deletes_the_app(proc: subprocess.Popen, stderr) -> None:
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0, stderr.read_text()
+    assert "shutting down: deleting llmops-smollm2-135m" in stderr.read_text()
+
+
+def _replicas_answering(client, max_tokens: int) -> set[str]:
+    """The replicas (x-llmops-replica) that answer a few greedy requests: Serve picks the less busy of two
+    replicas at random, so both answer soon."""
+    seen: set[str] = set()
+    for _ in range(30):
+        raw = client.chat.completions.with_raw_response.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=max_tokens, temperature=0)
+        assert "Paris" in raw.parse().choices[0].message.content
+        seen.add(raw.headers[REPLICA_HEADER])
+        if len(seen) == 2:
+            break
+    return seen
+
+
 # --- a live Ray cluster (2 nodes of 1 CPU on this host) ----------------------------------------------------
 
 
@@ -152,30 +237,10 @@ def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ra
     cmd = [sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--ray", ray_cluster.address, "--port",
            str(port), "--json", "--grace-period", "10", *SMALL_ENGINE]
     stderr = tmp_path / "stderr.txt"
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ray_cluster.env}, stdout=subprocess.PIPE,
-                            stderr=stderr.open("w"), text=True, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        text, deadline = "", time.monotonic() + 240
-        while not text.endswith("}\n"):  # printed (indented JSON) once Serve reports the application running
-            try:
-                text += lines.get(timeout=max(1.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"not ready within 240 s: {text}{stderr.read_text()}")
-        ready = json.loads(text)
+    with _serving(cmd, {**os.environ, **ray_cluster.env}, stderr) as (proc, ready):
         assert ready["url"] == f"http://127.0.0.1:{port}/v1" and ready["served_model_name"] == "smollm2-135m"
-
         client = OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=60)
-        seen: set[str] = set()
-        for _ in range(30):  # Serve picks the less busy of two replicas at random: both answer soon
-            raw = client.chat.completions.with_raw_response.create(
-                model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=8, temperature=0)
-            assert "Paris" in raw.parse().choices[0].message.content
-            seen.add(raw.headers[REPLICA_HEADER])
-            if len(seen) == 2:
-                break
+        seen = _replicas_answering(client, max_tokens=8)
         assert len(seen) == 2, seen
         assert len({label.split("@")[1] for label in seen}) == 2  # one replica on each node
         raw = client.chat.completions.with_raw_response.create(
@@ -185,14 +250,7 @@ def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ra
 
         servers = [p for p in _ours(ray_cluster) if "llmops.serve.vllm_entry" in " ".join(p.cmdline())]
         assert len(servers) == 2  # what must be gone after the stop: one vLLM server per replica
-
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=90) == 0, stderr.read_text()
-        assert "shutting down: deleting llmops-smollm2-135m" in stderr.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _sigterm_deletes_the_app(proc, stderr)
     # The application is gone (Serve too: llmops started it and nothing else runs on it), the cluster is not.
     probe = ("import ray, sys, logging; ray.init(address=sys.argv[1], logging_level=logging.ERROR, "
              "log_to_driver=False); from ray import serve; from ray.serve._private.constants import *; "
@@ -206,5 +264,53 @@ def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ra
     assert not _group_alive(proc.pid)
     deadline = time.monotonic() + 30
     while (left := _ours(ray_cluster)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [" ".join(p.cmdline()) for p in left]
+
+
+# --- replicas on this machine (a Ray instance that llmops starts) ------------------------------------------
+
+
+def _started_by(marker: str) -> list:
+    """Processes whose environment carries `marker`: the llmops under test and all it started (Ray's, vLLM's)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LLMOPS_TEST_LOCAL_REPLICAS") == marker:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_two_local_replicas_on_disjoint_cores_answer_through_one_endpoint_and_sigterm_stops_all(default_model_dir,
+                                                                                               tmp_path):
+    pytest.importorskip("ray.serve")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two replicas need two cores")
+    from openai import OpenAI
+
+    from llmops.serve.server import free_port
+
+    marker = str(tmp_path)
+    cmd = [sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--replicas", "2", "--port", str(free_port()),
+           "--json", "--grace-period", "5", *SMALL_ENGINE]
+    stderr = tmp_path / "stderr.txt"
+    with _serving(cmd, {**os.environ, "LLMOPS_TEST_LOCAL_REPLICAS": marker}, stderr) as (proc, ready):
+        client = OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=60)
+        seen = _replicas_answering(client, max_tokens=8)
+        assert {label.split("@")[0] for label in seen} == {"0", "1"}, seen  # two replicas behind one port
+        servers = [p for p in _started_by(marker) if "llmops.serve.vllm_entry" in " ".join(p.cmdline())]
+        bound = sorted(p.environ().get("VLLM_CPU_OMP_THREADS_BIND") for p in servers)
+        cores = sorted(os.sched_getaffinity(0))
+        assert bound == [",".join(map(str, cores[:len(cores) // 2])), ",".join(map(str, cores[len(cores) // 2:]))]
+        _sigterm_deletes_the_app(proc, stderr)
+    # Nothing llmops started lives on: no VLLM:: process, no replica, no Ray process of its instance.
+    deadline = time.monotonic() + 30
+    while (left := _started_by(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [" ".join(p.cmdline()) for p in left]

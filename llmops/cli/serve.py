@@ -38,6 +38,8 @@ def serve_command(
              "to): a model that fits one node runs one replica per node as a Ray Serve application behind "
              "one endpoint; a model too large for one node is served across them, pipeline parallel. Needs "
              "`pip install 'llmops[ray]'`.")] = None,
+    replicas: Annotated[Optional[str], typer.Option(
+        "--replicas", metavar="N|auto", show_default=False, help=_FIELDS["replicas"].description)] = None,
     min_replicas: Annotated[Optional[int], typer.Option(
         "--min-replicas", min=1, show_default=False, help=_FIELDS["min_replicas"].description)] = None,
     max_replicas: Annotated[Optional[int], typer.Option(
@@ -86,8 +88,8 @@ def serve_command(
     flags = {"model": model_arg or model, "host": host, "port": port, "api_key": api_key,
              "allow_unauthenticated": allow_unauthenticated, "max_queue": max_queue,
              "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period,
-             "status_every_s": status_every, "min_replicas": min_replicas, "max_replicas": max_replicas,
-             "store": store, "state_dir": state_dir,
+             "status_every_s": status_every, "replicas": replicas, "min_replicas": min_replicas,
+             "max_replicas": max_replicas, "store": store, "state_dir": state_dir,
              "conversation_ttl_s": parse_duration(conversation_ttl) if conversation_ttl is not None else None}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:
@@ -95,6 +97,12 @@ def serve_command(
     if adapter:
         cfg = cfg.model_copy(update={"adapters": [*cfg.adapters, *adapter]})
 
+    if ray is not None and cfg.replicas is not None:
+        raise UsageError("--replicas runs engines on this machine; --ray runs one on each node of a cluster",
+                         "give one of them (--min-replicas/--max-replicas scale them on the cluster)")
+    if cfg.replicas is not None and cfg.engine.data_parallel_size == "auto":
+        # Each replica is one engine: without this a GPU machine's plan would be vLLM's data parallelism.
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"data_parallel_size": 1})})
     if ray is None and (cfg.min_replicas is not None or cfg.max_replicas is not None):
         raise UsageError("--min-replicas and --max-replicas scale replicas on a Ray cluster", "add --ray ADDRESS")
     if format_ != "text" and not dry_run:
@@ -106,7 +114,8 @@ def serve_command(
             out.result(manifest(cfg, ray_address=ray))
             return
         plan = plan_server(cfg, download=False, ray_address=ray)
-        if ray is not None and _show_replicas(plan, cfg, ray, json or format_ == "json"):
+        if (ray is not None or cfg.replicas is not None) and _show_replicas(plan, cfg, ray,
+                                                                            json or format_ == "json"):
             return
         if json or format_ == "json":
             out.print_json(plan.to_dict())
@@ -138,6 +147,10 @@ def serve_command(
         else:
             out.result(ready_text(plan))
 
+    if cfg.replicas is not None:  # engines on this machine, behind Ray Serve's proxy on a Ray llmops starts
+        from llmops.serve.replicas import plan_local, run_on_ray
+
+        raise typer.Exit(run_on_ray(plan_local(plan, cfg.replicas), cfg, log=out.log, on_ready=ready))
     if ray is not None:
         from llmops.serve.replicas import live_nodes, plan_on_ray, run_on_ray, serves_replicas
 
@@ -148,26 +161,30 @@ def serve_command(
     raise typer.Exit(code)
 
 
-def _show_replicas(plan, cfg: ServeConfig, ray: str, as_json: bool) -> bool:
-    """`--dry-run --ray` for a model that fits one node: the Serve application and each replica's vLLM call.
-    False for a model served across nodes (its steps are printed as before)."""
-    from llmops.serve.replicas import live_nodes, plan_on_ray, serves_replicas
+def _show_replicas(plan, cfg: ServeConfig, ray: str | None, as_json: bool) -> bool:
+    """`--dry-run --ray` for a model that fits one node, or `--dry-run --replicas`: the Serve application and
+    each replica's vLLM call. False for a model served across nodes (its steps are printed as before)."""
+    from llmops.serve.replicas import live_nodes, plan_local, plan_on_ray, serves_replicas
 
-    if not serves_replicas(plan):
+    if ray is None:
+        placed = plan_local(plan, cfg.replicas)
+    elif not serves_replicas(plan):
         return False
-    placed = plan_on_ray(plan, live_nodes(ray), ray, cfg)
+    else:
+        placed = plan_on_ray(plan, live_nodes(ray), ray, cfg)
     if as_json:
         out.print_json(placed.to_dict())
         return True
     engine = plan.engine.to_dict()
     notes = engine.pop("notes", ())
+    where = "on a Ray instance of this machine" if placed.local else f"on {ray}"
     out.key_values(f"serve plan for {', '.join(plan.model_names)} on Ray Serve", [
         ("model path", plan.model_path), *((f"adapter {n}", p) for n, p in plan.adapters.items()),
         ("url", plan.url + "/v1"), ("api key", "required" if plan.api_key else "none"),
-        ("ray", f"{ray}: application {placed.app_name}, proxy {placed.proxy_location}, "
+        ("ray", f"{where}: application {placed.app_name}, proxy {placed.proxy_location}, "
                 f"max_ongoing_requests {placed.ongoing_per_replica} per replica"),
         ("replicas", placed.scaling_text()),
         *engine.items(), *(("why", n) for n in notes)])
-    out.key_values("replicas (each runs this vLLM on its node; Serve's proxy forwards to it)",
+    out.key_values("replicas (each runs this vLLM; Serve's proxy forwards to it)",
                    placed.replica_lines())
     return True

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmops.config import StrictModel
 from llmops.vllm_engine import EngineConfig
@@ -55,6 +55,10 @@ class ServeConfig(StrictModel):
     max_stored_responses: int = Field(default=100_000, ge=1)
     """Responses (one per turn, each with its whole history) kept at most; past it the oldest are evicted
     first, counted in /metrics as llmops_conversations_evicted_total."""
+    replicas: Union[Literal["auto"], int, None] = None
+    """Engines on this machine behind one endpoint (a local Ray Serve application that llmops starts and stops):
+    each on its own cores, or its own group of tensor_parallel_size GPUs. `auto`: as many as the machine holds.
+    Unset: one vLLM server, no Ray."""
     min_replicas: Optional[int] = Field(default=None, ge=1)
     """With --ray: autoscale between this many replicas and max_replicas on ongoing requests (Ray Serve's
     autoscaling). Unset with max_replicas unset: one replica per live node, fixed."""
@@ -69,6 +73,15 @@ class ServeConfig(StrictModel):
     shutdown_timeout_s: float = Field(default=15, gt=0)
     """Stopping a vLLM that is not serving (it never became ready): wait this long after SIGTERM before killing
     its processes. A serving one gets grace_period_s."""
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replica_count(cls, value):
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+            raise ValueError(f"give a number of engines, 1 or more, or auto (got {value!r})")
+        return int(value)
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:

@@ -1,5 +1,6 @@
 """`llmops serve MODEL --ray ADDRESS|auto` for a model that fits one node: one vLLM server per Ray node, as a
-Ray Serve application behind Serve's HTTP proxy on the planned port.
+Ray Serve application behind Serve's HTTP proxy on the planned port. `llmops serve MODEL --replicas N|auto`:
+N vLLM servers on this machine, the same application on a Ray instance llmops starts for it (`plan_local`).
 
 1. `plan_on_ray` takes the single server's plan (`plan_server`: the same engine, command, environment, API key
    and admission) and places one replica per live node with the code batch uses (`llmops.placement`).
@@ -7,7 +8,7 @@ Ray Serve application behind Serve's HTTP proxy on the planned port.
    application running, and on SIGINT/SIGTERM deletes it: Serve stops routing to the replicas, lets the requests
    in flight finish (`graceful_shutdown_timeout_s`: the grace period), then each replica drains and stops its
    vLLM. The user's Ray cluster keeps running; Serve itself is shut down only if llmops started it and no
-   other application is left on it.
+   other application is left on it. A local Ray instance (`--replicas`) is shut down with its processes.
 
 Each replica runs vLLM's own OpenAI server (the single server's command, on a free port of its node, bound to
 loopback) as a child in its own process group and forwards every request to it, streams included, adding
@@ -30,10 +31,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from llmops.errors import RuntimeFailure, UsageError
-from llmops.placement import Replica, plan_replicas
+from llmops.errors import DoesNotFitError, RuntimeFailure, UsageError
+from llmops.placement import Replica, host_cores, plan_replicas
 from llmops.serve.config import ServeConfig
 from llmops.serve.server import ServerPlan, redacted
 
@@ -44,6 +45,11 @@ _HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connec
 UNLIMITED_ONGOING = 10_000
 POLL_S = 0.5
 LOCAL_ROUTING_ENV = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+# `RayServePlan.address` of replicas on this machine (`--replicas`): a Ray instance that llmops starts itself.
+LOCAL = "local"
+# The local Ray instance's object store (Ray's smallest is 75 MiB): requests and answers go over HTTP, not
+# through it; Ray's default would set aside 30% of the RAM the engines need.
+LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 
 
 def serves_replicas(plan: ServerPlan) -> bool:
@@ -65,6 +71,12 @@ class RayServePlan:
     their proxies would take the same port."""
     autoscaling: dict[str, Any] | None = None
     """Ray Serve's autoscaling_config; None: one replica per live node, fixed."""
+    cores: tuple[int, ...] = ()
+    """Replicas on this machine (address LOCAL): its usable cores, of which each CPU replica binds its share."""
+
+    @property
+    def local(self) -> bool:
+        return self.address == LOCAL
 
     @property
     def ongoing_per_replica(self) -> int:
@@ -75,6 +87,9 @@ class RayServePlan:
 
     def scaling_text(self) -> str:
         a = self.autoscaling
+        if self.local:
+            own = f"{self.replicas[0].gpus} GPU(s)" if self.replicas[0].gpus else "cores"
+            return f"{len(self.replicas)} on this machine, each on its own {own} (fixed)"
         if a is None:
             return f"{len(self.replicas)}, one per node (fixed)"
         beyond = (f"; past {len(self.replicas)} a replica waits for a node to join"
@@ -89,14 +104,16 @@ class RayServePlan:
 
         lines = []
         for r in self.replicas:
-            env = {**self.server.env, **process_env(r), **replica_env(self.server.env, r, None)}
+            # Here the cores are known (this machine's); a node's are only known on the node.
+            env = {**self.server.env, **process_env(r), **replica_env(self.server.env, r, list(self.cores) or None)}
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # see VLLMReplica: vLLM's API server sets its own
             shown = " ".join(f"{k}={'***' if k == 'VLLM_API_KEY' else v}" for k, v in env.items())
-            if r.gpus == 0 and r.host_replicas > 1:
+            if r.gpus == 0 and r.host_replicas > 1 and not self.local:
                 shown += f" VLLM_CPU_OMP_THREADS_BIND=<share {r.host_slot + 1} of {r.host_replicas} of the host's cores>"
             command = " ".join(redacted(node_command(self.server.command, "PORT")))
-            where = f"node {r.node_ip} {r.node_id[:12]} ({r.cpus:g} CPU{f', {r.gpus} GPU' if r.gpus else ''})"
-            lines.append((f"replica {r.rank}", f"{where}: {shown} {command}  # PORT: a free port on the node"))
+            where = (f"node {r.node_ip} {r.node_id[:12]}" if not self.local else "this machine") + \
+                f" ({r.cpus:g} CPU{f', {r.gpus} GPU' if r.gpus else ''})"
+            lines.append((f"replica {r.rank}", f"{where}: {shown} {command}  # PORT: a free port of its machine"))
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,9 +131,52 @@ def plan_on_ray(server: ServerPlan, nodes: list[dict[str, Any]], address: str,
     autoscale between `config.min_replicas` and `config.max_replicas` when either is set."""
     replicas = tuple(plan_replicas(nodes, server.engine))
     shared = len({r.node_ip for r in replicas}) < len(replicas)
-    name = "llmops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", server.served_model_name)
-    return RayServePlan(server, address, replicas, name, "HeadOnly" if shared else "EveryNode",
+    return RayServePlan(server, address, replicas, _app_name(server), "HeadOnly" if shared else "EveryNode",
                         _autoscaling(config, server, len(replicas)) if config is not None else None)
+
+
+def plan_local(server: ServerPlan, replicas: int | Literal["auto"], hw=None,
+               cores: list[int] | None = None) -> RayServePlan:
+    """N copies of the planned engine on this machine, behind one endpoint. The machine is cut into N slots and
+    placed by the code that places batch's engines and `--ray`'s replicas (`plan_replicas`, `host_cores`):
+    each CPU engine binds its own share of the cores (vLLM's automatic binding would put them all on the same
+    ones: 2 engines on 2 cores made 273 tok/s bound alike, 1160 apart), each GPU engine gets its own
+    tensor_parallel_size GPUs (Ray assigns them, as on a cluster). `auto`: as many as the machine has room
+    for. Raises DoesNotFitError with the numbers where it has no room for N."""
+    from llmops.hardware import GIB, detect
+    from llmops.plan import CPU_ENGINE_OVERHEAD_BYTES
+
+    hw = hw or detect()
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    engine = server.engine
+    if engine.device == "cuda":
+        tp = engine.tensor_parallel_size
+        room = len(hw.gpus) // tp
+        why = f"{len(hw.gpus)} GPU(s), {tp} per engine (tensor_parallel_size)"
+        hint = "ask for fewer (--replicas auto takes what fits) or a smaller tensor_parallel_size"
+    else:
+        need = engine.weights_gib * GIB + CPU_ENGINE_OVERHEAD_BYTES + (engine.cpu_kv_cache_gib or 0) * GIB
+        by_memory = int(hw.ram.available_bytes // need)
+        room = min(len(cores), by_memory)
+        why = (f"{len(cores)} usable cores, at least one per engine, and {hw.ram.available_bytes / GIB:.1f} GiB of "
+               f"RAM available for {by_memory}, at {need / GIB:.1f} GiB per engine (weights "
+               f"{engine.weights_gib:.1f} GiB, KV cache {engine.cpu_kv_cache_gib} GiB, engine processes "
+               f"{CPU_ENGINE_OVERHEAD_BYTES / GIB:.0f} GiB)")
+        hint = ("ask for fewer (--replicas auto takes what fits), or a smaller KV cache per engine "
+                "(--set engine.cpu_kv_cache_gib=N)")
+    n = room if replicas == "auto" else replicas
+    if room < 1 or n > room:
+        raise DoesNotFitError(f"--replicas {replicas}: this machine has room for {room} engine(s): {why}", hint)
+    slots = [{"GPU": engine.tensor_parallel_size} if engine.device == "cuda" else
+             {"CPU": len(host_cores(cores, i, n))} for i in range(n)]
+    nodes = [{"NodeID": f"{LOCAL}-{i:04d}", "NodeManagerAddress": "127.0.0.1", "Alive": True, "Resources": slot}
+             for i, slot in enumerate(slots)]
+    return RayServePlan(server, LOCAL, tuple(plan_replicas(nodes, engine)), _app_name(server), "HeadOnly", None,
+                        tuple(cores))
+
+
+def _app_name(server: ServerPlan) -> str:
+    return "llmops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", server.served_model_name)
 
 
 def _autoscaling(config: ServeConfig, server: ServerPlan, nodes: int) -> dict[str, Any] | None:
@@ -177,9 +237,11 @@ class VLLMReplica:
         from llmops.serve.traffic import DRAIN_FILE_ENV
 
         node = ray.get_runtime_context().get_node_id()
-        # A node that joined after planning (or a replica Serve moved there) runs alone on its host.
-        me = next((r for r in replicas if r.node_id == node), None) or Replica(
-            -1, node, ray.util.get_node_ip_address(), float(len(os.sched_getaffinity(0))), 0)
+        if replicas[0].node_id.startswith(LOCAL + "-"):  # slots of this machine: Serve's replica rank picks one
+            me = replicas[_serve_rank() % len(replicas)]
+        else:  # a node that joined after planning (or a replica Serve moved there) runs alone on its host
+            me = next((r for r in replicas if r.node_id == node), None) or Replica(
+                -1, node, ray.util.get_node_ip_address(), float(len(os.sched_getaffinity(0))), 0)
         self.label = f"{me.rank}@{node[:12]}"
         self.grace_period_s = grace_period_s
         full_env = {**env, **process_env(me), **replica_env(env, me, sorted(os.sched_getaffinity(0)))}
@@ -256,6 +318,14 @@ class VLLMReplica:
         self.proc = None
 
 
+def _serve_rank() -> int:
+    """This replica's rank in its deployment (0 to N-1; a restarted replica takes the rank it replaces)."""
+    from ray import serve
+
+    rank = serve.get_replica_context().rank
+    return int(getattr(rank, "rank", rank) or 0)
+
+
 # --- the driver (`llmops serve`) ---------------------------------------------------------------------------
 
 
@@ -276,7 +346,7 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
     from llmops.ray_cluster import connect
     from llmops.serve.server import _StopSignals
 
-    ray = connect(plan.address)
+    ray = _start_local(plan) if plan.local else connect(plan.address)
     try:
         from ray import serve
     except ImportError as e:  # Ray without its `serve` extra (grpcio-reflection and others)
@@ -292,7 +362,7 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
     first = plan.replicas[0]
     deployment = serve.deployment(
         VLLMReplica, name="vllm", num_replicas=None if plan.autoscaling else len(plan.replicas),
-        autoscaling_config=plan.autoscaling, max_replicas_per_node=1,
+        autoscaling_config=plan.autoscaling, max_replicas_per_node=None if plan.local else 1,
         ray_actor_options={"num_cpus": min(r.cpus for r in plan.replicas), "num_gpus": first.gpus},
         max_ongoing_requests=plan.ongoing_per_replica,
         graceful_shutdown_timeout_s=config.grace_period_s, graceful_shutdown_wait_loop_s=1.0,
@@ -325,8 +395,25 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
                                      "read the replicas' logs in each node's Ray log folder (session_latest/logs)")
         finally:
             code = _delete(serve, plan, stop, started_serve, config.grace_period_s, log)
-            ray.shutdown()
+            ray.shutdown(wait_for_processes=plan.local)
     return code
+
+
+def _start_local(plan: RayServePlan):
+    """A Ray instance of this machine for `--replicas`, started by this process (`address="local"`: never one
+    already running here): `ray.shutdown()` ends its processes, Serve's and the replicas' with them, and no
+    other Ray of the machine. Ray's processes ignore the terminal's Ctrl+C (it blocks SIGINT in them): the
+    drain runs first."""
+    import logging
+
+    from llmops.ray_cluster import import_ray
+
+    ray = import_ray()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=LOCAL, num_cpus=max(1, len(plan.cores)), num_gpus=sum(r.gpus for r in plan.replicas),
+             include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.ERROR,
+             log_to_driver=False, configure_logging=True)
+    return ray
 
 
 def _quietly(fn, *args, **kwargs) -> None:
