@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -73,22 +74,81 @@ def test_past_the_cap_the_oldest_are_evicted_first_and_counted(tmp_path):
     assert [s.id for s in store.list()] == ["r4", "r2"]
 
 
-@pytest.mark.unit
-def test_concurrent_writers_lose_nothing(tmp_path):
-    store = store_at(tmp_path)
+def write_concurrently(open_store: Callable[[], ConversationStore], writers=4, each=50) -> None:
+    """`writers` threads, each on a connection of its own (as another process or machine has), each writing
+    `each` responses; then every one of them reads back as written."""
 
     def write(n):
-        own = store_at(tmp_path)  # a connection of its own, as another process has
-        for i in range(50):
+        own = open_store()
+        for i in range(each):
             own.put("messages", f"w{n}-{i}", json.dumps([n, i]))
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert store.count() == 200
-    assert all(json.loads(store.get("messages", f"w{n}-{i}")) == [n, i] for n in range(4) for i in range(50))
+    store = open_store()
+    assert store.count() >= writers * each
+    assert all(json.loads(store.get("messages", f"w{n}-{i}")) == [n, i] for n in range(writers) for i in range(each))
+
+
+@pytest.mark.unit
+def test_concurrent_writers_lose_nothing(tmp_path):
+    write_concurrently(lambda: store_at(tmp_path))
+    assert store_at(tmp_path).count() == 200
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """A local PostgreSQL (pgserver: its own binaries, a unix socket in the folder), stopped after the module."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.mark.unit
+def test_a_postgres_store_is_shared_by_two_servers_bounded_and_counts_each_eviction_once(postgres_url):
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # a fresh database for this test
+        db.execute("DROP DATABASE IF EXISTS shared_test")
+        db.execute("CREATE DATABASE shared_test")
+    url = postgres_url.replace("/postgres?", "/shared_test?")
+    clock = Clock()
+    a, b = (ConversationStore(url, ttl_s=60, max_responses=3, clock=clock) for _ in range(2))  # two servers
+    StoreColumn(a, "messages", json.dumps, json.loads)["r0"] = [{"role": "user", "content": "hi"}]
+    assert json.loads(b.get("messages", "r0")) == [{"role": "user", "content": "hi"}] and b.get("response", "r0") is None
+    for i in range(1, 5):
+        clock.now += 1
+        (a if i % 2 else b).put("response", f"r{i}", "{}")
+    assert [s.id for s in b.list()] == ["r4", "r3", "r2"] and a.evicted_total() == b.evicted_total() == 2
+    clock.now += 58.5  # r2 is 60.5 s old
+    assert a.get("response", "r2") is None and a.count() == 2 and b.prune() == 1
+    assert a.remove("r4") and not b.remove("r4")
+
+    write_concurrently(lambda: ConversationStore(url), each=25)
+
+
+@pytest.mark.unit
+def test_a_state_url_is_a_postgres_url_without_a_password():
+    from pydantic import ValidationError
+
+    from llmops.serve.config import ServeConfig
+
+    assert ServeConfig(state_url="postgresql://llmops@db.internal:5432/chat").state_url
+    for url, said in [("redis://db:6379", "is not a PostgreSQL URL"),
+                      ("postgresql://llmops:s3cret@db/chat", "PGPASSWORD")]:
+        with pytest.raises(ValidationError, match=said):
+            ServeConfig(state_url=url)
+    proc = run_cli("serve", "--dry-run", "--json", "--state-url", "postgresql://llmops@db.internal/chat")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(json.loads(proc.stdout)["env"]["LLMOPS_CONVERSATIONS"])["url"] == \
+        "postgresql://llmops@db.internal/chat"
+    unreachable = run_cli("conversations", "list", "--state-url", "postgresql://nobody@127.0.0.1:1/none")
+    assert unreachable.returncode == 2 and "cannot reach the conversation store" in unreachable.stderr
 
 
 @pytest.mark.unit
@@ -274,6 +334,33 @@ def test_a_conversation_continues_after_the_server_restarts(served):
     after = ask(client_of(served["servers"][-1]), TURNS[5], previous)
     assert after.status in ("completed", "incomplete") and after.output_text
     assert [m["content"] for m in history(served["state"], after.id) if m.get("role") == "user"] == TURNS[:6]
+
+
+@pytest.mark.engine
+def test_two_servers_sharing_a_postgres_store_continue_each_others_conversations(postgres_url, default_model_dir,
+                                                                                 tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_serve import start_server, stop_server
+
+    args = ("--state-url", postgres_url, "--set", "engine.enforce_eager=true")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with ThreadPoolExecutor(2) as pool:  # two servers, as on two machines
+        starting = [pool.submit(start_server, tmp_path / name, *args) for name in ("a", "b")]
+        servers = [s.result() for s in starting]
+    try:
+        on_a, on_b = (client_of(server) for server in servers)
+        first = ask(on_a, "Hello! My name is Ada and I live in Lisbon.")
+        second = ask(on_b, "Where do I live?", first.id)  # the other server, the same conversation
+        third = ask(on_a, "What is my name?", second.id)
+        assert second.output_text and third.output_text
+        store = ConversationStore(postgres_url)
+        users = [m["content"] for m in json.loads(store.get("messages", third.id)) if m.get("role") == "user"]
+        assert users == ["Hello! My name is Ada and I live in Lisbon.", "Where do I live?", "What is my name?"]
+    finally:
+        for server in servers:
+            stop_server(server)
 
 
 @pytest.mark.engine

@@ -143,6 +143,35 @@ def write_prompts(path, rows, words=("story", "poem", "list")):
     return path
 
 
+LONG_REPORTS = ["--on-long", "chunk", "--set", "engine.max_model_len=512"]
+
+
+def write_prompts_and_reports(path, short, at):
+    """`short` prompts, and at each index of `at` two reports of ~3 contexts (ids long0, long1, ...) that
+    `LONG_REPORTS` map-reduces (issue 22)."""
+    from tests.test_batch_long import NAMES, report
+
+    rows = pq.read_table(write_prompts(path, short)).to_pylist()
+    for n, index in enumerate(sorted(at, reverse=True)):
+        first = 2 * (len(at) - 1 - n)
+        rows[index:index] = [{"id": f"long{k}", "prompt": "Summarize this report in two sentences.\n\n"
+                              + report(NAMES[k], 20)} for k in (first, first + 1)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def assert_reports_whole(out, short, reports):
+    """Every report map-reduced from its own pieces only; every short prompt one request."""
+    from tests.test_batch_long import NAMES
+
+    results = {r["id"]: r for r in pq.read_table(out / "results").to_pylist()}
+    for k in range(reports):
+        doc = results[f"long{k}"]
+        assert doc["chunks"] >= 3 and doc["generated_text"].strip(), doc
+        assert not [n for n in NAMES if n != NAMES[k] and n in doc["generated_text"]], doc["generated_text"]
+    assert {results[f"q{i}"]["chunks"] for i in range(short)} == {1}
+
+
 def batch_args(cluster, path, out, *extra):
     return ["batch", str(path), "-o", str(out), "--ray", cluster.address, *SMALL_ENGINE, *extra]
 
@@ -180,19 +209,13 @@ def assert_exactly_once(out, rows):
 @pytest.mark.ray
 @pytest.mark.engine
 def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
-    from tests.test_batch_long import NAMES, report
-
     # Enough work that one engine cannot finish it all while the other is still starting (about 15 s). Two of
     # the rows are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
     short = 24
+    path = write_prompts_and_reports(tmp_path / "in.parquet", short, at=(short,))
     rows = short + 2
-    path = write_prompts(tmp_path / "in.parquet", short)
-    long_docs = [f"Summarize this report in two sentences.\n\n{report(name, 20)}" for name in NAMES[:2]]
-    pq.write_table(pa.concat_tables([pq.read_table(path), pa.table({"id": ["long0", "long1"], "prompt": long_docs})]),
-                   path)
     out = tmp_path / "out"
-    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2", "--on-long", "chunk",
-                      "--set", "engine.max_model_len=512")
+    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2", *LONG_REPORTS)
 
     plan = run_cli(*args, "--dry-run", "--json", env=cluster.env)
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -210,11 +233,7 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
     assert manifest["status"] == "complete" and sorted(manifest["nodes"]) == sorted(manifest["units"])
     assert len(set(manifest["nodes"].values())) == 2  # both nodes committed units
     assert all(line.startswith("llmops") for line in done.stderr.splitlines() if line.strip())
-    results = {r["id"]: r for r in pq.read_table(out / "results").to_pylist()}
-    for doc, name in zip(("long0", "long1"), NAMES):
-        assert results[doc]["chunks"] >= 3 and results[doc]["generated_text"].strip()
-        assert not [n for n in NAMES if n != name and n in results[doc]["generated_text"]]  # its own pieces only
-    assert {results[f"q{i}"]["chunks"] for i in range(short)} == {1}
+    assert_reports_whole(out, short, 2)
     assert summary["long"]["chunked"] == 2
     cluster.wait_for_engines_gone()
 
@@ -338,10 +357,11 @@ def own_cluster():
 def test_killing_a_node_mid_job_finishes_on_the_other_and_rerun_gives_every_row_once(own_cluster, tmp_path,
                                                                                      default_model_dir):
     cluster = own_cluster
-    rows = 24
-    path = write_prompts(tmp_path / "in.parquet", rows)
+    short = 24
+    rows = short + 4  # and 4 reports, map-reduced, in the first units: in flight on the node killed, or done there
+    path = write_prompts_and_reports(tmp_path / "in.parquet", short, at=(2, 10))
     out = tmp_path / "out"
-    args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2")
+    args = batch_args(cluster, path, out, "--max-tokens", "48", "--set", "chunk_rows=2", *LONG_REPORTS)
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:
         # Both engines are up (killed while starting, the node's engine "did not start": another path), and
@@ -354,6 +374,7 @@ def test_killing_a_node_mid_job_finishes_on_the_other_and_rerun_gives_every_row_
     assert driver.returncode == 0, stderr[-3000:]
     assert "was lost" in stderr and "1 of 2 engines left" in stderr
     assert_exactly_once(out, rows)
+    assert_reports_whole(out, short, 4)
     cluster.wait_for_engines_gone()
 
     again = run_cli(*args, "--json", env=cluster.env)

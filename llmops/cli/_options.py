@@ -32,6 +32,11 @@ StateDirOpt = Annotated[Optional[str], typer.Option(
     "--state-dir", metavar="DIR",
     help="Folder of the conversations `llmops serve` keeps; default `$LLMOPS_HOME/conversations`.")]
 
+StateUrlOpt = Annotated[Optional[str], typer.Option(
+    "--state-url", metavar="URL",
+    help="A PostgreSQL database of conversations (postgresql://USER@HOST:PORT/DB) instead of the SQLite file "
+         "under --state-dir, shared by servers on several machines; the password in PGPASSWORD or ~/.pgpass.")]
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

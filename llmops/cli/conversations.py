@@ -8,17 +8,19 @@ from typing import Annotated, Optional
 import typer
 
 from llmops.cli import _output as out
-from llmops.cli._options import JsonOpt, StateDirOpt, parse_duration
+from llmops.cli._options import JsonOpt, StateDirOpt, StateUrlOpt, parse_duration
 
 app = typer.Typer(help="List, remove and prune the conversations `llmops serve` keeps.", no_args_is_help=True)
 
 
-def _open(state_dir: Optional[str], **bounds):
+def _open(state_dir: Optional[str], state_url: Optional[str] = None, **bounds):
     from pathlib import Path
 
     from llmops.errors import UsageError
     from llmops.serve.conversations import FILE, ConversationStore, default_state_dir
 
+    if state_url:
+        return ConversationStore(state_url, **bounds)
     folder = Path(state_dir) if state_dir else default_state_dir()
     if not (folder / FILE).is_file():
         raise UsageError(f"no conversation store in {folder}",
@@ -27,10 +29,10 @@ def _open(state_dir: Optional[str], **bounds):
 
 
 @app.command("list")
-def list_command(state_dir: StateDirOpt = None, json: JsonOpt = False) -> None:
+def list_command(state_dir: StateDirOpt = None, state_url: StateUrlOpt = None, json: JsonOpt = False) -> None:
     """The stored responses, newest first: id (a `previous_response_id`), when, turns of history, size."""
     rows = [{"id": s.id, "created": datetime.fromtimestamp(s.created, timezone.utc).isoformat(timespec="seconds"),
-             "turns": s.turns, "bytes": s.bytes} for s in _open(state_dir).list()]
+             "turns": s.turns, "bytes": s.bytes} for s in _open(state_dir, state_url).list()]
     if json:
         out.print_json(rows)
         return
@@ -40,11 +42,11 @@ def list_command(state_dir: StateDirOpt = None, json: JsonOpt = False) -> None:
 
 @app.command("rm")
 def rm_command(response_id: Annotated[str, typer.Argument(metavar="ID", help="A stored response's id.")],
-               state_dir: StateDirOpt = None) -> None:
+               state_dir: StateDirOpt = None, state_url: StateUrlOpt = None) -> None:
     """Remove one stored response and its history (a later turn of the conversation keeps its own copy)."""
     from llmops.errors import UsageError
 
-    if not _open(state_dir).remove(response_id):
+    if not _open(state_dir, state_url).remove(response_id):
         raise UsageError(f"no stored response {response_id}", "see `llmops conversations list`")
     out.log(f"removed {response_id}")
 
@@ -52,12 +54,13 @@ def rm_command(response_id: Annotated[str, typer.Argument(metavar="ID", help="A 
 @app.command("prune")
 def prune_command(
     state_dir: StateDirOpt = None,
+    state_url: StateUrlOpt = None,
     ttl: Annotated[str, typer.Option("--ttl", help="Remove responses older than this (7d, 12h, 30m, 90s).")] = "7d",
     max_responses: Annotated[int, typer.Option("--max", min=1, help="Keep at most this many, the newest.")] = 100_000,
     json: JsonOpt = False,
 ) -> None:
     """Remove what is past the bounds now (a running server also does on every write)."""
-    removed = _open(state_dir, ttl_s=parse_duration(ttl), max_responses=max_responses).prune()
+    removed = _open(state_dir, state_url, ttl_s=parse_duration(ttl), max_responses=max_responses).prune()
     if json:
         out.print_json({"removed": removed})
     else:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from llmops.cli import _output as out
-from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt, StateDirOpt, parse_duration
+from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt, StateDirOpt, StateUrlOpt, parse_duration
 from llmops.serve.config import ServeConfig
 
 _FIELDS = ServeConfig.model_fields
@@ -59,6 +59,7 @@ def serve_command(
         "--store/--no-store", show_default=False,
         help=_FIELDS["store"].description + " [default: store]")] = None,
     state_dir: StateDirOpt = None,
+    state_url: StateUrlOpt = None,
     conversation_ttl: Annotated[Optional[str], typer.Option(
         "--conversation-ttl", metavar="DURATION", show_default=False,
         help=_FIELDS["conversation_ttl_s"].description + r" 7d, 12h, 30m or seconds. \[default: 7d]")] = None,
@@ -89,7 +90,7 @@ def serve_command(
              "allow_unauthenticated": allow_unauthenticated, "max_queue": max_queue,
              "ttft_target_ms": ttft_target_ms, "grace_period_s": grace_period,
              "status_every_s": status_every, "replicas": replicas, "min_replicas": min_replicas,
-             "max_replicas": max_replicas, "store": store, "state_dir": state_dir,
+             "max_replicas": max_replicas, "store": store, "state_dir": state_dir, "state_url": state_url,
              "conversation_ttl_s": parse_duration(conversation_ttl) if conversation_ttl is not None else None}
     cfg = load_config(ServeConfig, yaml_path=config, sets=set_, flags=flags)
     if extra:

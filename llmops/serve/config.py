@@ -50,6 +50,10 @@ class ServeConfig(StrictModel):
     answer a request that asks for `store: true` with an error (vLLM alone ignores it silently)."""
     state_dir: Optional[str] = None
     """Folder of the conversation store; default `$LLMOPS_HOME/conversations`. Created owner-only."""
+    state_url: Optional[str] = None
+    """A PostgreSQL database for the conversations instead of the SQLite file (`postgresql://USER@HOST:PORT/DB`),
+    that servers on several machines share. Its password goes in PGPASSWORD or ~/.pgpass, never in the URL (the
+    URL shows in --dry-run). Needs `pip install 'llmops[postgres]'`."""
     conversation_ttl_s: float = Field(default=7 * 24 * 3600, gt=0)
     """A stored response older than this is gone: `previous_response_id` to it gets 404, as an unknown id does."""
     max_stored_responses: int = Field(default=100_000, ge=1)
@@ -82,6 +86,20 @@ class ServeConfig(StrictModel):
         if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
             raise ValueError(f"give a number of engines, 1 or more, or auto (got {value!r})")
         return int(value)
+
+    @field_validator("state_url")
+    @classmethod
+    def _a_postgres_url_without_password(cls, url: Optional[str]) -> Optional[str]:
+        from urllib.parse import urlsplit
+
+        if url is None:
+            return url
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"{url!r} is not a PostgreSQL URL: give postgresql://USER@HOST:PORT/DB")
+        if urlsplit(url).password:  # an empty one (`user:@host`) holds nothing
+            raise ValueError("the URL holds a password, which --dry-run and process listings would show: put it "
+                             "in PGPASSWORD or ~/.pgpass and leave it out of the URL")
+        return url
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:

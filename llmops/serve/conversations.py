@@ -9,7 +9,9 @@ for the two mappings here, over one SQLite file:
 - bounded: a response older than the TTL is gone (`previous_response_id` to it answers 404, as an unknown id
   does), and beyond `max_responses` the oldest are evicted first; evictions are counted in the file, and
   `/metrics` shows the count (`llmops_conversations_evicted_total`);
-- inspectable: `llmops conversations list|rm|prune` reads and edits the same file.
+- inspectable: `llmops conversations list|rm|prune` reads and edits the same file;
+- shareable: `--state-url postgresql://HOST/DB` keeps the same table in PostgreSQL instead, for servers (or
+  Ray Serve replicas) on several machines: a conversation started on one continues on another.
 
 Each row holds one response and the whole history that led to it, so evicting an old turn never breaks a
 newer one. Tested with vLLM 0.32 (`vllm/entrypoints/openai/responses/serving.py`).
@@ -43,6 +45,17 @@ CREATE TABLE IF NOT EXISTS responses (
 CREATE INDEX IF NOT EXISTS responses_created ON responses (created);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# The same tables in PostgreSQL; `seq` orders responses created in the same instant, as SQLite's rowid does.
+_PG_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS llmops_responses (id TEXT PRIMARY KEY, created DOUBLE PRECISION NOT NULL, "
+    "response TEXT, messages TEXT, seq BIGSERIAL)",
+    "CREATE INDEX IF NOT EXISTS llmops_responses_created ON llmops_responses (created)",
+    "CREATE TABLE IF NOT EXISTS llmops_counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+]
+
+
+def is_url(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
 def default_state_dir() -> Path:
@@ -60,92 +73,154 @@ class Stored:
 
 
 class ConversationStore:
-    """One SQLite file of responses and their histories, bounded by age and count. Safe to share between the
-    threads of one process and between processes on one machine (SQLite's locking)."""
+    """Responses and their histories, bounded by age and count: one SQLite file (a path), or a PostgreSQL
+    database (a `postgresql://` URL) that servers on several machines share. Safe to share between the
+    threads of one process, and between processes (SQLite's locking, or PostgreSQL's)."""
 
-    def __init__(self, path: Path, *, ttl_s: float = DEFAULT_TTL_S, max_responses: int = DEFAULT_MAX_RESPONSES,
-                 clock: Callable[[], float] = time.time):
-        self.path, self.ttl_s, self.max_responses, self.clock = Path(path), ttl_s, max_responses, clock
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # owner-only before SQLite writes into it
-        os.chmod(self.path, 0o600)
+    def __init__(self, location: Path | str, *, ttl_s: float = DEFAULT_TTL_S,
+                 max_responses: int = DEFAULT_MAX_RESPONSES, clock: Callable[[], float] = time.time):
+        self.ttl_s, self.max_responses, self.clock = ttl_s, max_responses, clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        if is_url(location):
+            self.location, self._pg = str(location), True
+            self._db = _connect_postgres(self.location)
+            self._responses, self._counters, self._order = "llmops_responses", "llmops_counters", "seq"
+        else:
+            self.location, self._pg = Path(location), False
+            self.location.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.location, os.O_CREAT | os.O_RDWR, 0o600))  # owner-only before SQLite writes
+            os.chmod(self.location, 0o600)
+            self._db = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._responses, self._counters, self._order = "responses", "counters", "rowid"
 
     def close(self) -> None:
         self._db.close()
+
+    def _sql(self, statement: str, params: tuple = ()):
+        """Run one statement written for SQLite (`?` placeholders, the SQLite table names) on either database."""
+        statement = statement.replace("responses", self._responses).replace("counters", self._counters)
+        if self._pg:
+            statement = statement.replace("?", "%s").replace("LIMIT -1 OFFSET", "OFFSET").replace("rowid", "seq")
+        return self._db.execute(statement, params)
+
+    def _transaction(self):
+        """One write transaction that takes the write lock at once (SQLite's BEGIN IMMEDIATE)."""
+        return _PostgresTransaction(self._db) if self._pg else _SqliteTransaction(self._db)
 
     # --- what vLLM reads and writes ------------------------------------------------------------------
 
     def get(self, column: str, key: str) -> str | None:
         """The stored text of `column` ("response" or "messages") for `key`; None when unknown or expired."""
         with self._lock:
-            row = self._db.execute(f"SELECT {_column(column)} FROM responses WHERE id = ? AND created >= ?",
-                                   (key, self.clock() - self.ttl_s)).fetchone()
+            row = self._sql(f"SELECT {_column(column)} FROM responses WHERE id = ? AND created >= ?",
+                            (key, self.clock() - self.ttl_s)).fetchone()
         return None if row is None else row[0]
 
     def put(self, column: str, key: str, text: str) -> None:
         """Store `text` in `column` of `key` (its row is created on first write), then evict what is past the
         bounds, in one transaction."""
         now = self.clock()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(f"INSERT INTO responses (id, created, {_column(column)}) VALUES (?, ?, ?) "
-                                 f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}", (key, now, text))
-                self._evict(now)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            self._sql(f"INSERT INTO responses (id, created, {_column(column)}) VALUES (?, ?, ?) "
+                      f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}", (key, now, text))
+            self._evict(now)
 
     def _evict(self, now: float) -> int:
-        expired = self._db.execute("DELETE FROM responses WHERE created < ?", (now - self.ttl_s,)).rowcount
-        over = self._db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY created DESC, "
-                                "rowid DESC LIMIT -1 OFFSET ?)", (self.max_responses,)).rowcount
+        expired = self._sql("DELETE FROM responses WHERE created < ?", (now - self.ttl_s,)).rowcount
+        over = self._sql("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY created DESC, "
+                         "rowid DESC LIMIT -1 OFFSET ?)", (self.max_responses,)).rowcount
         if over:
-            self._db.execute("INSERT INTO counters (name, value) VALUES ('evicted', ?) ON CONFLICT (name) DO "
-                             "UPDATE SET value = value + excluded.value", (over,))
+            self._sql("INSERT INTO counters (name, value) VALUES ('evicted', ?) ON CONFLICT (name) DO "
+                      "UPDATE SET value = counters.value + excluded.value", (over,))
         return expired + over
 
     # --- what people read and edit -------------------------------------------------------------------
 
     def evicted_total(self) -> int:
         with self._lock:
-            row = self._db.execute("SELECT value FROM counters WHERE name = 'evicted'").fetchone()
+            row = self._sql("SELECT value FROM counters WHERE name = 'evicted'").fetchone()
         return row[0] if row else 0
 
     def count(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM responses WHERE created >= ?",
-                                    (self.clock() - self.ttl_s,)).fetchone()[0]
+            return self._sql("SELECT COUNT(*) FROM responses WHERE created >= ?",
+                             (self.clock() - self.ttl_s,)).fetchone()[0]
 
     def list(self) -> list[Stored]:
         """The stored responses, newest first."""
         with self._lock:
-            rows = self._db.execute("SELECT id, created, LENGTH(COALESCE(response, '')) + "
-                                    "LENGTH(COALESCE(messages, '')), messages FROM responses WHERE created >= ? "
-                                    "ORDER BY created DESC", (self.clock() - self.ttl_s,)).fetchall()
+            rows = self._sql("SELECT id, created, LENGTH(COALESCE(response, '')) + LENGTH(COALESCE(messages, '')), "
+                             "messages FROM responses WHERE created >= ? ORDER BY created DESC",
+                             (self.clock() - self.ttl_s,)).fetchall()
         return [Stored(i, c, n, len(json.loads(m)) if m else 0) for i, c, n, m in rows]
 
     def remove(self, key: str) -> bool:
         with self._lock:
-            return self._db.execute("DELETE FROM responses WHERE id = ?", (key,)).rowcount > 0
+            return self._sql("DELETE FROM responses WHERE id = ?", (key,)).rowcount > 0
 
     def prune(self) -> int:
         """Remove what is past the bounds now (the server also does on every write); how many were removed."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                removed = self._evict(self.clock())
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return removed
+        with self._lock, self._transaction():
+            return self._evict(self.clock())
+
+
+class _SqliteTransaction:
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, *_):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+class _PostgresTransaction:
+    """Writers take one advisory lock, so that two servers evicting at once count each eviction once."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.tx = self.db.transaction()
+        self.tx.__enter__()
+        self.db.execute("SELECT pg_advisory_xact_lock(7263551)")  # any fixed number: llmops's writers
+
+    def __exit__(self, *exc):
+        return self.tx.__exit__(*exc)
+
+
+def _connect_postgres(url: str):
+    from llmops.errors import UsageError
+
+    try:
+        import psycopg
+    except ImportError as e:
+        raise UsageError(f"a PostgreSQL conversation store needs psycopg ({e})",
+                         "pip install 'llmops[postgres]'") from e
+    try:
+        db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        raise UsageError(f"cannot reach the conversation store at {redact_url(url)}: {str(e).strip()}",
+                         "check --state-url (postgresql://USER@HOST:PORT/DB; the password in PGPASSWORD or "
+                         "~/.pgpass) and that the server accepts connections from here") from e
+    for statement in _PG_SCHEMA:
+        db.execute(statement)
+    return db
+
+
+def redact_url(url: str) -> str:
+    """`url` without the password it may hold."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _column(name: str) -> str:
@@ -199,12 +274,13 @@ def messages_column(store: ConversationStore) -> StoreColumn:
     return StoreColumn(store, "messages", lambda m: json.dumps(m, default=_jsonable), json.loads)
 
 
-def setting(state_dir: Path | None, ttl_s: float, max_responses: int, enabled: bool) -> str:
+def setting(state_dir: Path | None, ttl_s: float, max_responses: int, enabled: bool,
+            state_url: str | None = None) -> str:
     """The value of LLMOPS_CONVERSATIONS for a server."""
     if not enabled:
         return "off"
-    path = Path(state_dir or default_state_dir()) / FILE
-    return json.dumps({"path": str(path), "ttl_s": ttl_s, "max_responses": max_responses})
+    where = {"url": state_url} if state_url else {"path": str(Path(state_dir or default_state_dir()) / FILE)}
+    return json.dumps({**where, "ttl_s": ttl_s, "max_responses": max_responses})
 
 
 def install(value: str) -> None:
@@ -238,7 +314,7 @@ def install(value: str) -> None:
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
         if not opened:
-            opened.append(ConversationStore(Path(settings["path"]), ttl_s=float(settings["ttl_s"]),
+            opened.append(ConversationStore(settings.get("url") or Path(settings["path"]), ttl_s=float(settings["ttl_s"]),
                                             max_responses=int(settings["max_responses"])))
             _expose_metrics(opened[0])
         self.enable_store = True  # `store` is honoured (vLLM's default ignores it), in the file

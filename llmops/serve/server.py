@@ -244,7 +244,7 @@ def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str 
         env["RAY_ADDRESS"] = ray_address  # vLLM's Ray executor joins the cluster named here
     env[conversations.ENV] = conversations.setting(config.state_dir and Path(config.state_dir),
                                                    config.conversation_ttl_s, config.max_stored_responses,
-                                                   config.store)
+                                                   config.store, config.state_url)
     if config.api_key:
         # Through the environment rather than --api-key, so the key does not show in `ps`.
         env["VLLM_API_KEY"] = config.api_key
