@@ -2,6 +2,7 @@
 
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py      # ~5 min on 2 cores
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py --conversations 8 --turns 6
+    flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py --by-id   # + Responses API by id
 
 vLLM's `bench serve` sends only a conversation's first two turns, so this is a small client of its own:
 `--conversations` conversations at once, each `--turns` turns; every turn adds a user message of about
@@ -103,7 +104,34 @@ def converse(client, messages: list[str], answer_tokens: int, ttfts: list[float 
         history.append({"role": "assistant", "content": "".join(text)})
 
 
-def run(label: str, extra: list[str], args, tokenizer) -> dict:
+def converse_by_id(client, messages: list[str], answer_tokens: int, ttfts: list[float | None],
+                   prompt_tokens: list[int | None], errors: list[str]) -> None:
+    """The same conversation through the Responses API: each turn sends only its new message and the previous
+    answer's id; the server (its conversation store) supplies the history."""
+    previous = None
+    for turn, message in enumerate(messages):
+        sent = time.perf_counter()
+        first = None
+        try:
+            stream = client.responses.create(model=MODEL, input=message, previous_response_id=previous,
+                                             max_output_tokens=answer_tokens, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+            for event in stream:
+                if event.type == "response.output_text.delta" and event.delta:
+                    first = first or time.perf_counter()
+                elif event.type == "response.completed":
+                    previous = event.response.id
+                    prompt_tokens[turn] = event.response.usage.input_tokens if event.response.usage else None
+        except Exception as e:
+            errors.append(f"turn {turn + 1}: {type(e).__name__}: {e}")
+            return
+        if previous is None:
+            errors.append(f"turn {turn + 1}: the stream ended without a completed response")
+            return
+        ttfts[turn] = (first - sent) if first else None
+
+
+def run(label: str, extra: list[str], args, tokenizer, talk=converse) -> dict:
     import openai
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-conv-{label}-"))
@@ -118,7 +146,7 @@ def run(label: str, extra: list[str], args, tokenizer) -> dict:
         ttfts = [[None] * turns for _ in range(n)]
         prompts = [[None] * turns for _ in range(n)]
         errors: list[str] = []
-        threads = [threading.Thread(target=converse, args=(client, user_messages(tokenizer, c, turns, args.turn_tokens),
+        threads = [threading.Thread(target=talk, args=(client, user_messages(tokenizer, c, turns, args.turn_tokens),
                                                            args.answer_tokens, ttfts[c], prompts[c], errors))
                    for c in range(n)]
         started = time.perf_counter()
@@ -154,6 +182,9 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=400, help="tokens of each user message")
     parser.add_argument("--answer-tokens", type=int, default=32, help="tokens of each answer")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--by-id", action="store_true",
+                        help="a third run, caching on: each turn through the Responses API with only its new "
+                             "message and previous_response_id, against the whole history sent each turn")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -163,6 +194,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(ensure_local(resolve(MODEL)))
     results = [run("caching", [], args, tokenizer),
                run("no caching", ["--set", "engine.enable_prefix_caching=false"], args, tokenizer)]
+    if args.by_id:
+        results.append(run("by id", [], args, tokenizer, talk=converse_by_id))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1))
 
@@ -186,6 +219,12 @@ def main() -> None:
         print(f"{r['label']}: prefix-cache hit rate {rate} ({r['prefix_hits']:,} of {r['prefix_queries']:,} prompt "
               f"tokens), all turns in {r['wall_s']:.0f} s; last status line: "
               f"{r['status_lines'][-1] if r['status_lines'] else '(none)'}")
+    if args.by_id:
+        print("\n| turn | TTFT median, whole history | TTFT median, previous_response_id | ratio |\n|---|---|---|---|")
+        for turn in shown:
+            (wm, _, _), (im, _, _) = turn_stats(results[0], turn), turn_stats(results[2], turn)
+            print(f"| {turn + 1} | {wm * 1000:.0f} ms | {im * 1000:.0f} ms | {im / wm:.2f}x |" if wm and im else
+                  f"| {turn + 1} | - | - | - |")
     (cm, _, _), (nm, _, _) = turn_stats(results[0], args.turns - 1), turn_stats(results[1], args.turns - 1)
     if cm and nm:
         print(f"\nturn-{args.turns} TTFT with caching / without: {cm / nm:.2f}x (goal: at most 0.5x): "
