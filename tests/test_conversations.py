@@ -128,6 +128,11 @@ def test_a_postgres_store_is_shared_by_two_servers_bounded_and_counts_each_evict
     clock.now += 58.5  # r2 is 60.5 s old
     assert a.get("response", "r2") is None and a.count() == 2 and b.prune() == 1
     assert a.remove("r4") and not b.remove("r4")
+    with psycopg.connect(url, autocommit=True) as admin:  # the server drops a's connection (a restart, a failover)
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'shared_test' "
+                      "AND pid <> pg_backend_pid()")
+    a.put("response", "r5", "{}")  # on a connection opened again
+    assert b.get("response", "r5") == "{}" and a.get("response", "r3") == "{}"
 
     write_concurrently(lambda: ConversationStore(url), each=25)
 

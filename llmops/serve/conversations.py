@@ -106,27 +106,42 @@ class ConversationStore:
             statement = statement.replace("?", "%s").replace("LIMIT -1 OFFSET", "OFFSET").replace("rowid", "seq")
         return self._db.execute(statement, params)
 
-    def _transaction(self):
-        """One write transaction that takes the write lock at once (SQLite's BEGIN IMMEDIATE)."""
-        return _PostgresTransaction(self._db) if self._pg else _SqliteTransaction(self._db)
+    def _do(self, work: Callable[[], Any], write: bool = False) -> Any:
+        """`work` under the lock (in one write transaction that takes the database's write lock at once, for
+        `write`). A PostgreSQL connection the server dropped (a restart, a failover) is opened again and
+        `work` run once more: every operation here is idempotent."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if not write:
+                        return work()
+                    with _PostgresTransaction(self._db) if self._pg else _SqliteTransaction(self._db):
+                        return work()
+                except Exception:
+                    if not (self._pg and attempt == 1 and self._db.broken):
+                        raise
+                    self._db.close()
+                    self._db = _connect_postgres(self.location)
 
     # --- what vLLM reads and writes ------------------------------------------------------------------
 
     def get(self, column: str, key: str) -> str | None:
         """The stored text of `column` ("response" or "messages") for `key`; None when unknown or expired."""
-        with self._lock:
-            row = self._sql(f"SELECT {_column(column)} FROM responses WHERE id = ? AND created >= ?",
-                            (key, self.clock() - self.ttl_s)).fetchone()
+        row = self._do(lambda: self._sql(f"SELECT {_column(column)} FROM responses WHERE id = ? AND created >= ?",
+                                         (key, self.clock() - self.ttl_s)).fetchone())
         return None if row is None else row[0]
 
     def put(self, column: str, key: str, text: str) -> None:
         """Store `text` in `column` of `key` (its row is created on first write), then evict what is past the
         bounds, in one transaction."""
         now = self.clock()
-        with self._lock, self._transaction():
+
+        def write() -> None:
             self._sql(f"INSERT INTO responses (id, created, {_column(column)}) VALUES (?, ?, ?) "
                       f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}", (key, now, text))
             self._evict(now)
+
+        self._do(write, write=True)
 
     def _evict(self, now: float) -> int:
         expired = self._sql("DELETE FROM responses WHERE created < ?", (now - self.ttl_s,)).rowcount
@@ -140,31 +155,26 @@ class ConversationStore:
     # --- what people read and edit -------------------------------------------------------------------
 
     def evicted_total(self) -> int:
-        with self._lock:
-            row = self._sql("SELECT value FROM counters WHERE name = 'evicted'").fetchone()
+        row = self._do(lambda: self._sql("SELECT value FROM counters WHERE name = 'evicted'").fetchone())
         return row[0] if row else 0
 
     def count(self) -> int:
-        with self._lock:
-            return self._sql("SELECT COUNT(*) FROM responses WHERE created >= ?",
-                             (self.clock() - self.ttl_s,)).fetchone()[0]
+        return self._do(lambda: self._sql("SELECT COUNT(*) FROM responses WHERE created >= ?",
+                                          (self.clock() - self.ttl_s,)).fetchone()[0])
 
     def list(self) -> list[Stored]:
         """The stored responses, newest first."""
-        with self._lock:
-            rows = self._sql("SELECT id, created, LENGTH(COALESCE(response, '')) + LENGTH(COALESCE(messages, '')), "
-                             "messages FROM responses WHERE created >= ? ORDER BY created DESC",
-                             (self.clock() - self.ttl_s,)).fetchall()
+        rows = self._do(lambda: self._sql(
+            "SELECT id, created, LENGTH(COALESCE(response, '')) + LENGTH(COALESCE(messages, '')), messages "
+            "FROM responses WHERE created >= ? ORDER BY created DESC", (self.clock() - self.ttl_s,)).fetchall())
         return [Stored(i, c, n, len(json.loads(m)) if m else 0) for i, c, n, m in rows]
 
     def remove(self, key: str) -> bool:
-        with self._lock:
-            return self._sql("DELETE FROM responses WHERE id = ?", (key,)).rowcount > 0
+        return self._do(lambda: self._sql("DELETE FROM responses WHERE id = ?", (key,)).rowcount > 0)
 
     def prune(self) -> int:
         """Remove what is past the bounds now (the server also does on every write); how many were removed."""
-        with self._lock, self._transaction():
-            return self._evict(self.clock())
+        return self._do(lambda: self._evict(self.clock()), write=True)
 
 
 class _SqliteTransaction:
