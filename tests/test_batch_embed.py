@@ -197,7 +197,7 @@ def test_cli_refusals_exit_2_saying_what_to_do(default_embed_model_dir, default_
 
 def test_sigterm_and_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_same_vectors(default_embed_model_dir, llm,
                                                                                           tmp_path):
-    rows = [{"id": f"k{i}", "text": t} for i, t in enumerate(texts(3000))]
+    rows = [{"id": f"k{i}", "text": t} for i, t in enumerate(texts(2000))]
     path = write_parquet(tmp_path / "docs.parquet", rows)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "llmops", "batch", str(path), "-o", str(out), "--model", MODEL,
@@ -232,12 +232,12 @@ def test_sigterm_and_kill_9_mid_job_then_rerun_gives_every_id_once_with_the_same
     killed, _ = run_until(2, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     committed = shards()
-    assert after_stop < committed < 30, (after_stop, committed)  # both stopped mid-job
+    assert after_stop < committed < 20, (after_stop, committed)  # both stopped mid-job
     # The rerun on the module's engine (the same job as the command line's; an engine start saved)
     summary = run_batch(config("chunk_rows=100"), str(path), out, llm=llm)
-    assert summary.rows_skipped >= 200 and summary.rows_ok == 3000
+    assert summary.rows_skipped >= 200 and summary.rows_ok == 2000
     ids, got, _ = vectors(out)
-    assert ids == [f"k{i}" for i in range(3000)]  # every id exactly once, in order
+    assert ids == [f"k{i}" for i in range(2000)]  # every id exactly once, in order
 
     whole = tmp_path / "whole"
     run_batch(config("chunk_rows=100"), str(path), whole, llm=llm)
