@@ -8,7 +8,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from llmops.cli import _output as out
-from llmops.cli._options import ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt, StateDirOpt, StateUrlOpt, parse_duration
+from llmops.cli._options import (ConfigOpt, DryRunOpt, JsonOpt, ModelOpt, SetOpt, StateDirOpt, StateUrlOpt,
+                                 parse_duration)
 from llmops.serve.config import ServeConfig
 
 _FIELDS = ServeConfig.model_fields

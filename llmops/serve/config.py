@@ -92,9 +92,11 @@ class ServeConfig(StrictModel):
     def _a_postgres_url_without_password(cls, url: Optional[str]) -> Optional[str]:
         from urllib.parse import urlsplit
 
+        from llmops.serve.conversations import is_url
+
         if url is None:
             return url
-        if not url.startswith(("postgresql://", "postgres://")):
+        if not is_url(url):
             raise ValueError(f"{url!r} is not a PostgreSQL URL: give postgresql://USER@HOST:PORT/DB")
         if urlsplit(url).password:  # an empty one (`user:@host`) holds nothing
             raise ValueError("the URL holds a password, which --dry-run and process listings would show: put it "

@@ -55,6 +55,7 @@ _PG_SCHEMA = [
 
 
 def is_url(location: str | Path) -> bool:
+    """A PostgreSQL URL (`--state-url`), as opposed to a path to the SQLite file."""
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
@@ -84,7 +85,7 @@ class ConversationStore:
         if is_url(location):
             self.location, self._pg = str(location), True
             self._db = _connect_postgres(self.location)
-            self._responses, self._counters, self._order = "llmops_responses", "llmops_counters", "seq"
+            self._responses, self._counters = "llmops_responses", "llmops_counters"
         else:
             self.location, self._pg = Path(location), False
             self.location.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -94,7 +95,7 @@ class ConversationStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            self._responses, self._counters, self._order = "responses", "counters", "rowid"
+            self._responses, self._counters = "responses", "counters"
 
     def close(self) -> None:
         self._db.close()
@@ -324,7 +325,8 @@ def install(value: str) -> None:
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
         if not opened:
-            opened.append(ConversationStore(settings.get("url") or Path(settings["path"]), ttl_s=float(settings["ttl_s"]),
+            where = settings.get("url") or Path(settings["path"])
+            opened.append(ConversationStore(where, ttl_s=float(settings["ttl_s"]),
                                             max_responses=int(settings["max_responses"])))
             _expose_metrics(opened[0])
         self.enable_store = True  # `store` is honoured (vLLM's default ignores it), in the file
