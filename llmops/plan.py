@@ -428,7 +428,7 @@ GPU_PREFILL_FLOPS = 150e12
 
 
 def plan_admission(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, max_queue: int | None,
-                   ttft_target_ms: float) -> EnginePlan:
+                   ttft_target_ms: float, engines_on_machine: int = 1) -> EnginePlan:
     """Bound what a server admits, so that a burst is answered at once (503 with Retry-After) instead of
     queued past the TTFT target: vLLM's queue is unbounded by default, and under a spike every request waits.
 
@@ -439,6 +439,8 @@ def plan_admission(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, max_que
        the admitted ones' TTFT p99 was 1.4 s, under a 2 s target: too few.)
     2. Prompt tokens waiting for their first token (`max_num_queued_tokens`): what the engine prefills within
        the target at its estimated rate, vLLM's own formula for that flag (target TTFT x prefill throughput).
+       CPU engines that share the machine (`engines_on_machine`, `serve --replicas N`) each have their share of
+       its cores, and prefill at that share of the rate.
     """
     if max_queue == 0:
         return replace(plan, notes=(*plan.notes, "no admission control (max_queue 0): vLLM queues every "
@@ -450,8 +452,10 @@ def plan_admission(plan: EnginePlan, facts: ModelFacts, hw: Hardware, *, max_que
         streams_why = (f"the sequences this engine runs at once: its KV cache holds {held} sequences of "
                        f"{min(plan.max_model_len, MIN_USEFUL_MODEL_LEN)} tokens" if held < seqs
                        else f"the sequences this engine runs at once (max_num_seqs {seqs})")
-        tok_s = cpu_tokens_per_s(facts, hw, plan.cpu_reserved_cores or 0)
-        rate_why = f"~{tok_s:.0f} tok/s, estimated from the compute of its cores"
+        tok_s = cpu_tokens_per_s(facts, hw, plan.cpu_reserved_cores or 0) / engines_on_machine
+        rate_why = f"~{tok_s:.0f} tok/s, estimated from the compute of its cores" + (
+            f" (1/{engines_on_machine} of this machine's: one of {engines_on_machine} engines here)"
+            if engines_on_machine > 1 else "")
     else:
         large = min(g.memory_total_bytes for g in hw.gpus) >= 70 * GIB
         seqs = plan.max_num_seqs or GPU_SERVE_DEFAULT_MAX_NUM_SEQS["large" if large else "other"]

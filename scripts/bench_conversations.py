@@ -3,6 +3,7 @@
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py      # ~5 min on 2 cores
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py --conversations 8 --turns 6
     flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py --by-id   # + Responses API by id
+    flock /tmp/llmops-heavy.lock .venv/bin/python scripts/bench_conversations.py --replicas 2  # session affinity
 
 vLLM's `bench serve` sends only a conversation's first two turns, so this is a small client of its own:
 `--conversations` conversations at once, each `--turns` turns; every turn adds a user message of about
@@ -80,7 +81,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def converse(client, messages: list[str], answer_tokens: int, ttfts: list[float | None],
-             prompt_tokens: list[int | None], errors: list[str]) -> None:
+             prompt_tokens: list[int | None], errors: list[str], headers: dict[str, str] | None = None) -> None:
     history: list[dict] = []
     for turn, message in enumerate(messages):
         history.append({"role": "user", "content": message})
@@ -89,7 +90,7 @@ def converse(client, messages: list[str], answer_tokens: int, ttfts: list[float 
         try:
             stream = client.chat.completions.create(
                 model=MODEL, messages=history, max_tokens=answer_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True},
+                stream_options={"include_usage": True}, extra_headers=headers,
                 extra_body={"ignore_eos": True, "min_tokens": answer_tokens})
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -105,7 +106,7 @@ def converse(client, messages: list[str], answer_tokens: int, ttfts: list[float 
 
 
 def converse_by_id(client, messages: list[str], answer_tokens: int, ttfts: list[float | None],
-                   prompt_tokens: list[int | None], errors: list[str]) -> None:
+                   prompt_tokens: list[int | None], errors: list[str], headers: dict[str, str] | None = None) -> None:
     """The same conversation through the Responses API: each turn sends only its new message and the previous
     answer's id; the server (its conversation store) supplies the history."""
     previous = None
@@ -115,7 +116,7 @@ def converse_by_id(client, messages: list[str], answer_tokens: int, ttfts: list[
         try:
             stream = client.responses.create(model=MODEL, input=message, previous_response_id=previous,
                                              max_output_tokens=answer_tokens, temperature=0, stream=True,
-                                             extra_body={"ignore_eos": True})
+                                             extra_headers=headers, extra_body={"ignore_eos": True})
             for event in stream:
                 if event.type == "response.output_text.delta" and event.delta:
                     first = first or time.perf_counter()
@@ -132,39 +133,66 @@ def converse_by_id(client, messages: list[str], answer_tokens: int, ttfts: list[
 
 
 def run(label: str, extra: list[str], args, tokenizer, talk=converse) -> dict:
-    import openai
-
     folder = Path(tempfile.mkdtemp(prefix=f"bench-conv-{label}-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(folder, port, extra)
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-        before = read_metrics(url, timeout=30)
-        n, turns = args.conversations, args.turns
-        ttfts = [[None] * turns for _ in range(n)]
-        prompts = [[None] * turns for _ in range(n)]
-        errors: list[str] = []
-        threads = [threading.Thread(target=talk, args=(client, user_messages(tokenizer, c, turns, args.turn_tokens),
-                                                           args.answer_tokens, ttfts[c], prompts[c], errors))
-                   for c in range(n)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
-        after = read_metrics(url, timeout=30)
+        result = converse_all(url, label, args, tokenizer, talk)
         time.sleep(6)  # one more status line (every 5 s) covers the end of the run
     finally:
         stop_server(proc)
     status = [line for line in (folder / "serve.stderr").read_text().splitlines() if "prefix cache" in line]
+    return {**result, "status_lines": status[-3:], "log": str(folder / "serve.stderr")}
+
+
+def converse_all(url: str, label: str, args, tokenizer, talk=converse, first_conversation: int = 0,
+                 sessions: bool = False) -> dict:
+    """`args.conversations` conversations at once against the server at `url`; `sessions`: each sends its
+    own session header (`x-session-id`), so that replicas behind Ray Serve keep its turns on one engine."""
+    import openai
+
+    from llmops.serve.replicas import SESSION_HEADER
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    before = read_metrics(url, timeout=30)
+    n, turns = args.conversations, args.turns
+    ttfts = [[None] * turns for _ in range(n)]
+    prompts = [[None] * turns for _ in range(n)]
+    errors: list[str] = []
+    conversations = range(first_conversation, first_conversation + n)
+    threads = [threading.Thread(target=talk, args=(client, user_messages(tokenizer, c, turns, args.turn_tokens),
+                                                   args.answer_tokens, ttfts[i], prompts[i], errors),
+                                kwargs={"headers": {SESSION_HEADER: f"conversation-{c}"} if sessions else None})
+               for i, c in enumerate(conversations)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    after = read_metrics(url, timeout=30)  # behind replicas: one replica's counters
     queries = after.prefix_queries - before.prefix_queries
     hits = after.prefix_hits - before.prefix_hits
     return {"label": label, "ttft_s": ttfts, "prompt_tokens": prompts, "errors": errors, "wall_s": wall,
             "prefix_queries": queries, "prefix_hits": hits, "hit_rate": hits / queries if queries else None,
-            "status_lines": status[-3:], "log": str(folder / "serve.stderr")}
+            "status_lines": []}
+
+
+def run_replicas(args, tokenizer) -> list[dict]:
+    """One `llmops serve --replicas N`: the conversations with their session header (each sticks to one
+    replica), then as many new ones without it (each turn to the less busy of two replicas at random)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-conv-replicas-"))
+    port = free_port()
+    proc = start_server(folder, port, ["--replicas", str(args.replicas)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        # New conversations for the second run: none of its prefixes is in a cache from the first.
+        return [converse_all(url, "session affinity", args, tokenizer, sessions=True),
+                converse_all(url, "no affinity", args, tokenizer, first_conversation=1000)]
+    finally:
+        stop_server(proc)
 
 
 def turn_stats(result: dict, turn: int) -> tuple[float | None, float | None, float | None]:
@@ -182,6 +210,9 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=400, help="tokens of each user message")
     parser.add_argument("--answer-tokens", type=int, default=32, help="tokens of each answer")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="instead: `llmops serve --replicas N`, turn TTFT with the conversations' session "
+                             "header (each sticks to one replica) against without it")
     parser.add_argument("--by-id", action="store_true",
                         help="a third run, caching on: each turn through the Responses API with only its new "
                              "message and previous_response_id, against the whole history sent each turn")
@@ -192,6 +223,24 @@ def main() -> None:
     from llmops.registry import ensure_local, resolve
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_local(resolve(MODEL)))
+    if args.replicas:
+        results = run_replicas(args, tokenizer)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(results, indent=1))
+        print(f"`llmops serve {MODEL} --replicas {args.replicas}`, --max-queue 0: {args.conversations} conversations "
+              f"at once x {args.turns} turns, ~{args.turn_tokens} tokens per user message, {args.answer_tokens}-token "
+              "answers\n\n| turn | prompt tokens | TTFT median, session affinity | TTFT median, no affinity | ratio "
+              "| max, affinity | max, no affinity |\n|---|---|---|---|---|---|---|")
+        for turn in sorted({0, args.turns // 2 - 1, args.turns - 1}):
+            (am, ax, tok), (nm, nx, _) = turn_stats(results[0], turn), turn_stats(results[1], turn)
+            fmt = lambda v: f"{v * 1000:.0f} ms" if v is not None else "-"  # noqa: E731
+            print(f"| {turn + 1} | {tok or 0:.0f} | {fmt(am)} | {fmt(nm)} | "
+                  f"{f'{am / nm:.2f}x' if am and nm else '-'} | {fmt(ax)} | {fmt(nx)} |")
+        for r in results:
+            print(f"{r['label']}: all turns in {r['wall_s']:.0f} s; errors: {len(r['errors'])}")
+            for e in r["errors"]:
+                print(f"  {e}", file=sys.stderr)
+        return
     results = [run("caching", [], args, tokenizer),
                run("no caching", ["--set", "engine.enable_prefix_caching=false"], args, tokenizer)]
     if args.by_id:

@@ -183,8 +183,9 @@ def _replicas_answering(client, max_tokens: int) -> set[str]:
 # --- a live Ray cluster (2 nodes of 1 CPU on this host) ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def ray_cluster():
+    """A cluster of each test's own: a test may kill a node for good."""
     pytest.importorskip("ray.serve")
     from tests.ray_cluster import LocalRayCluster
 
@@ -216,12 +217,45 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _replica_metrics(base_url: str) -> dict[str, int]:
+    """Replicas by state, from the endpoint's /metrics (vLLM's, with llmops's replica states after them)."""
+    import httpx
+
+    from llmops.serve.replicas import REPLICAS_METRIC
+
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return {line.split('state="')[1].split('"')[0]: int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines() if line.startswith(REPLICAS_METRIC + "{")}
+
+
+def _load_until(client, stop: threading.Event, outcomes: list, max_tokens: int = 32) -> None:
+    """One client of a bounded load: greedy requests, each with a timeout (the client's), until `stop`; each
+    outcome (when it ended, what came back) in `outcomes`."""
+    import openai
+
+    while not stop.is_set():
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": "Tell me about France."}],
+                max_tokens=max_tokens, temperature=0)
+            outcomes.append((time.monotonic(), "ok", raw.headers[REPLICA_HEADER]))
+        except openai.APITimeoutError:
+            outcomes.append((time.monotonic(), "timeout", None))
+        except openai.APIStatusError as e:
+            outcomes.append((time.monotonic(), "status", e.status_code))
+            time.sleep(0.2)
+        except openai.APIConnectionError as e:
+            outcomes.append((time.monotonic(), "connection", str(e)))
+            time.sleep(0.2)
+
+
 @pytest.mark.ray
 @pytest.mark.engine
-def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ray_cluster, default_model_dir,
-                                                                            tmp_path):
+def test_two_replicas_on_two_nodes_keep_sessions_survive_a_lost_node_and_sigterm_deletes_the_app(
+        ray_cluster, default_model_dir, tmp_path):
     from openai import OpenAI
 
+    from llmops.serve.replicas import SESSION_HEADER
     from llmops.serve.server import free_port
 
     port = free_port()
@@ -248,8 +282,57 @@ def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ra
         chunks = [c for c in raw.parse() if c.choices and c.choices[0].delta.content]  # forwarded as they come
         assert len(chunks) > 1 and raw.headers[REPLICA_HEADER] in seen
 
+        # A conversation's turns (one session header) go to one replica; 12 conversations use both.
+        by_session: dict[str, set[str]] = {}
+        for turn in range(2):
+            for s in range(12):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="smollm2-135m", messages=[{"role": "user", "content": f"Say {s}."}], max_tokens=1,
+                    extra_headers={SESSION_HEADER: f"conversation-{s}"})
+                by_session.setdefault(f"conversation-{s}", set()).add(raw.headers[REPLICA_HEADER])
+        assert all(len(replicas) == 1 for replicas in by_session.values()), by_session
+        assert set().union(*by_session.values()) == seen, by_session
+        assert _replica_metrics(ready["url"]).get("RUNNING") == 2
+
         servers = [p for p in _ours(ray_cluster) if "llmops.serve.vllm_entry" in " ".join(p.cmdline())]
         assert len(servers) == 2  # what must be gone after the stop: one vLLM server per replica
+
+        # The worker node dies (its raylet, the replica and its vLLM) under a bounded load of 2 clients.
+        lost = next(label for label in seen if label.split("@")[1] == placed["replicas"][1]["node_id"][:12])
+        stop, outcomes = threading.Event(), []
+        loaders = [threading.Thread(target=_load_until, args=(OpenAI(base_url=ready["url"], api_key="none",
+                                                                     max_retries=0, timeout=60), stop, outcomes))
+                   for _ in range(2)]
+        for t in loaders:
+            t.start()
+        deadline = time.monotonic() + 120
+        while not any(o[2] == lost for o in outcomes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed_at = time.monotonic()
+        ray_cluster.kill_node(1)
+        while sum(o[0] > killed_at and o[1] == "ok" for o in outcomes) < 6 and time.monotonic() < deadline + 60:
+            time.sleep(0.5)
+        stop.set()
+        for t in loaders:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in loaders), "a request hung past its timeout"
+        after = [o for o in outcomes if o[0] > killed_at]
+        assert sum(o[1] == "ok" for o in after) >= 6, after  # the endpoint keeps answering, from node 0
+        assert not [o for o in after if o[1] == "timeout"], after  # nothing hangs
+        # A request in flight on the lost replica: Serve's proxy answers 500 (its replica died: RayActorError)
+        # or the replica 503; the OpenAI clients retry both (5xx), and the retry goes to the live replica.
+        failed = [o for o in after if o[1] != "ok"]
+        assert all(o[1] == "status" and o[2] in (500, 503) for o in failed), failed
+
+        # The lost replica cannot come back (one per node, one node left): it waits for a node, and says so
+        # on /metrics and on stderr.
+        deadline = time.monotonic() + 60
+        while (states := _replica_metrics(ready["url"])).get("RUNNING") != 1 or not states.get("STARTING"):
+            assert time.monotonic() < deadline, (states, stderr.read_text())
+            time.sleep(1)
+        said = stderr.read_text()
+        assert "application RUNNING: replicas 2 RUNNING" in said, said
+        assert "replicas 1 RUNNING, 1 STARTING" in said.split("application RUNNING: replicas 2 RUNNING")[1], said
         _sigterm_deletes_the_app(proc, stderr)
     # The application is gone (Serve too: llmops started it and nothing else runs on it), the cluster is not.
     probe = ("import ray, sys, logging; ray.init(address=sys.argv[1], logging_level=logging.ERROR, "
@@ -260,12 +343,56 @@ def test_two_replicas_answer_through_one_endpoint_and_sigterm_deletes_the_app(ra
                            env={**os.environ, **ray_cluster.env}, timeout=120)
     assert state.returncode == 0, state.stderr
     alive, actors = state.stdout.split(" ", 1)
-    assert alive == "2" and "SERVE" not in actors and "llmops" not in actors, state.stdout
+    assert alive == "1" and "SERVE" not in actors and "llmops" not in actors, state.stdout
     assert not _group_alive(proc.pid)
     deadline = time.monotonic() + 30
     while (left := _ours(ray_cluster)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [" ".join(p.cmdline()) for p in left]
+
+
+@pytest.mark.ray
+@pytest.mark.engine
+def test_min_1_max_2_replicas_scale_up_under_load_and_back_down_after_it(ray_cluster, default_model_dir, tmp_path):
+    from openai import OpenAI
+
+    from llmops.serve.server import free_port
+
+    # --max-queue 4: Serve's target is 2 requests in flight per replica; 6 clients are well past it.
+    cmd = [sys.executable, "-m", "llmops", "serve", "smollm2-135m", "--ray", ray_cluster.address, "--port",
+           str(free_port()), "--json", "--grace-period", "5", "--min-replicas", "1", "--max-replicas", "2",
+           "--max-queue", "4", "--set", "upscale_delay_s=1", "--set", "downscale_delay_s=5", *SMALL_ENGINE]
+    stderr = tmp_path / "stderr.txt"
+    with _serving(cmd, {**os.environ, **ray_cluster.env}, stderr) as (proc, ready):
+        assert _replica_metrics(ready["url"]).get("RUNNING") == 1
+        stop, outcomes = threading.Event(), []
+        loaders = [threading.Thread(target=_load_until, args=(OpenAI(base_url=ready["url"], api_key="none",
+                                                                     max_retries=0, timeout=120), stop, outcomes),
+                                    kwargs={"max_tokens": 48}) for _ in range(6)]
+        for t in loaders:
+            t.start()
+        try:
+            deadline = time.monotonic() + 240
+            while _replica_metrics(ready["url"]).get("RUNNING") != 2 and time.monotonic() < deadline:
+                time.sleep(1)
+            grown = time.monotonic()
+            while len({o[2] for o in outcomes if o[1] == "ok"}) < 2 and time.monotonic() < grown + 60:
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join(timeout=150)
+        answered_by = {o[2] for o in outcomes if o[1] == "ok"}
+        assert len(answered_by) == 2, (answered_by, stderr.read_text())  # the new replica took requests
+        assert all(o[1] == "ok" or (o[1] == "status" and o[2] == 503) for o in outcomes), outcomes
+        deadline = time.monotonic() + 120  # idle: after downscale_delay_s, back to min_replicas
+        while (states := _replica_metrics(ready["url"])).get("RUNNING") != 1 or states.get("STOPPING"):
+            assert time.monotonic() < deadline, (states, stderr.read_text())
+            time.sleep(1)
+        said = stderr.read_text()
+        up, down = said.find("replicas 2 RUNNING"), said.rfind("replicas 1 RUNNING")
+        assert 0 <= up < down, said  # stderr followed the replicas up and back down
+        _sigterm_deletes_the_app(proc, stderr)
 
 
 # --- replicas on this machine (a Ray instance that llmops starts) ------------------------------------------

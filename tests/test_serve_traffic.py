@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -68,6 +69,24 @@ def test_the_queue_limit_is_planned_from_the_engine_and_the_ttft_target(cpu_mach
     off = dry_run("smollm2-135m", "--max-queue", "0")
     assert "--max-num-queued-reqs" not in off["command"] and "--max-num-queued-tokens" not in off["command"]
     assert any("no admission control" in n for n in off["plan"]["notes"])
+
+
+@pytest.mark.unit
+def test_replicas_on_this_machine_each_admit_what_their_share_of_the_cores_prefills(cpu_machine):
+    from llmops.serve.config import ServeConfig
+    from llmops.serve.server import plan_server
+
+    config = ServeConfig(model="smollm2-135m")
+    alone = plan_server(config, download=False).engine
+    shared = plan_server(config, download=False, engines_on_machine=2).engine
+    assert (alone.max_num_queued_tokens, shared.max_num_queued_tokens) == (550, 275)
+    assert shared.max_num_queued_reqs == alone.max_num_queued_reqs  # each engine still runs as many at once
+    assert any("1/2 of this machine's: one of 2 engines here" in n for n in shared.notes)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--replicas 2 needs two usable cores")
+    placed = dry_run("smollm2-135m", "--replicas", "2", "--set", "engine.cpu_kv_cache_gib=1")
+    assert placed["plan"]["max_num_queued_tokens"] == 275
+    assert all("--max-num-queued-tokens 275 " in r["call"] for r in placed["ray"]["replicas"])
 
 
 @pytest.mark.unit
@@ -290,6 +309,17 @@ def test_k8s_manifest_is_valid_and_carries_the_probes_grace_secret_and_resources
 
     # --format k8s is a dry run's format
     assert run_cli("serve", "--format", "k8s").returncode == 2
+
+    # --replicas N: N pods of one engine each (the pod's own command has no --replicas), behind the Service
+    proc = run_cli("serve", "smollm2-135m", "--replicas", "3", "--dry-run", "--format", "k8s")
+    assert proc.returncode == 0, proc.stderr
+    three, _ = yaml.safe_load_all(proc.stdout)
+    _validate(three)
+    assert three["spec"]["replicas"] == 3
+    assert "--replicas" not in three["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert proc.stdout.startswith("# llmops serve smollm2-135m --replicas 3 --dry-run --format k8s")
+    auto = run_cli("serve", "smollm2-135m", "--replicas", "auto", "--dry-run", "--format", "k8s")
+    assert auto.returncode == 2 and "a Deployment's replicas are a number" in auto.stderr, auto.stderr
 
 
 @pytest.mark.unit

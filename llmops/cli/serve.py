@@ -115,9 +115,13 @@ def serve_command(
 
             out.result(manifest(cfg, ray_address=ray))
             return
+        if cfg.replicas is not None:
+            from llmops.serve.replicas import plan_replicas_here
+
+            _show_replicas(plan_replicas_here(cfg, download=False), json or format_ == "json")
+            return
         plan = plan_server(cfg, download=False, ray_address=ray)
-        if (ray is not None or cfg.replicas is not None) and _show_replicas(plan, cfg, ray,
-                                                                            json or format_ == "json"):
+        if ray is not None and _show_ray_replicas(plan, cfg, ray, json or format_ == "json"):
             return
         if json or format_ == "json":
             out.print_json(plan.to_dict())
@@ -140,7 +144,13 @@ def serve_command(
     check_access(cfg)
     check_port_free(cfg.host, cfg.port)  # before fetching a model, which can take minutes
     with out.stderr.status("resolving the model") as status:
-        plan = plan_server(cfg, ray_address=ray, progress=lambda msg: (out.log(msg), status.update(msg)))
+        progress = lambda msg: (out.log(msg), status.update(msg))  # noqa: E731
+        if cfg.replicas is not None:  # engines on this machine, behind Ray Serve's proxy on a Ray llmops starts
+            from llmops.serve.replicas import plan_replicas_here
+
+            placed = plan_replicas_here(cfg, progress=progress)
+        else:
+            plan = plan_server(cfg, ray_address=ray, progress=progress)
 
     def ready(plan) -> None:
         if json:  # for scripts: the server is ready once this appears on stdout
@@ -149,10 +159,10 @@ def serve_command(
         else:
             out.result(ready_text(plan))
 
-    if cfg.replicas is not None:  # engines on this machine, behind Ray Serve's proxy on a Ray llmops starts
-        from llmops.serve.replicas import plan_local, run_on_ray
+    if cfg.replicas is not None:
+        from llmops.serve.replicas import run_on_ray
 
-        raise typer.Exit(run_on_ray(plan_local(plan, cfg.replicas), cfg, log=out.log, on_ready=ready))
+        raise typer.Exit(run_on_ray(placed, cfg, log=out.log, on_ready=ready))
     if ray is not None:
         from llmops.serve.replicas import live_nodes, plan_on_ray, run_on_ray, serves_replicas
 
@@ -163,23 +173,26 @@ def serve_command(
     raise typer.Exit(code)
 
 
-def _show_replicas(plan, cfg: ServeConfig, ray: str | None, as_json: bool) -> bool:
-    """`--dry-run --ray` for a model that fits one node, or `--dry-run --replicas`: the Serve application and
-    each replica's vLLM call. False for a model served across nodes (its steps are printed as before)."""
-    from llmops.serve.replicas import live_nodes, plan_local, plan_on_ray, serves_replicas
+def _show_ray_replicas(plan, cfg: ServeConfig, ray: str, as_json: bool) -> bool:
+    """`--dry-run --ray` for a model that fits one node: the Serve application and each replica's vLLM call.
+    False for a model served across nodes (its steps are printed as before)."""
+    from llmops.serve.replicas import live_nodes, plan_on_ray, serves_replicas
 
-    if ray is None:
-        placed = plan_local(plan, cfg.replicas)
-    elif not serves_replicas(plan):
+    if not serves_replicas(plan):
         return False
-    else:
-        placed = plan_on_ray(plan, live_nodes(ray), ray, cfg)
+    _show_replicas(plan_on_ray(plan, live_nodes(ray), ray, cfg), as_json)
+    return True
+
+
+def _show_replicas(placed, as_json: bool) -> None:
+    """`--dry-run` of replicas (`--replicas` or `--ray`): the Serve application and each replica's vLLM call."""
     if as_json:
         out.print_json(placed.to_dict())
-        return True
+        return
+    plan = placed.server
     engine = plan.engine.to_dict()
     notes = engine.pop("notes", ())
-    where = "on a Ray instance of this machine" if placed.local else f"on {ray}"
+    where = "on a Ray instance of this machine" if placed.local else f"on {placed.address}"
     out.key_values(f"serve plan for {', '.join(plan.model_names)} on Ray Serve", [
         ("model path", plan.model_path), *((f"adapter {n}", p) for n, p in plan.adapters.items()),
         ("url", plan.url + "/v1"), ("api key", "required" if plan.api_key else "none"),
@@ -189,4 +202,3 @@ def _show_replicas(plan, cfg: ServeConfig, ray: str | None, as_json: bool) -> bo
         *engine.items(), *(("why", n) for n in notes)])
     out.key_values("replicas (each runs this vLLM; Serve's proxy forwards to it)",
                    placed.replica_lines())
-    return True

@@ -43,7 +43,12 @@ class ChatSession:
         self.clear()
 
     def clear(self) -> None:
+        import uuid
+
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.session_id = uuid.uuid4().hex
+        """Sent as the session header with every turn: behind `--replicas`/`--ray`, Serve routes the turns of
+        one conversation to one replica, whose KV cache holds the history so far."""
         self.response_id: str | None = None
         """Set when the server keeps the conversation (`resume`): each turn then goes through the Responses
         API with only the new message, and is stored there too."""
@@ -61,7 +66,7 @@ class ChatSession:
         self.messages = [{"role": item.role, "content": "".join(getattr(p, "text", "") for p in item.content)}
                          for item in items.data if getattr(item, "type", None) == "message"]
         self.messages.append({"role": "assistant", "content": last.output_text})
-        self.response_id = response_id
+        self.response_id = self.session_id = response_id
 
     def history(self) -> str:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
@@ -78,7 +83,7 @@ class ChatSession:
         stream = None
         try:
             stream = self.client.chat.completions.create(  # type: ignore[attr-defined]
-                model=self.model, messages=self.messages, stream=True, **extra)
+                model=self.model, messages=self.messages, stream=True, extra_headers=self._session(), **extra)
             for chunk in stream:
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
@@ -92,6 +97,11 @@ class ChatSession:
             else:
                 self.messages.pop()
 
+    def _session(self) -> dict[str, str]:
+        from llmops.serve.replicas import SESSION_HEADER
+
+        return {SESSION_HEADER: self.session_id}
+
     def _ask_stored(self, text: str) -> Iterator[str]:
         """A turn of a stored conversation: the new message and the previous response's id."""
         extra = {k: v for k, v in (("temperature", self.temperature), ("max_output_tokens", self.max_tokens))
@@ -101,7 +111,7 @@ class ChatSession:
         try:
             stream = self.client.responses.create(  # type: ignore[attr-defined]
                 model=self.model, input=text, previous_response_id=self.response_id, store=True, stream=True,
-                **extra)
+                extra_headers=self._session(), **extra)
             for event in stream:
                 if event.type == "response.output_text.delta" and event.delta:
                     pieces.append(event.delta)

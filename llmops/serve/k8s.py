@@ -34,9 +34,13 @@ def manifest(config: ServeConfig, *, ray_address: str | None = None) -> str:
     from llmops.registry import DEFAULT_MODEL
     from llmops.serve.server import plan_server
 
-    # The pod listens on every interface; its key comes from the Secret, not from this machine.
+    if config.replicas == "auto":
+        raise UsageError("--format k8s --replicas auto: a Deployment's replicas are a number",
+                         "give --replicas N (or scale the Deployment with a HorizontalPodAutoscaler)")
+    # The pod listens on every interface; its key comes from the Secret, not from this machine. Each pod is one
+    # engine: `--replicas N` are N pods behind the Service, not N engines in a pod.
     pod_config = config.model_copy(update={"host": "0.0.0.0", "port": PORT, "api_key": None,
-                                           "allow_unauthenticated": True})
+                                           "allow_unauthenticated": True, "replicas": None})
     plan = plan_server(pod_config, download=False, ray_address=ray_address)
     engine = plan.engine
     if engine.pipeline_parallel_size > 1:
@@ -93,7 +97,7 @@ def manifest(config: ServeConfig, *, ray_address: str | None = None) -> str:
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "labels": labels},
         "spec": {
-            "replicas": 1,
+            "replicas": config.replicas or 1,
             "selector": {"matchLabels": labels},
             # A restart starts the new pod before it stops the old one, which drains.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -138,4 +142,5 @@ def _gib(n_bytes: float) -> str:
 
 
 def _command_line(config: ServeConfig) -> str:
-    return f"llmops serve {config.model or ''} --dry-run --format k8s".replace("  ", " ")
+    replicas = f" --replicas {config.replicas}" if config.replicas else ""
+    return f"llmops serve {config.model or ''}{replicas} --dry-run --format k8s".replace("  ", " ")

