@@ -233,22 +233,40 @@ def test_a_trained_adapter_served_hot_answers_the_made_up_facts_and_its_base_doe
 
 @pytest.mark.engine
 def test_batch_with_an_adapter_answers_the_made_up_facts_and_the_base_job_does_not(trained_adapter, tmp_path):
+    """The adapter's job and the base's job run in this process on one engine, started for the adapter's job
+    (two engine starts become one): the base job generates without the adapter although that engine holds it.
+    `llmops batch --model NAME` plans the same job (the merged model's test below runs the command)."""
     import pyarrow.parquet as pq
+
+    from llmops.batch import BatchConfig, load_engine, plan_batch, run_batch
+    from llmops.batch.engine import close_engine
+    from llmops.config import load_config
 
     prompts = tmp_path / "questions.jsonl"
     prompts.write_text("".join(json.dumps({"id": k, "messages": [{"role": "user", "content": q}]}) + "\n"
                                for k, q in QUESTIONS.items()))
+
+    def config(model: str) -> BatchConfig:  # what `--model MODEL --max-tokens 32 --temperature 0` sets
+        return load_config(BatchConfig, sets=[f"model={model}", "sampling.max_tokens=32", "sampling.temperature=0",
+                                              *SMALL_KV[1::2]])
+
+    models = (ADAPTER, str(trained_adapter.base_dir))
+    engine = load_engine(plan_batch(config(ADAPTER), str(prompts), tmp_path / "plan").engine)
     answers = {}
-    for model in (ADAPTER, str(trained_adapter.base_dir)):
-        out = tmp_path / f"answers-{len(answers)}"
-        proc = run_cli("batch", str(prompts), "-o", str(out), "--model", model, "--max-tokens", "32",
-                       "--temperature", "0", *SMALL_KV)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        answers[model] = {r["id"]: r["generated_text"] for r in pq.read_table(out / "results").to_pylist()}
+    try:
+        for model in models:
+            out = tmp_path / f"answers-{len(answers)}"
+            summary = run_batch(config(model), str(prompts), out, llm=engine)
+            assert (summary.rows_ok, summary.rows_failed) == (len(QUESTIONS), 0)
+            answers[model] = {r["id"]: r["generated_text"] for r in pq.read_table(out / "results").to_pylist()}
+    finally:
+        close_engine(engine)
     print("batch answers:", json.dumps(answers, indent=1))
     job = json.loads((tmp_path / "answers-0" / "manifest.json").read_text())
     assert job["job"]["model"]["adapter"] == ADAPTER and job["job"]["model"]["adapters"][ADAPTER]["digest"]
     assert job["engine_args"]["enable_lora"] is True
+    base_job = json.loads((tmp_path / "answers-1" / "manifest.json").read_text())
+    assert base_job["job"]["model"]["adapter"] is None and not base_job["job"]["model"]["adapters"]
     assert knows(answers[ADAPTER]) == list(FACTS), answers
     assert [k for k in knows(answers[str(trained_adapter.base_dir)]) if k != "capital"] == [], answers
 

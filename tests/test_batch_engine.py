@@ -1,6 +1,7 @@
 """`llmops batch` on real vLLM with the offline default model (CPU). One engine is shared by the in-process
 tests; the CLI tests (a normal run, a kill -9 and resume) start their own, as a user would."""
 
+import contextlib
 import json
 import os
 import signal
@@ -176,7 +177,9 @@ def test_cli_json_summary_show_and_exit_1_for_a_failed_row(tmp_path, default_mod
 
 
 def test_kill_9_mid_job_then_resume_gives_every_row_exactly_once(tmp_path, llm):
-    rows = 600
+    # Beyond what the engine runs at once (max_num_seqs 256): the units of the first 256 rows commit together,
+    # and the kill lands before the rest have run (fewer rows than the 600 this had: a shorter rerun).
+    rows = 320
     # A prompt whose answer can be checked against its row: the model goes on counting (595 of 600 rows
     # continued with i + 3 here), so a row that got another row's text would show it.
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Count on: {i}, {i + 1}, {i + 2},"} for i in range(rows)])
@@ -277,16 +280,34 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Write a sentence about the number {i}."}
                                               for i in range(rows)])
     out = tmp_path / "out"
+    # Another job in the folder, a unit a row (units 0-15: most of them this job has not committed when it is
+    # stopped, so a shard of that job left behind would show), and a file of the user's: the command line's
+    # --overwrite replaces that job and keeps the file (checked below, in the same run: an engine start saved).
+    others = [f"Say {i}." for i in range(16)]
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": p} for p in others])
+    assert run_batch(config("sampling.max_tokens=4", "chunk_rows=1"), str(other), out, llm=llm).rows_ok == 16
+    (out / "notes.txt").write_text("mine")
     # Beyond the engine's queue (2 x max_num_seqs = 512 rows), so units commit one by one and SIGTERM at the
     # first commit leaves work that was never admitted. Units still in flight when the 6 s of the grace
     # period left for work run out are committed in part (pieces; test_batch_trust checks their keying).
     args = ["batch", path, "-o", out, "--max-tokens", "32", "--set", f"chunk_rows={chunk}", "--grace-period", grace,
-            *(a for s in SMALL_ENGINE for a in ("--set", s))]
+            "--overwrite", *(a for s in SMALL_ENGINE for a in ("--set", s))]
+    started_ns = time.time_ns()
     proc = start_batch(args, tmp_path / "first.log")
+
+    def new_shard():  # one of this job's: the other job's are older (and removed first)
+        for shard in out.glob("results/*.parquet"):
+            with contextlib.suppress(FileNotFoundError):
+                if shard.stat().st_mtime_ns > started_ns:
+                    return True
+        return False
+
     try:
-        wait_for_shards(out, proc)
+        wait_until(new_shard, proc, "a first commit")
         proc.send_signal(signal.SIGTERM)  # to llmops alone, as Kubernetes signals a container's main process
-        at_signal = set(pq.read_table(out / "results", columns=["row"]).column("row").to_pylist())
+        # Shard by shard: the folder also holds the .tmp files of the commits going on now
+        at_signal = {row for shard in out.glob("results/*.parquet")
+                     for row in pq.read_table(shard, columns=["row"]).column("row").to_pylist()}
         # The contract is the grace period; the ceiling here only catches a hang (a busy CI machine is slow).
         code = proc.wait(timeout=grace + 60)
     finally:
@@ -303,21 +324,16 @@ def test_sigterm_commits_finished_rows_exits_75_and_the_rerun_completes_each_row
     # the units in flight as pieces of their unit.
     assert at_signal < set(committed), (len(at_signal), len(committed))
     assert list(out.glob("results/part-*.*.parquet")), "rows of units still in flight are committed as pieces"
+    # --overwrite: nothing of the other job is left (its rows would be duplicates above, or its prompts here);
+    # the user's file stays.
+    assert not set(others) & set(read_results(out).column("prompt").to_pylist())
+    assert (out / "notes.txt").read_text() == "mine"
 
     # The rerun on the module's engine (the same job as the command line's; an engine start saved)
     summary = run_batch(config("sampling.max_tokens=32", f"chunk_rows={chunk}"), str(path), out, llm=llm)
     assert summary.rows_ok == rows and summary.rows_skipped == len(committed)
     assert_exactly_once(out, rows)
     assert all(s.stat().st_mtime_ns == t for s in out.glob("results/*.parquet") if (t := shards.get(s.name)))
-
-    # --overwrite from the command line: another job replaces this one; a file of the user's stays.
-    (out / "notes.txt").write_text("mine")
-    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "Say yes."}, {"prompt": "Say no."}])
-    redo = run_cli("batch", str(other), "-o", str(out), "--max-tokens", "4", "--overwrite", "--json",
-                   *(a for s in SMALL_ENGINE for a in ("--set", s)))
-    assert redo.returncode == 0, redo.stderr[-2000:]
-    assert_exactly_once(out, 2)
-    assert [s.name for s in out.glob("results/*")] == ["part-00000-000000.parquet"]  # nothing of the old job
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -310,8 +310,8 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
     out = tmp_path / "out"
     # One sequence at a time, so a unit's rows finish one after another; a short grace period, so the
     # engines stop mid-unit and commit the rows they finished as pieces.
-    args = batch_args(cluster, path, out, "--max-tokens", "32", "--set", "chunk_rows=16", "--set",
-                      "engine.max_num_seqs=1", "--grace-period", str(grace))
+    job = batch_args(cluster, path, out, "--max-tokens", "32", "--set", "chunk_rows=16")
+    args = [*job, "--set", "engine.max_num_seqs=1", "--grace-period", str(grace)]
     log = tmp_path / "driver.log"
     with running_driver(cluster, args, log) as driver:
         wait_for_engines_started(log, driver, 2)  # both engines are generating from here on
@@ -335,7 +335,9 @@ def test_sigterm_to_the_driver_commits_what_every_node_finished_exits_75_and_the
     assert pieces, "the engines committed the rows they had finished of the units they were running"
     cluster.wait_for_engines_gone()
 
-    done = run_cli(*args, "--json", env=cluster.env)
+    # The rerun is the same job (max_num_seqs is not part of it) with the engines' default batch: the rest of
+    # the rows in a few batches instead of one at a time.
+    done = run_cli(*job, "--json", env=cluster.env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["rows_skipped"] == len(kept)  # what the stop committed is not redone
     assert_exactly_once(out, rows)
