@@ -33,6 +33,8 @@ DEFAULT_TTL_S = 7 * 24 * 3600
 DEFAULT_MAX_RESPONSES = 100_000
 FILE = "conversations.sqlite3"
 ENV = "LLMOPS_CONVERSATIONS"
+# How long a write waits for another process's (SQLite's busy timeout).
+SQLITE_BUSY_S = 30.0
 """How `llmops serve` tells its vLLM process where the store is (JSON: path, ttl_s, max_responses), or `off`."""
 
 _SCHEMA = """
@@ -91,10 +93,9 @@ class ConversationStore:
             self.location.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(self.location, os.O_CREAT | os.O_RDWR, 0o600))  # owner-only before SQLite writes
             os.chmod(self.location, 0o600)
-            self._db = sqlite3.connect(self.location, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = sqlite3.connect(self.location, timeout=SQLITE_BUSY_S, isolation_level=None,
+                                       check_same_thread=False)
+            _set_up_sqlite(self._db)
             self._responses, self._counters = "responses", "counters"
 
     def close(self) -> None:
@@ -176,6 +177,23 @@ class ConversationStore:
     def prune(self) -> int:
         """Remove what is past the bounds now (the server also does on every write); how many were removed."""
         return self._do(lambda: self._evict(self.clock()), write=True)
+
+
+def _set_up_sqlite(db) -> None:
+    """WAL mode and the tables. Servers that open a new file at once (`--replicas` share one) race to switch
+    it to WAL, and SQLite answers the losers "database is locked" at once, without waiting out its busy
+    timeout (4% of 6 stores opened together): try again until that timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class _SqliteTransaction:
