@@ -17,6 +17,10 @@ prompts, and a turn-10 prompt is larger than the backlog planned for 2 cores). T
 rate comes from its `/metrics` (`vllm:prefix_cache_hits` over `vllm:prefix_cache_queries`, in tokens), and the
 last status line `llmops serve` printed is shown too. A table goes to stdout; `--json-out FILE` keeps the data.
 The goal in issue 24: turn-10 TTFT with prefix caching at most 0.5x without.
+
+`--replicas N` (issue 23) runs one `llmops serve --replicas N` instead, and compares conversations that send
+their session header (`x-session-id`: each sticks to one replica, `llmops.serve.routing`) with as many new ones
+that do not (each turn to the less busy of two replicas, wherever its prefix is cached).
 """
 
 from __future__ import annotations
@@ -237,7 +241,10 @@ def main() -> None:
             print(f"| {turn + 1} | {tok or 0:.0f} | {fmt(am)} | {fmt(nm)} | "
                   f"{f'{am / nm:.2f}x' if am and nm else '-'} | {fmt(ax)} | {fmt(nx)} |")
         for r in results:
-            print(f"{r['label']}: all turns in {r['wall_s']:.0f} s; errors: {len(r['errors'])}")
+            every = sorted(t for c in r["ttft_s"] for t in c if t is not None)
+            print(f"{r['label']}: all turns in {r['wall_s']:.0f} s; TTFT over every turn: mean "
+                  f"{statistics.mean(every) * 1000:.0f} ms, p90 {every[int(0.9 * len(every))] * 1000:.0f} ms; "
+                  f"errors: {len(r['errors'])}")
             for e in r["errors"]:
                 print(f"  {e}", file=sys.stderr)
         return
