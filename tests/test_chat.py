@@ -54,6 +54,9 @@ def test_loop_streams_keeps_history_clears_and_exits():
         {"role": "assistant", "content": "HELLO"}, {"role": "user", "content": "again"}]
     assert completions.requests[2]["messages"][0]["role"] == "system"  # /clear keeps the system prompt
     assert all(r["stream"] and r["temperature"] == 0.0 and "max_tokens" not in r for r in completions.requests)
+    # One session id per conversation (behind --replicas/--ray, its turns go to the replica caching it)
+    sessions = [r["extra_headers"]["x-session-id"] for r in completions.requests]
+    assert sessions[0] == sessions[1] != sessions[2] and all(sessions)
 
 
 @pytest.mark.unit
