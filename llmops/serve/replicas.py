@@ -310,8 +310,9 @@ class VLLMReplica:
         out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
         out[REPLICA_HEADER] = self.label
         if request.url.path == "/metrics" and answer.status_code == 200:
-            body = await answer.aread() + (await self._replica_metrics()).encode()
+            body = await answer.aread() + (await self._replica_metrics()).encode()  # aread() decompresses
             await answer.aclose()
+            out = {k: v for k, v in out.items() if k.lower() != "content-encoding"}
             return Response(body, status_code=200, headers={**out, "content-length": str(len(body))})
         return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=out,
                                  background=BackgroundTask(answer.aclose))
