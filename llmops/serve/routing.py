@@ -2,8 +2,8 @@
 replica whose vLLM already holds its prefix in the KV cache; requests of no conversation go to the less busy
 of two replicas.
 
-The proxies import this module by name (`ROUTER`), on every node: it imports Ray at the top, and nothing else
-in llmops imports it.
+The proxies import this module by name (`ROUTER`), on every node. It imports Ray Serve at the top: only
+`run_on_ray` imports it in llmops, once Ray Serve is loaded.
 
 A conversation is named by the `x-session-id` request header (Ray Serve's session header; `llmops chat` sends
 one for each conversation). Ray's `ConsistentHashRouter` maps it to a replica on a hash ring, the same on every
