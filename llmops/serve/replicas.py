@@ -365,7 +365,7 @@ def _replica_states() -> tuple[str, str, dict[str, int]]:
 
     app = serve.get_replica_context().app_name
     status = serve.status().applications[app]
-    return app, str(getattr(status.status, "value", status.status)), replicas_by_state(status)
+    return app, _name(status.status), replicas_by_state(status)
 
 
 def replicas_by_state(app_status) -> dict[str, int]:
@@ -373,9 +373,13 @@ def replicas_by_state(app_status) -> dict[str, int]:
     states: dict[str, int] = {}
     for deployment in app_status.deployments.values():
         for state, n in deployment.replica_states.items():
-            key = str(getattr(state, "value", state))
-            states[key] = states.get(key, 0) + n
+            states[_name(state)] = states.get(_name(state), 0) + n
     return states
+
+
+def _name(value) -> str:
+    """A Serve enum's name as Serve writes it (`RUNNING`), or the text itself."""
+    return str(getattr(value, "value", value))
 
 
 # Serve's replica states (ray.serve._private.common.ReplicaState), each given as a series even when none is.
@@ -514,7 +518,7 @@ def _app_state(serve, plan: RayServePlan) -> tuple[str, str]:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(replicas_by_state(app).items()) if n)
     messages = [f"{name}: {d.status} {d.message}".strip() for name, d in app.deployments.items() if d.message]
     said = "; ".join(m for m in [f"replicas {counts}" if counts else "", app.message, *messages] if m)
-    return str(app.status.value if hasattr(app.status, "value") else app.status), said
+    return _name(app.status), said
 
 
 def _wait_running(serve, plan: RayServePlan, stop, timeout_s: float, log) -> str:
