@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,86 @@ def test_a_machine_that_never_joins_ends_the_other_after_the_timeout(tiny_model_
     assert proc.returncode == 1, log
     assert ("llmops: error: training failed: only 1 of 2 machines joined the run within distributed.timeout_s "
             "(30 s)") in log, log
+
+
+class ThreadProcess:
+    """One of two threads standing in for a run's two processes in `save_final`: `wait_for_everyone` and the
+    gathering `get_state_dict` are barriers, as they are across processes."""
+
+    def __init__(self, rank: int, barrier, before_gathering_returns=lambda: None):
+        self.is_main_process = self.is_local_main_process = rank == 0
+        self.barrier, self.before_gathering_returns = barrier, before_gathering_returns
+
+    def wait_for_everyone(self):
+        self.barrier.wait()
+
+    def get_state_dict(self, model):
+        self.barrier.wait()
+        self.before_gathering_returns()
+        return model.state_dict()
+
+    def unwrap_model(self, model):
+        return model
+
+    @staticmethod
+    def save(obj, f, **kwargs):
+        import torch
+
+        torch.save(obj, f)
+
+
+@pytest.mark.unit
+def test_final_weights_are_saved_whatever_order_the_processes_reach_the_folder(tiny_model_dir, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    """CI: the FSDP run failed at its last step with FileNotFoundError on RUN/final. The other process's
+    `save_pretrained` had created the folder and listed it just as the main process, finding the folder
+    there, had removed it and not yet made it again. Here the two processes' steps are held in that order:
+    the other process lists its save folder only when the main process is about to make its own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM
+
+    from llmops.train.loop import save_final
+
+    out = tmp_path / "run" / "final"
+    out.parent.mkdir()
+    other_is_listing, main_is_making, other_listed = (threading.Event() for _ in range(3))
+    real_listdir, real_makedirs, rank = os.listdir, os.makedirs, threading.local()
+
+    def in_run(path) -> bool:
+        return Path(path).parent == out.parent
+
+    def listdir(path="."):
+        if getattr(rank, "value", None) == 1 and in_run(path):
+            other_is_listing.set()
+            main_is_making.wait(timeout=5)
+            try:
+                return real_listdir(path)
+            finally:
+                other_listed.set()
+        return real_listdir(path)
+
+    def makedirs(path, *args, **kwargs):
+        if getattr(rank, "value", None) == 0 and in_run(path):
+            main_is_making.set()
+            other_listed.wait(timeout=5)
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    models = [AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2)]
+    barrier = threading.Barrier(2, timeout=10)
+
+    def as_process(this_rank: int) -> None:
+        rank.value = this_rank
+        wait = (lambda: other_is_listing.wait(timeout=5)) if this_rank == 0 else (lambda: None)
+        save_final(ThreadProcess(this_rank, barrier, wait), models[this_rank], out)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = {r: pool.submit(as_process, r) for r in (0, 1)}
+        done[1].result()  # the other process's error first: the main one then only sees a broken barrier
+        done[0].result()
+    assert other_listed.is_set() and main_is_making.is_set(), "the interleaving was not reached"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["final"], "no temporary folder is left"
+    assert_loads_as_a_causal_lm(out)

@@ -384,15 +384,28 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) 
 
 def save_final(accelerator, model, out: Path) -> None:
     """The trained weights as a Hugging Face folder (PEFT saves only the adapter). Every process takes part
-    in `get_state_dict`, which gathers sharded (FSDP/ZeRO-3) weights onto the main process."""
+    in `get_state_dict`, which gathers sharded (FSDP/ZeRO-3) weights onto the main process.
+
+    Saved into a temporary folder that the main process renames once every process is done with it. Removing
+    an old `out` first raced the other processes: their `save_pretrained` creates the folder and lists it, and
+    the main process, finding it there, removed it under them (FileNotFoundError, a failed run at its last
+    step). The rename also means a crash mid-save never leaves a half-written `out`."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # a crash mid-save left it
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
+    accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
+                                                    save_function=accelerator.save, state_dict=state_dict)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if out.exists():
             shutil.rmtree(out)
-    accelerator.unwrap_model(model).save_pretrained(out, is_main_process=accelerator.is_main_process,
-                                                    save_function=accelerator.save, state_dict=state_dict)
+        os.replace(tmp, out)
     accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        with contextlib.suppress(OSError):  # not empty, or gone: a folder shared with the main machine
+            tmp.rmdir()  # another machine's empty folder: only the main process writes the weights
 
 
 class MetricsFile:
