@@ -64,11 +64,17 @@ def test_fsdp_on_two_cpu_processes_trains_sharded_checkpoints_resumes_and_export
     curve = losses(run_dir)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, f"the loss goes down: {curve}"
     # The resumed run's losses are those of the same two processes uninterrupted (issue 25: step counts alone
-    # would pass with a resume that restarted each rank's data or RNG).
+    # would pass with a resume that restarted each rank's data or RNG). In this run, rank 1 gets stuck in its
+    # shutdown after saving (tests/stuck_exit): the run still ends, with exit 0, once distributed.timeout_s
+    # has passed, and says where the rank was stuck (a full test run hung on such a rank past the timeout).
     straight = tmp_path / "straight"
-    proc = run_cli("train", str(recipe), "-o", str(straight), "--set", "export.add_to_registry=false", env=TRAIN_ENV,
-                   timeout=HANG_GUARD_S)
+    stuck = {**TRAIN_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "stuck_exit"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = run_cli("train", str(recipe), "-o", str(straight), "--set", "export.add_to_registry=false",
+                   "--set", "distributed.timeout_s=15", env=stuck, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    log = (straight / "train.log").read_text()
+    assert "saved its work but had not exited 15 s later" in log and "Thread 0x" in log, log[-3000:]
     assert curve == pytest.approx(losses(straight), abs=1e-4), (curve, losses(straight))
     assert summary["registered"] == "tiny-test"
     assert_loads_as_a_causal_lm(Path(summary["model_dir"]))

@@ -40,10 +40,11 @@ MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
 def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
-          stop_requested: Callable[[], bool] = lambda: False) -> dict:
+          stop_requested: Callable[[], bool] = lambda: False, when_saved: Callable[[], None] = lambda: None) -> dict:
     """Train as `recipe` says; returns a summary (steps, last loss, processes, checkpoint resumed from).
     `resume`: auto, never or a checkpoint folder. When `stop_requested()` turns true on any process (see
-    `catch_sigterm`), the step in progress is finished and checkpointed, then `Stopped` is raised."""
+    `catch_sigterm`), the step in progress is finished and checkpointed, then `Stopped` is raised.
+    `when_saved()` runs once the trained weights are saved on every process, before the shutdown."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -164,6 +165,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str = "auto",
         eval_loss = evaluate(model, eval_dl, accelerator, recipe.eval.max_batches)
         metrics.write({"step": progress["step"], "eval_loss": eval_loss})
     save_final(accelerator, model, run_dir / "final")
+    when_saved()
     accelerator.end_training()
     return {"steps": progress["step"], "loss": last["loss"] if last else None, "eval_loss": eval_loss,
             "num_processes": accelerator.num_processes,
@@ -480,6 +482,32 @@ def end_with_launchers(poll_s: float = 0.2) -> None:
     threading.Thread(target=watch, name="llmops-launcher-watch", daemon=True).start()
 
 
+def exit_if_stuck_after(grace_s: float) -> None:
+    """Once this launched process's work is saved: if it has not exited `grace_s` later, write every
+    thread's stack to stderr (RUN/train.log) and end it with exit 0, as it would have ended.
+
+    Seen once in several full test runs under load: both machines of a two-machine run had saved the final
+    weights, and a rank did not exit. Its launcher waited for it, the main machine's launcher waited for that
+    one in torch's exit barrier (`exit_barrier_timeout`, 300 s), and both `llmops train` commands hung past
+    `distributed.timeout_s`. Nothing is left to do by then, so a stuck shutdown does not fail the run; the
+    stacks say where it stuck. Should Python itself not run again (stuck holding the interpreter),
+    faulthandler's own thread writes the stacks and exits 1 a little later."""
+    import faulthandler
+
+    def end() -> None:
+        time.sleep(grace_s)
+        print(f"llmops: this training process saved its work but had not exited {grace_s:g} s later "
+              "(distributed.timeout_s); ending it. Where it was stuck:", file=sys.__stderr__, flush=True)
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    threading.Thread(target=end, name="llmops-exit-watch", daemon=True).start()
+    faulthandler.dump_traceback_later(grace_s + 15, exit=True, file=sys.__stderr__)
+
+
 def alive(process) -> bool:
     """Whether a `psutil.Process` still runs: an ended one may linger as a zombie until its parent (or, for an
     orphan, a reaper that a container may lack) collects its exit status."""
@@ -503,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with engine_output(Path(recipe.output_dir) / TRAIN_LOG):
                 train(recipe, Path(recipe.output_dir), resume=args[1] if len(args) > 1 else "auto",
-                      stop_requested=stop_requested)
+                      stop_requested=stop_requested,
+                      when_saved=lambda: exit_if_stuck_after(recipe.distributed.timeout_s))
         except Stopped as e:
             print(f"llmops: {e.message}", file=sys.stderr)
             sys.exit(Stopped.exit_code)

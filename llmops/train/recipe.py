@@ -148,7 +148,8 @@ class DistributedConfig(StrictModel):
     main_process_port: int = Field(default=29500, ge=1, le=65535)
     timeout_s: int = Field(default=600, ge=1)
     """How long a process waits for the others in a collective (or to join) before the run fails: a rank
-    or machine that died then ends the run with an error instead of a hang."""
+    or machine that died then ends the run with an error instead of a hang. Also how long a process that
+    saved the trained weights may take to exit before it is ended."""
 
     @model_validator(mode="after")
     def _multi_node(self) -> DistributedConfig:
