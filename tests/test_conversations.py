@@ -215,7 +215,9 @@ def test_serve_flags_set_the_store_the_server_is_given(tmp_path):
 
 # --- a real server ------------------------------------------------------------------------------------
 
-CAP = 30
+# Above the 50 responses of the ten concurrent conversations: at 30, a conversation held back by 503s and
+# retries while the others went on had its last turn evicted (oldest first) before the test read it.
+CAP = 60
 TURNS = ["Hello! My name is Ada and I like tea.", "What is two plus two?", "Name a colour.",
          "Say something about the sea.", "What is the capital of France?", "Count to three.",
          "Name an animal.", "What do bees make?", "Say goodbye politely.", "Thank you!"]
