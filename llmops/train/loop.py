@@ -360,50 +360,50 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 
 def save_checkpoint(accelerator, run_dir: Path, progress: dict, keep_last: int) -> Path:
-    """`save_state` into a temporary folder, add the data position and the recipe with its fingerprint, then
-    rename: a crash mid-save leaves the previous checkpoint as the latest good one. Returns the folder."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{progress['step']:08d}"
-    tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state; the main one the rest
-    accelerator.wait_for_everyone()
+    """`save_state` by every process, plus the data position and the recipe with its fingerprint, put in
+    place by a rename (`saved_by_every_process`): a crash mid-save leaves the previous checkpoint as the
+    latest good one. Returns the folder."""
+    final = Path(run_dir) / "checkpoints" / f"step-{progress['step']:08d}"
+    with saved_by_every_process(accelerator, final) as tmp:
+        accelerator.save_state(str(tmp))  # every process writes its RNG state; the main one the rest
+        if accelerator.is_main_process:
+            for name in ("recipe.yaml", "fingerprint.json"):  # written by `llmops.train.launch` for the run
+                if (Path(run_dir) / name).exists():
+                    shutil.copy2(Path(run_dir) / name, tmp / name)
+            (tmp / "progress.json").write_text(json.dumps(progress))
     if accelerator.is_main_process:
-        for name in ("recipe.yaml", "fingerprint.json"):  # written by `llmops.train.launch` for the run
-            if (Path(run_dir) / name).exists():
-                shutil.copy2(Path(run_dir) / name, tmp / name)
-        (tmp / "progress.json").write_text(json.dumps(progress))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def save_final(accelerator, model, out: Path) -> None:
-    """The trained weights as a Hugging Face folder (PEFT saves only the adapter). Every process takes part
-    in `get_state_dict`, which gathers sharded (FSDP/ZeRO-3) weights onto the main process.
-
-    Saved into a temporary folder that the main process renames once every process is done with it. Removing
-    an old `out` first raced the other processes: their `save_pretrained` creates the folder and lists it, and
-    the main process, finding it there, removed it under them (FileNotFoundError, a failed run at its last
-    step). The rename also means a crash mid-save never leaves a half-written `out`."""
+@contextlib.contextmanager
+def saved_by_every_process(accelerator, out: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside `out` for every process to save into; once all have, the main process
+    puts it in place of `out` by a rename. A crash mid-save never leaves a half-written `out`, and no process
+    removes a folder that another is writing into: removing an old `out` before `save_pretrained` raced the
+    other processes, which make the folder and list it (FileNotFoundError, a failed run at its last step)."""
     tmp = out.with_name(f".tmp-{out.name}")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # a crash mid-save left it
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
-                                                    save_function=accelerator.save, state_dict=state_dict)
+    yield tmp
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+
+
+def save_final(accelerator, model, out: Path) -> None:
+    """The trained weights as a Hugging Face folder (PEFT saves only the adapter), put in place by a rename
+    (`saved_by_every_process`). Every process takes part in `get_state_dict`, which gathers sharded
+    (FSDP/ZeRO-3) weights onto the main process."""
+    with saved_by_every_process(accelerator, out) as tmp:
+        state_dict = accelerator.get_state_dict(model)
+        accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
+                                                        save_function=accelerator.save, state_dict=state_dict)
     accelerator.wait_for_everyone()
     if accelerator.is_local_main_process and not accelerator.is_main_process:
         with contextlib.suppress(OSError):  # not empty, or gone: a folder shared with the main machine
