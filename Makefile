@@ -25,8 +25,9 @@ demo: setup
 	$(VENV)/bin/llmops models pull smollm2-135m
 	$(VENV)/bin/llmops batch examples/prompts.jsonl -o out/demo --max-tokens 64 --show 5
 
+# Two workers, each module (and the Ray modules together) one unit, longest first: see tests/conftest.py.
 test: setup
-	$(PY) -m pytest -v --durations=25
+	$(PY) -m pytest -v --durations=25 -n 2 --dist loadscope --no-loadscope-reorder
 
 test-unit: setup
 	$(PY) -m pytest -m unit -q

