@@ -21,6 +21,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(TEST_HOME / "hf")
 os.environ["VLLM_CACHE_ROOT"] = str(TEST_HOME / "vllm-cache")
 os.environ["LLMOPS_HOME"] = str(TEST_HOME / "llmops")
+# `make test` runs two workers on cores that engines and training runs share: an OpenMP thread that spins while
+# it waits burns the time slice another process needs (a LoRA step beside a running test module: 27-35 s with
+# passive waits, 42-56 s spinning, half the CPU time). vLLM, torch and accelerate all inherit it.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 # The planner reads the machine from LLMOPS_HARDWARE when it is set, and serve takes its API key from
 # LLMOPS_API_KEY; -v would put the engines' logs back on stderr. Tests that need one of them set it.
 for name in ("LLMOPS_HARDWARE", "LLMOPS_API_KEY", "LLMOPS_VERBOSE"):

@@ -261,9 +261,11 @@ def test_kill_9_while_pieces_are_in_flight_then_rerun_gives_every_document_once(
     docs = [{"id": f"d{i}", "text": report(NAMES[i], 20)} for i in range(8)]
     data = write_jsonl(tmp_path / "docs.jsonl", docs)
     out = tmp_path / "out"
+    # Two sequences at a time, so that documents finish one after another: running all 8 at once, the engine
+    # committed them within 0.1 s, and a busy machine (make test runs two modules) killed it after the last.
     cmd = [sys.executable, "-m", "llmops", "batch", str(data), "-o", str(out), "--on-long", "chunk",
            "--prompt-template", TEMPLATE, "--max-tokens", "32", "--set", "chunk_rows=1",
-           *[arg for s in ENGINE for arg in ("--set", s)]]
+           *[arg for s in [*ENGINE, "engine.max_num_seqs=2"] for arg in ("--set", s)]]
 
     def shards() -> int:
         return len(list((out / "results").glob("*.parquet"))) if (out / "results").exists() else 0

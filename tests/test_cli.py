@@ -207,18 +207,16 @@ def test_wheel_ships_the_registry_recipes_and_their_training_data(tmp_path):
 def test_batch_prints_only_its_own_lines_and_logs_the_engine(default_model_dir, tmp_path):
     """vLLM, torch and safetensors write start-up logs and bars (some from worker processes, straight to fd 2):
     they belong in the log file, not between llmops's lines."""
-    from llmops.paths import logs_dir
-
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is the capital of France?"}\n{"prompt": "Name a colour."}\n')
-    before = set(logs_dir().glob("batch-*.log")) if logs_dir().is_dir() else set()
-    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--max-tokens", "8",
-                   "--set", "engine.cpu_kv_cache_gib=1")
+    home = tmp_path / "home"  # its own, so that another test module's jobs (make test runs two) log elsewhere
+    proc = run_cli("batch", str(prompts), "-o", str(tmp_path / "out"), "--model", str(default_model_dir),
+                   "--max-tokens", "8", "--set", "engine.cpu_kv_cache_gib=1", env={"LLMOPS_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("llmops") for line in lines), proc.stderr
     assert "rows: 2 ok" in proc.stdout
-    new_logs = set(logs_dir().glob("batch-*.log")) - before
+    new_logs = set((home / "logs").glob("batch-*.log"))
     assert len(new_logs) == 1
     logged = new_logs.pop().read_text()
     assert "Loading safetensors checkpoint shards" in logged  # written by vLLM's worker process

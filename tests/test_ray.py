@@ -209,14 +209,16 @@ def assert_exactly_once(out, rows):
 @pytest.mark.ray
 @pytest.mark.engine
 def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path, default_model_dir):
-    # Enough work that one engine cannot finish it all while the other is still starting (about 15 s apart
-    # alone; 24 rows were not enough while another test module trained on the same 2 cores). Two of the rows
-    # are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
-    short = 40
+    # Enough work that one engine cannot finish it all while the other is still starting (seconds apart, more
+    # while another test module runs on the same cores): one engine that ran its rows all at once took all 40
+    # in 2 s, so each engine runs 2 at a time (its calls hold 4 rows: QUEUE_DEPTH_FACTOR x max_num_seqs).
+    # Two of the rows are reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
+    short = 24
     path = write_prompts_and_reports(tmp_path / "in.parquet", short, at=(short,))
     rows = short + 2
     out = tmp_path / "out"
-    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2", *LONG_REPORTS)
+    args = batch_args(cluster, path, out, "--max-tokens", "64", "--set", "chunk_rows=2", "--set",
+                      "engine.max_num_seqs=2", *LONG_REPORTS)
 
     plan = run_cli(*args, "--dry-run", "--json", env=cluster.env)
     assert plan.returncode == 0, plan.stderr[-2000:]
