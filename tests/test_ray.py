@@ -215,7 +215,7 @@ def test_parquet_job_runs_on_both_nodes_and_the_rerun_skips_it(cluster, tmp_path
     # 36 s, the other in 157 s, after the first had run the whole job. So the test looks at how much was left
     # when the second engine came up: each engine runs one sequence at a time and holds at most
     # CALLS_PER_ACTOR calls of QUEUE_DEPTH_FACTOR x 1 rows (one unit of 2), so with more units than that left
-    # uncommitted, the second engine must take some (alone, about 20 of 25 are left). Two of the rows are
+    # uncommitted, the second engine must take some (alone, all 25 were left). Two of the rows are
     # reports of ~3 contexts, map-reduced (issue 22) on whichever node takes them.
     short = 48
     path = write_prompts_and_reports(tmp_path / "in.parquet", short, at=(short,))
