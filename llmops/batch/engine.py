@@ -162,90 +162,98 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
         unit_state.outputs[pos] = [None] * len(requests)
 
     units = iter(units)
-    more = True
-    step_s = 0.0
-    while True:
-        # 1. Top the queue up with whole units before it runs low (none once a stop is requested).
-        while more and not stop.requested and engine.get_num_unfinished_requests() < depth:
-            unit = next(units, None)
-            if unit is None:
-                more = False
+    try:
+        more = True
+        step_s = 0.0
+        while True:
+            # 1. Top the queue up with whole units before it runs low (none once a stop is requested).
+            while more and not stop.requested and engine.get_num_unfinished_requests() < depth:
+                unit = next(units, None)
+                if unit is None:
+                    more = False
+                    break
+                unit_state = inflight[unit.key] = _InFlight(unit, [None] * len(unit.rows), len(unit.rows))
+                failed = 0
+                for pos, row in enumerate(unit.rows):
+                    if row.error is None:
+                        row.error = task.check(row)
+                    if row.error is None:
+                        try:
+                            add(unit_state, pos, task.requests(state, row))
+                            continue
+                        except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
+                            row.error = str(e).strip() or type(e).__name__
+                    unit_state.results[pos] = task.failure(row)
+                    unit_state.remaining -= 1
+                    failed += 1
+                progress.advance(failed, 0)
+                if unit_state.remaining == 0:
+                    yield _commit(inflight.pop(unit.key), out, job, writer, task, state)
+            # A step can take seconds on a CPU (a long prefill): stop before one that would end past finish_by.
+            if stop.requested and (not inflight or time.monotonic() + step_s >= stop.finish_by):
                 break
-            unit_state = inflight[unit.key] = _InFlight(unit, [None] * len(unit.rows), len(unit.rows))
-            failed = 0
-            for pos, row in enumerate(unit.rows):
-                if row.error is None:
-                    row.error = task.check(row)
-                if row.error is None:
-                    try:
-                        add(unit_state, pos, task.requests(state, row))
-                        continue
-                    except row_errors as e:  # a bad row fails alone: too long, bad parameter, bad template
-                        row.error = str(e).strip() or type(e).__name__
-                unit_state.results[pos] = task.failure(row)
-                unit_state.remaining -= 1
-                failed += 1
-            progress.advance(failed, 0)
-            if unit_state.remaining == 0:
-                yield _commit(inflight.pop(unit.key), out, job, writer, task, state)
-        # A step can take seconds on a CPU (a long prefill): stop before one that would end past finish_by.
-        if stop.requested and (not inflight or time.monotonic() + step_s >= stop.finish_by):
-            break
-        if not engine.has_unfinished_requests():
-            if not more or stop.requested:
-                break
-            continue
-        # 2. One engine step; record what finished, queue the next round of rows that have one (a long
-        #    document's reduce), and commit every unit that is complete.
-        rows = tokens = 0
-        try:
-            started = time.monotonic()
-            outputs = engine.step()
-            step_s = max(step_s * 0.9, time.monotonic() - started)  # recent steps, the longest weighing most
-        except Exception as e:
-            if stop.requested:  # the signal reached the engine too (Ctrl-C): keep what finished
-                break
-            # the engine died (out of memory, a worker crashed): the job stops here
-            raise RuntimeFailure(f"the vLLM engine failed: {type(e).__name__}: {e}",
-                                 "the finished shards are kept: run the same command again to resume") from e
-        for output in outputs:
-            if not output.finished:
+            if not engine.has_unfinished_requests():
+                if not more or stop.requested:
+                    break
                 continue
-            key, pos, n = where.pop(output.request_id)
-            unit_state = inflight[key]
-            parts = unit_state.outputs[pos]
-            parts[n] = output
-            if any(part is None for part in parts):
-                continue
-            del unit_state.outputs[pos]
-            row = unit_state.unit.rows[pos]
+            # 2. One engine step; record what finished, queue the next round of rows that have one (a long
+            #    document's reduce), and commit every unit that is complete.
+            rows = tokens = 0
             try:
-                if follow := task.more(state, row, parts):
-                    add(unit_state, pos, follow)
+                started = time.monotonic()
+                outputs = engine.step()
+                step_s = max(step_s * 0.9, time.monotonic() - started)  # recent steps, the longest weighing most
+            except Exception as e:
+                if stop.requested:  # the signal reached the engine too (Ctrl-C): keep what finished
+                    break
+                # the engine died (out of memory, a worker crashed): the job stops here
+                raise RuntimeFailure(f"the vLLM engine failed: {type(e).__name__}: {e}",
+                                     "the finished shards are kept: run the same command again to resume") from e
+            for output in outputs:
+                if not output.finished:
                     continue
-                result = task.result(state, row, parts)
-            except row_errors as e:  # a round that cannot be built fails its row alone
-                row.error = str(e).strip() or type(e).__name__
-                result = task.failure(row)
-            unit_state.results[pos] = result
-            unit_state.remaining -= 1
-            rows += 1
-            tokens += result.get("completion_tokens") or 0
-            if unit_state.remaining == 0:
-                yield _commit(inflight.pop(key), out, job, writer, task, state)
-        if rows:
-            progress.advance(rows, tokens)
-    if inflight and stop.requested:
-        # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece. A row in
-        #    rounds (a long document) has no result until its last round is done: only whole documents are
-        #    committed, and the rerun does the others from the start (`long.py` says why).
-        with contextlib.suppress(Exception):
-            engine.abort_request(list(where))
-        for unit_state in inflight.values():
-            if any(r is not None for r in unit_state.results):
-                yield _commit(unit_state, out, job, writer, task, state)
-    elif inflight:  # cannot happen: every request of a unit ends finished or failed
-        raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
+                key, pos, n = where.pop(output.request_id)
+                unit_state = inflight[key]
+                parts = unit_state.outputs[pos]
+                parts[n] = output
+                if any(part is None for part in parts):
+                    continue
+                del unit_state.outputs[pos]
+                row = unit_state.unit.rows[pos]
+                try:
+                    if follow := task.more(state, row, parts):
+                        add(unit_state, pos, follow)
+                        continue
+                    result = task.result(state, row, parts)
+                except row_errors as e:  # a round that cannot be built fails its row alone
+                    row.error = str(e).strip() or type(e).__name__
+                    result = task.failure(row)
+                unit_state.results[pos] = result
+                unit_state.remaining -= 1
+                rows += 1
+                tokens += result.get("completion_tokens") or 0
+                if unit_state.remaining == 0:
+                    yield _commit(inflight.pop(key), out, job, writer, task, state)
+            if rows:
+                progress.advance(rows, tokens)
+        if inflight and stop.requested:
+            # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece. A row in
+            #    rounds (a long document) has no result until its last round is done: only whole documents are
+            #    committed, and the rerun does the others from the start (`long.py` says why).
+            with contextlib.suppress(Exception):
+                engine.abort_request(list(where))
+            where.clear()
+            for unit_state in inflight.values():
+                if any(r is not None for r in unit_state.results):
+                    yield _commit(unit_state, out, job, writer, task, state)
+        elif inflight:  # cannot happen: every request of a unit ends finished or failed
+            raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
+    finally:
+        # Left early (a commit failed, the caller stopped reading): abort this run's requests, or the next run on
+        # the same engine (a Ray engine's next call, `run_batch(llm=...)`) gets their outputs among its own.
+        if where:
+            with contextlib.suppress(Exception):
+                engine.abort_request(list(where))
 
 
 def _failure(row: Row) -> dict[str, Any]:
