@@ -237,20 +237,17 @@ def run_units(llm, units: Iterable[Unit], task: RowTask, out: OutputDir, job: Jo
             if rows:
                 progress.advance(rows, tokens)
         if inflight and stop.requested:
-            # 3. Stopping: drop what is unfinished, commit the finished rows of each unit as a piece. A row in
-            #    rounds (a long document) has no result until its last round is done: only whole documents are
-            #    committed, and the rerun does the others from the start (`long.py` says why).
-            with contextlib.suppress(Exception):
-                engine.abort_request(list(where))
-            where.clear()
+            # 3. Stopping: commit the finished rows of each unit as a piece (what is unfinished is aborted below).
+            #    A row in rounds (a long document) has no result until its last round is done: only whole
+            #    documents are committed, and the rerun does the others from the start (`long.py` says why).
             for unit_state in inflight.values():
                 if any(r is not None for r in unit_state.results):
                     yield _commit(unit_state, out, job, writer, task, state)
         elif inflight:  # cannot happen: every request of a unit ends finished or failed
             raise RuntimeFailure(f"{len(inflight)} units were left unfinished by the engine")
     finally:
-        # Left early (a commit failed, the caller stopped reading): abort this run's requests, or the next run on
-        # the same engine (a Ray engine's next call, `run_batch(llm=...)`) gets their outputs among its own.
+        # Whatever is still in the engine (a stop, a commit that failed, a caller that stopped reading) is aborted:
+        # else the next run on the same engine (a Ray engine's next call, `run_batch(llm=...)`) gets its outputs.
         if where:
             with contextlib.suppress(Exception):
                 engine.abort_request(list(where))
