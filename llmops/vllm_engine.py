@@ -98,6 +98,9 @@ def lora_modules_flags(adapters: dict[str, str]) -> list[str]:
 def engine_env(plan: EnginePlan) -> dict[str, str]:
     """Environment variables the engine process needs for this plan."""
     env: dict[str, str] = {}
+    if plan.in_process:
+        # vLLM's engine core in this process; on the CPU that also keeps its single-process executor.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if plan.device == "cpu":
         # Without it vLLM sizes the CPU KV cache from total RAM and fails when anything else uses memory.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.cpu_kv_cache_gib)

@@ -193,7 +193,7 @@ def trained_adapter(default_model_dir, tmp_path_factory):
         run = tmp_path_factory.mktemp("adapter-run") / "run"
         proc = run_cli("train", "lora-smollm2", "--set", f"model={default_model_dir}", "--set",
                        "export.merge_lora=false", "-o", str(run), "--json", env={**TRAIN_ENV, "OMP_NUM_THREADS": "2"},
-                       timeout=1800)  # a hang guard: ~5 min alone, up to 15 beside another test module
+                       timeout=1800)  # a hang guard: ~2.5 min alone, up to 10 beside another test module
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield SimpleNamespace(run=run, summary=json.loads(proc.stdout), base_dir=default_model_dir)
 

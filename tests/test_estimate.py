@@ -468,7 +468,8 @@ def test_train_dry_run_gives_steps_and_time(cpu_machine, tmp_path):
     data = tmp_path / "d.jsonl"
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for i in range(30)) + "\n")
-    epochs = estimate(f"data.path={data}", "train.epochs=2", "train.max_steps=null", "data.eval_fraction=0")
+    epochs = estimate(f"data.path={data}", "train.epochs=2", "train.max_steps=null", "data.eval_fraction=0",
+                      "train.micro_batch_size=4")
     assert epochs["steps"] == 2 * 8 and "30 examples" in epochs["steps_source"]  # ceil(30 / 4) a epoch
     text = run_cli("train", "lora-smollm2", "--dry-run").stdout
     assert "# Estimate" in text and "step time" in text

@@ -190,13 +190,39 @@ def test_cpu_cores_reserved_for_vllms_front_end_follow_the_core_count():
 
     two = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16, cores=2), "batch")
     assert two.cpu_reserved_cores == 0  # vLLM's default of 1 leaves the engine one core of two
-    assert engine_env(two) == {"VLLM_CPU_KVCACHE_SPACE": str(two.cpu_kv_cache_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert engine_env(two) == {"VLLM_CPU_KVCACHE_SPACE": str(two.cpu_kv_cache_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     assert any(n.startswith("cpu_reserved_cores 0:") and "1.52x" in n for n in two.notes)
     assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=16), "serve").cpu_reserved_cores == 1
     assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=64), "serve").cpu_reserved_cores == 2
     assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=64), "batch").cpu_reserved_cores == 1
     explicit = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16), "batch", cpu_reserved_cores=1)
     assert explicit.cpu_reserved_cores == 1 and not any("cpu_reserved_cores" in n for n in explicit.notes)
+
+
+def test_a_cpu_batch_engine_runs_in_process_where_no_core_is_kept_for_a_front_end():
+    from llmops.vllm_engine import engine_env
+
+    two = plan_of("smollm2-135m", cpu_only(24, AVX512_BF16, cores=2), "batch")
+    assert two.in_process and engine_env(two)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert any(n.startswith("in_process: ") and "11 s against 26 s" in n for n in two.notes)
+    embed = plan_engine(EngineConfig(), facts("all-minilm-l6-v2"), cpu_only(24, AVX512_BF16, cores=2), workload="batch",
+                        task="embed")
+    assert embed.runner == "pooling" and embed.in_process
+    # A reserved core runs vLLM's front end beside the engine: its own processes, as vLLM runs them
+    sixteen = plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=16), "batch")
+    assert sixteen.cpu_reserved_cores == 1 and not sixteen.in_process
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(sixteen)
+    assert any(n.startswith("in_process false: ") for n in sixteen.notes)
+    for hw, workload in ((cpu_only(24, AVX512_BF16, cores=2), "serve"), (ONE_24GIB_GPU, "batch")):
+        plan = plan_of("smollm2-135m", hw, workload)
+        assert not plan.in_process and "VLLM_ENABLE_V1_MULTIPROCESSING" not in engine_env(plan)
+        assert not any("in_process" in n for n in plan.notes)
+    # Either way on request, for batch; a server's engine always runs beside its API server
+    assert not plan_of("smollm2-135m", cpu_only(24, AVX512_BF16, cores=2), "batch", in_process=False).in_process
+    assert plan_of("smollm2-135m", cpu_only(64, AVX512_BF16, cores=16), "batch", in_process=True).in_process
+    with pytest.raises(UsageError, match="engine.in_process applies to batch"):
+        plan_of("smollm2-135m", cpu_only(24, AVX512_BF16, cores=2), "serve", in_process=True)
 
 
 def test_batch_compiles_only_when_the_job_is_long_enough_to_win_back_the_compile_time():

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -307,6 +308,7 @@ def close_engine(llm) -> None:
     outputs' tensors while Python finalizes, and a daemon thread that wakes then is ended by a forced unwind
     through torch's noexcept tensor destructor: `terminate called without an active exception`, the process
     aborts (exit -6 after a finished job: 1 run in 5 of an embedding job here, seen in CI)."""
+    _in_process_engines.discard(llm)
     client = llm.llm_engine.engine_core
     try:
         client.shutdown(timeout=ENGINE_STOP_TIMEOUT_S)
@@ -317,11 +319,23 @@ def close_engine(llm) -> None:
         thread.join(timeout=ENGINE_STOP_TIMEOUT_S)
 
 
+# Engines running in this process (`EnginePlan.in_process`) that are not closed yet.
+_in_process_engines: weakref.WeakSet = weakref.WeakSet()
+
+
 def start_llm(args: dict[str, Any], env: dict[str, str]):
     """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
-    caller that goes on (a test session, a notebook) does not pass our settings to later processes."""
+    caller that goes on (a test session, a notebook) does not pass our settings to later processes.
+
+    One in-process engine per process at a time: vLLM keeps one distributed state per process, and closing an
+    in-process engine tears it down under any other one ("pipeline model parallel group is not initialized").
+    A second engine started beside a live one (`run_batch` without `llm=` while the caller holds one) runs in
+    vLLM's own processes instead."""
     from llmops.quiet import verbose
 
+    in_process = env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    if in_process and len(_in_process_engines):
+        env, in_process = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, False
     debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0") or verbose()
     engine_env = {
         "VLLM_LOGGING_STREAM": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stderr"),
@@ -334,9 +348,14 @@ def start_llm(args: dict[str, Any], env: dict[str, str]):
     os.environ.update(engine_env)
     watch_children()  # vLLM's engine processes do not watch us: without this a kill -9 leaves them running
     try:
-        from vllm import LLM
+        from vllm import LLM, envs
 
-        return LLM(**args)
+        # An in-process engine caches vLLM's environment while it runs: read this engine's, not the last one's.
+        envs.disable_envs_cache()
+        llm = LLM(**args)
+        if in_process:
+            _in_process_engines.add(llm)
+        return llm
     finally:
         for key, value in saved.items():
             if value is None:
