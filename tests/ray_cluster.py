@@ -120,6 +120,15 @@ class LocalRayCluster:
         if left:
             raise RuntimeError(f"{len(left)} engine processes outlived their driver: {left}")
 
+    def node_id(self, i: int) -> str | None:
+        """Node `i`'s Ray node id (hex), as its raylet logged it; None before the raylet has started."""
+        import re
+
+        for log in (self.root / f"n{i}").glob("session_*/logs/raylet.out"):
+            if found := re.search(r"Setting node ID node_id=([0-9a-f]+)", log.read_text(errors="replace")):
+                return found.group(1)
+        return None
+
     def kill_node(self, i: int) -> None:
         """SIGKILL node `i` and everything it started, as if its machine had died."""
         _kill_tree(self.procs[i].pid, signal.SIGKILL)
